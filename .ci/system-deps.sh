@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# System packages the project uses: the mosquitto broker and Debian's Fashion-MNIST.
+# Installs them when run as root on a Debian-like system; elsewhere says what to install.
+set -euo pipefail
+have_broker() { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; }
+have_fmnist() { [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; }
+if have_broker && have_fmnist; then exit 0; fi
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing mosquitto and dataset-fashion-mnist with apt-get"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto dataset-fashion-mnist
+  exit 0
+fi
+have_broker || echo "note: no mosquitto binary found; nmoe falls back to its embedded amqtt broker." \
+  "Install mosquitto (Debian/Ubuntu: apt-get install mosquitto; macOS: brew install mosquitto) for the real one."
+have_fmnist || echo "note: Fashion-MNIST not found in /usr/share/datasets/fashion-mnist." \
+  "On Debian: apt-get install dataset-fashion-mnist; or put the four IDX .gz files in ./data/fashion-mnist" \
+  "or \$NMOE_DATA/fashion-mnist; or let torchvision download them (needs internet)."
