@@ -1,0 +1,234 @@
+"""Who may connect and what each may read and write: accounts, ACL rules, broker addresses.
+
+One account per agent (username = agent id) with a generated password, per run. The rules:
+
+========== ============================================ ==========================================
+role       write                                        read
+========== ============================================ ==========================================
+agent      ``tx/<id>/#``, ``status/<id>``, and in        ``rx/<id>/#``, ``rx/all/#``
+           direct mode ``rx/+/<id>/#``
+coordinator as agent                                    as agent, plus ``status/#``
+channel    ``rx/#``, ``status/<id>``                    ``tx/#``
+observer   nothing                                      ``status/#``
+========== ============================================ ==========================================
+
+Because rx topics carry the sender (``rx/<dst>/<src>/<kind>``) and the decoder insists that the
+header's src matches the topic, the ACL is what authenticates senders. Passwords never appear in
+reprs, logs or errors (``field(repr=False)``); :meth:`BrokerAddress.redacted` is safe to print.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import hmac
+import os
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from broker.errors import BrokerError
+from broker.topics import Topics, check_agent_id
+
+ChannelMode = Literal["direct", "emulated"]
+CHANNEL_MODES: tuple[str, ...] = ("direct", "emulated")
+PASSWORD_ENV = "NMOE_BROKER_PASSWORD"
+PBKDF2_ITERATIONS = 101  # mosquitto_passwd's own default; the passwords are 192-bit random anyway
+
+
+class Role(str, enum.Enum):
+    AGENT = "agent"
+    COORDINATOR = "coordinator"
+    CHANNEL = "channel"
+    OBSERVER = "observer"
+
+
+@dataclass(frozen=True)
+class Account:
+    """One broker login. ``str()``/``repr()`` never show the password."""
+
+    username: str
+    password: str = field(repr=False)
+    role: Role = Role.AGENT
+
+    def __post_init__(self) -> None:
+        check_agent_id(self.username, "username")
+        object.__setattr__(self, "role", Role(self.role))
+        if not self.password:
+            raise ValueError(f"account {self.username} has an empty password")
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def make_accounts(
+    client_ids: Iterable[str],
+    *,
+    coordinator: str | None = "coordinator",
+    channel: str | None = "channel",
+    observers: Iterable[str] = (),
+) -> list[Account]:
+    """Fresh accounts with generated passwords for one run (coordinator and channel optional)."""
+    accounts = [Account(cid, new_password(), Role.AGENT) for cid in client_ids]
+    if coordinator is not None:
+        accounts.append(Account(coordinator, new_password(), Role.COORDINATOR))
+    if channel is not None:
+        accounts.append(Account(channel, new_password(), Role.CHANNEL))
+    accounts += [Account(name, new_password(), Role.OBSERVER) for name in observers]
+    names = [a.username for a in accounts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate account names in {names}")
+    return accounts
+
+
+def find_account(accounts: Sequence[Account], username: str) -> Account:
+    for account in accounts:
+        if account.username == username:
+            return account
+    raise BrokerError(f"no broker account for {username!r}")
+
+
+@dataclass(frozen=True)
+class AclRules:
+    """Topic filters one account may read (subscribe and receive) and write (publish)."""
+
+    read: tuple[str, ...]
+    write: tuple[str, ...]
+
+    def may_write(self, topic: str) -> bool:
+        return any(topic_matches(rule, topic) for rule in self.write)
+
+    def may_receive(self, topic: str) -> bool:
+        return any(topic_matches(rule, topic) for rule in self.read)
+
+    def may_subscribe(self, topic_filter: str) -> bool:
+        return any(filter_covers(rule, topic_filter) for rule in self.read)
+
+
+def acl_rules(account: Account, topics: Topics, channel_mode: ChannelMode) -> AclRules:
+    if channel_mode not in CHANNEL_MODES:
+        raise ValueError(f"channel_mode must be one of {CHANNEL_MODES}, got {channel_mode!r}")
+    me, p = account.username, topics.prefix
+    if account.role is Role.OBSERVER:
+        return AclRules(read=(topics.status_filter(),), write=())
+    if account.role is Role.CHANNEL:
+        return AclRules(read=(topics.tx_filter(),), write=(topics.rx_filter(), topics.status(me)))
+    write = [f"{p}/tx/{me}/#", topics.status(me)]
+    if channel_mode == "direct":
+        write.append(f"{p}/rx/+/{me}/#")
+    read = list(topics.inbox_filters(me))
+    if account.role is Role.COORDINATOR:
+        read.append(topics.status_filter())
+    return AclRules(read=tuple(read), write=tuple(write))
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT matching of a concrete topic against a filter with ``+`` and ``#``."""
+    fl, tl = topic_filter.split("/"), topic.split("/")
+    for i, level in enumerate(fl):
+        if level == "#":
+            return True
+        if i >= len(tl) or (level != "+" and level != tl[i]):
+            return False
+    return len(fl) == len(tl)
+
+
+def filter_covers(rule: str, topic_filter: str) -> bool:
+    """True if every topic matched by ``topic_filter`` is also matched by ``rule``."""
+    rl, fl = rule.split("/"), topic_filter.split("/")
+    for i, level in enumerate(rl):
+        if level == "#":
+            return True
+        if i >= len(fl) or fl[i] == "#" or (level != "+" and (fl[i] == "+" or level != fl[i])):
+            return False
+    return len(rl) == len(fl)
+
+
+# -- mosquitto files ------------------------------------------------------------------------------
+def password_hash(password: str, salt: bytes | None = None) -> str:
+    """mosquitto's ``$7$`` format: PBKDF2-HMAC-SHA512, base64 salt and digest (2.0 and 2.1)."""
+    salt = salt if salt is not None else os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PBKDF2_ITERATIONS)
+    return f"$7${PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def verify_password(password: str, hashed: str) -> bool:
+    try:
+        _, kind, iterations, salt, digest = hashed.split("$")
+        if kind != "7":
+            return False
+        got = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(salt), int(iterations))
+        return hmac.compare_digest(got, base64.b64decode(digest))
+    except ValueError:
+        return False
+
+
+def render_password_file(accounts: Iterable[Account]) -> str:
+    return "".join(f"{a.username}:{password_hash(a.password)}\n" for a in accounts)
+
+
+def render_acl_file(accounts: Iterable[Account], topics: Topics, channel_mode: ChannelMode) -> str:
+    lines = [f"# nmoe run {topics.run_id}, channel {channel_mode}: generated, do not edit"]
+    for account in accounts:
+        rules = acl_rules(account, topics, channel_mode)
+        lines += ["", f"user {account.username}"]
+        lines += [f"topic read {t}" for t in rules.read]
+        lines += [f"topic write {t}" for t in rules.write]
+    return "\n".join(lines) + "\n"
+
+
+# -- addresses ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where and as whom to connect. The password is kept out of repr and of :meth:`redacted`."""
+
+    host: str
+    port: int = 1883
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise BrokerError("broker address has no host")
+        if not 0 < self.port < 65536:
+            raise BrokerError(f"broker port {self.port} is out of range")
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """``mqtt[s]://[user[:password]@]host[:port]``; the password may come from $NMOE_BROKER_PASSWORD."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as err:
+            raise BrokerError(f"cannot parse broker address {_redact_url(url)!r}") from err
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            shown = _redact_url(url)
+            raise BrokerError(f"broker address must look like mqtt[s]://user@host:port, got {shown!r}")
+        tls = parts.scheme == "mqtts"
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password is not None else os.environ.get(PASSWORD_ENV)
+        return cls(parts.hostname, port or (8883 if tls else 1883), username, password or None, tls)
+
+    def redacted(self) -> str:
+        user = f"{self.username}:***@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.redacted()
+
+    def with_account(self, account: Account) -> BrokerAddress:
+        return BrokerAddress(self.host, self.port, account.username, account.password, self.tls)
+
+
+def _redact_url(url: str) -> str:
+    head, sep, tail = url.rpartition("@")
+    if not sep:
+        return url
+    scheme, _, creds = head.partition("://")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{tail}"

@@ -1,0 +1,298 @@
+"""Broker lifecycle: mosquitto as a child process, the embedded amqtt fallback, or an external one.
+
+mosquitto is started from the top-level ``mosquitto.conf`` (a template) on a free loopback port, in
+its own temporary directory holding the generated config, password file, ACL file and log. It is
+stopped by its own PID (terminate, wait, kill), and a finalizer kills it should its owner forget.
+Without a mosquitto binary the embedded amqtt broker runs in-process on the asyncio loop, with the
+same accounts and ACL (see :class:`broker.embedded.AmqttBroker` for what amqtt cannot enforce).
+An external broker (``--broker mqtt[s]://...``) is used as is: nothing is started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pwd
+import shutil
+import socket
+import string
+import subprocess
+import tempfile
+import time
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from broker.auth import (
+    Account,
+    BrokerAddress,
+    ChannelMode,
+    find_account,
+    render_acl_file,
+    render_password_file,
+)
+from broker.errors import BrokerError
+from broker.topics import Topics
+
+log = logging.getLogger(__name__)
+
+BrokerKind = Literal["mosquitto", "amqtt", "external"]
+Prefer = Literal["auto", "mosquitto", "amqtt"]
+TEMPLATE = Path(__file__).resolve().parent.parent / "mosquitto.conf"
+_SEARCH_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin", "/snap/bin")
+_fallback_logged = False
+
+
+def find_mosquitto() -> str | None:
+    """Path of the mosquitto binary (PATH, then the usual sbin folders), or None."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for folder in _SEARCH_DIRS:
+        candidate = Path(folder) / "mosquitto"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _terminate(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """Stop one child process we started: SIGTERM, wait, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
+def _drop_user() -> str:
+    """The user mosquitto drops to when started as root (it must be able to read the run dir)."""
+    for name in ("mosquitto", "nobody"):
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(name)
+            return name
+    return "root"
+
+
+class MosquittoBroker:
+    """One mosquitto process for one run; usable as a (sync) context manager.
+
+    ``stop()`` then ``start()`` restarts it on the same port with the same files (tests use this to
+    simulate a broker outage).
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        accounts: Sequence[Account],
+        *,
+        channel_mode: ChannelMode = "direct",
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        binary: str | None = None,
+        template: Path = TEMPLATE,
+        persistence: bool = False,
+    ) -> None:
+        self.topics = Topics(run_id)
+        self.accounts = tuple(accounts)
+        self.channel_mode: ChannelMode = channel_mode
+        self.host = host
+        self._fixed_port = port is not None
+        self.port = port if port is not None else free_port(host)
+        self.binary = binary or find_mosquitto()
+        if self.binary is None:
+            raise BrokerError("mosquitto is not installed (apt-get install mosquitto); or use prefer='amqtt'")
+        self.template = template
+        self.persistence = persistence
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"nmoe-{run_id}-"))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.run_dir, True)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc_finalizer: weakref.finalize[..., MosquittoBroker] | None = None
+
+    @property
+    def conf_path(self) -> Path:
+        return self.run_dir / "mosquitto.conf"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "mosquitto.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def write_files(self) -> None:
+        """Render config, password file and ACL into the run directory."""
+        pw = self.run_dir / "passwords"
+        acl = self.run_dir / "acl"
+        pw.write_text(render_password_file(self.accounts))
+        acl.write_text(render_acl_file(self.accounts, self.topics, self.channel_mode))
+        try:
+            text = string.Template(self.template.read_text()).substitute(
+                port=self.port, host=self.host, password_file=pw, acl_file=acl, run_dir=self.run_dir,
+                user=_drop_user(), persistence="true" if self.persistence else "false",
+            )  # fmt: skip
+        except (OSError, KeyError, ValueError) as err:
+            raise BrokerError(f"cannot render mosquitto config from {self.template}: {err}") from err
+        self.conf_path.write_text(text)
+        for path in (pw, acl, self.conf_path):
+            path.chmod(0o600)
+        if os.geteuid() == 0:  # mosquitto reads the files after dropping to its own user
+            entry = pwd.getpwnam(_drop_user())
+            for path in (self.run_dir, pw, acl, self.conf_path):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def start(self, timeout: float = 10.0) -> None:
+        if self.running:
+            return
+        if not self.conf_path.exists():
+            self.write_files()
+        for attempt in range(3):
+            try:
+                self._spawn(timeout)
+                return
+            except BrokerError:
+                if self._fixed_port or attempt == 2 or "in use" not in self.log_tail(5):
+                    raise
+                self.port = free_port(self.host)  # lost a race for the port: pick another one
+                self.write_files()
+
+    def _spawn(self, timeout: float) -> None:
+        assert self.binary is not None
+        with open(self.log_path, "ab") as logf:
+            proc = subprocess.Popen(
+                [self.binary, "-c", str(self.conf_path)],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self._proc = proc
+        self._proc_finalizer = weakref.finalize(self, _terminate, proc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise BrokerError(
+                    f"mosquitto exited with status {proc.returncode} at start; its log:\n{self.log_tail()}"
+                )
+            if port_open(self.host, self.port):
+                log.info("mosquitto (pid %d) listening on %s:%d", proc.pid, self.host, self.port)
+                return
+            time.sleep(0.02)
+        _terminate(proc)
+        raise BrokerError(
+            f"mosquitto did not accept connections within {timeout:.0f}s; its log:\n{self.log_tail()}"
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop our mosquitto by its own PID (the run directory stays until close())."""
+        if self._proc is not None:
+            _terminate(self._proc, timeout)
+            log.info("mosquitto (pid %d) stopped", self._proc.pid)
+        if self._proc_finalizer is not None:
+            self._proc_finalizer.detach()
+        self._proc = None
+
+    def close(self) -> None:
+        self.stop()
+        self._finalizer()
+
+    def __enter__(self) -> MosquittoBroker:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def address_for(self, username: str) -> BrokerAddress:
+        return BrokerAddress(self.host, self.port).with_account(find_account(self.accounts, username))
+
+
+@dataclass(frozen=True)
+class RunningBroker:
+    """A broker the run can use; ``address_for(agent_id)`` gives that agent's credentials."""
+
+    kind: BrokerKind
+    host: str
+    port: int
+    accounts: tuple[Account, ...] = field(repr=False)
+    tls: bool = False
+    pid: int | None = None  # mosquitto only
+
+    def address_for(self, username: str) -> BrokerAddress:
+        return BrokerAddress(self.host, self.port, tls=self.tls).with_account(
+            find_account(self.accounts, username)
+        )
+
+
+@contextlib.asynccontextmanager
+async def launch_broker(
+    run_id: str,
+    accounts: Sequence[Account],
+    *,
+    channel_mode: ChannelMode = "direct",
+    prefer: Prefer = "auto",
+    external: BrokerAddress | None = None,
+    port: int | None = None,
+) -> AsyncIterator[RunningBroker]:
+    """Start (or adopt) the run's broker and stop it on exit, whatever happens inside.
+
+    With ``external`` nothing is started: its host/port/TLS are used with the given accounts, which
+    that broker must already know (its operator configures them).
+    """
+    global _fallback_logged
+    if external is not None:
+        yield RunningBroker("external", external.host, external.port, tuple(accounts), external.tls)
+        return
+    binary = find_mosquitto() if prefer != "amqtt" else None
+    if prefer == "mosquitto" and binary is None:
+        raise BrokerError("mosquitto was asked for but is not installed (apt-get install mosquitto)")
+    if binary is not None:
+        mosq = MosquittoBroker(run_id, accounts, channel_mode=channel_mode, port=port, binary=binary)
+        try:
+            mosq.start()
+            yield RunningBroker("mosquitto", mosq.host, mosq.port, mosq.accounts, pid=mosq.pid)
+        finally:
+            mosq.close()
+        return
+    from broker.embedded import AmqttBroker  # imported only when needed
+
+    if prefer == "auto" and not _fallback_logged:
+        log.warning("no mosquitto binary found; using the embedded amqtt broker")
+        _fallback_logged = True
+    embedded = AmqttBroker(run_id, accounts, channel_mode=channel_mode, port=port)
+    try:
+        await embedded.start()
+        yield RunningBroker("amqtt", embedded.host, embedded.port, embedded.accounts)
+    finally:
+        await embedded.stop()
