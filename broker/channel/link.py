@@ -21,6 +21,7 @@ Per message, in FIFO order (one MQTT connection per client, so one message after
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ import simpy
 
 from broker.channel.config import LinkParams
 from broker.channel.loss import PacketLoss
-from broker.channel.medium import Medium
+from broker.channel.medium import EPS_S, Medium
 from broker.channel.processes import FixedRate, OnOff, RateProcess
 
 
@@ -77,6 +78,8 @@ class Link:
         self._rate, self._loss, self._jitter_rng = rate, loss, jitter_rng
         self._on_exit, self._on_drop = on_exit, on_drop
         self._last_arrival = -math.inf
+        self._in_flight: deque[tuple[float, Message]] = deque()
+        """(arrival time, message) of the messages propagating, in order."""
         # A fixed-rate link with its airtime to itself needs no medium: one timeout per round.
         self._solo_fixed = isinstance(rate, FixedRate) and medium is None and availability is None
         self._medium = medium
@@ -162,10 +165,17 @@ class Link:
             delay = max(0.0, delay + float(self._jitter_rng.normal(0.0, self.params.jitter_s)))
         arrival = max(now + delay, self._last_arrival)  # in order, as over one TCP connection
         self._last_arrival = arrival
+        self._in_flight.append((arrival, msg))
         if arrival <= now:
-            self._leave(msg)
+            self._release()
         else:
-            self.env.timeout(arrival - now).callbacks.append(lambda _ev: self._leave(msg))
+            self.env.timeout(arrival - now).callbacks.append(self._release)
+
+    def _release(self, _event: object = None) -> None:
+        # Messages leave from the head only, so rounding in timeouts can never reorder them.
+        now = self.env.now + EPS_S
+        while self._in_flight and self._in_flight[0][0] <= now:
+            self._leave(self._in_flight.popleft()[1])
 
     def _online_since(self, t: float) -> bool:
         return self.availability is None or self.availability.online_throughout(t, self.env.now)

@@ -20,7 +20,7 @@ import simpy
 
 from broker.channel.processes import RateProcess
 
-_EPS_S = 1e-9
+EPS_S = 1e-9
 """A flow whose remaining airtime is below this is complete (absorbs floating-point rounding)."""
 
 
@@ -77,11 +77,11 @@ class Medium:
         now = self.env.now
         keep: list[_Flow] = []
         for f in self._flows:
-            if f.remaining <= 0 or (f.share > 0 and f.remaining <= f.share * _EPS_S):
+            if f.remaining <= 0 or (f.share > 0 and f.remaining <= f.share * EPS_S):
                 f.done.succeed(None)
             elif now >= f.abort_at:
                 f.done.succeed(f.abort_reason)
-            elif f.stalled_since is not None and now >= f.stalled_since + f.outage_timeout_s - _EPS_S:
+            elif f.stalled_since is not None and now >= f.stalled_since + f.outage_timeout_s - EPS_S:
                 f.done.succeed("outage")
             else:
                 keep.append(f)
