@@ -11,6 +11,10 @@ What amqtt 0.12 cannot enforce, unlike mosquitto:
 - There is no packet size limit (no ``max_packet_size``): the bus's chunking keeps packets small,
   but a misbehaving client may send one huge publish.
 - A subscription outside the ACL is refused in its SUBACK (0x80) rather than granted and filtered.
+
+amqtt 0.12 also sends every connecting client the retained messages of *all* clients'
+subscriptions, without any ACL check; :class:`_Broker` closes that leak by sending retained
+messages only for the session's own, permitted subscriptions.
 """
 
 from __future__ import annotations
@@ -73,6 +77,16 @@ class NmoeTopicPlugin(BaseTopicPlugin):
         return rules.may_receive(topic)
 
 
+class _Broker(Broker):
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        topic_filter = subscription[0]
+        mine = any(s.client_id == session.client_id for s, _ in self._subscriptions.get(topic_filter, []))
+        if mine and await self._topic_filtering(session, topic_filter, Action.SUBSCRIBE):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+
+
 class AmqttBroker:
     """An amqtt broker for one run, on a loopback port, stopped by ``stop()``."""
 
@@ -101,13 +115,13 @@ class AmqttBroker:
                 },
             },
         }
-        self._broker: Broker | None = None
+        self._broker: _Broker | None = None
 
     async def start(self) -> None:
         if self._broker is not None:
             return
         try:
-            self._broker = Broker(self._config)
+            self._broker = _Broker(self._config)
             await self._broker.start()
         except (AmqttBrokerError, PluginError, PluginLoadError, OSError, ValueError) as err:
             self._broker = None

@@ -34,7 +34,7 @@ import numpy as np
 
 from broker.errors import WireError
 from broker.tensors import COMPRESSIONS, Schema, check_finite, decode_body, encode_body
-from broker.topics import Kind, ParsedTopic, is_agent_id, is_destination, is_run_id, parse_kind
+from broker.topics import BROADCAST, Kind, ParsedTopic, is_agent_id, is_destination, is_run_id, parse_kind
 
 PROTOCOL_VERSION = 1
 MAGIC = b"NMOE"
@@ -309,8 +309,14 @@ def encode(
 
 
 def check_topic(header: Header, expect: ParsedTopic) -> None:
-    """The header must name the same src, dst and kind as the topic it arrived on."""
-    if (header.src, header.dst, header.kind) != (expect.src, expect.dst, expect.kind):
+    """The header must name the same src, dst and kind as the topic it arrived on.
+
+    One exception: the channel emulator relays a broadcast (header dst ``all``) to each receiver's
+    own inbox, so a header addressed to ``all`` may arrive on ``rx/<agent>/...``.
+    """
+    relayed_broadcast = header.dst == BROADCAST and expect.direction == "rx"
+    dst_ok = header.dst == expect.dst or relayed_broadcast
+    if not dst_ok or (header.src, header.kind) != (expect.src, expect.kind):
         raise WireError(
             "topic_mismatch",
             f"header {header.src}->{header.dst}/{header.kind.value} on topic "

@@ -1,0 +1,516 @@
+"""The bus session: how one agent talks to the others, over a real MQTT broker (aiomqtt 2.x).
+
+::
+
+    async with BusSession(BusConfig(run_id, "client-0", address)) as bus:
+        await bus.send("coordinator", Kind.UPDATE, {"w": w}, round=3)
+        async for msg in bus.messages():
+            ...
+        reply = await bus.request("client-1", Kind.LATENT, {"h": h}, deadline_s=2.0)
+
+One background task per session owns the connection: it connects with the agent's credentials,
+sets a retained ``offline`` last will, subscribes the inbox (``rx/<self>/#``, ``rx/all/#``, and
+``status/#`` when watching), publishes a retained ``online``, then decodes what arrives. When the
+broker goes away it reconnects with exponential backoff (aiomqtt's Client is reusable by entering
+``async with`` again) and re-subscribes; sends wait for the reconnection up to their timeout.
+Received messages are validated by :class:`broker.wire.Decoder`, de-duplicated by message id (QoS 1
+may deliver twice), and either handed to the ``request`` awaiting them (by ``reply_to``) or queued
+for :meth:`BusSession.messages`. Rejections are counted in ``stats.rejected`` and never raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import socket
+import ssl
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+import numpy as np
+
+from broker.auth import CHANNEL_MODES, BrokerAddress, ChannelMode
+from broker.errors import BusError, WireError
+from broker.topics import BROADCAST, Kind, Status, Topics, check_agent_id, is_destination, parse_kind
+from broker.wire import (
+    COMPRESSIONS,
+    MIN_CHUNK_SIZE,
+    Decoder,
+    Message,
+    MetaValue,
+    ReassemblyLimits,
+    Schema,
+    encode,
+    new_message_id,
+    split,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RequestTimeout(BusError, TimeoutError):
+    """No reply arrived before the request's deadline (also an ``asyncio.TimeoutError``)."""
+
+
+class PublishTimeout(BusError, TimeoutError):
+    """A publish was not acknowledged by the broker in time (connection down or too slow)."""
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    """Everything one bus session needs; one per agent."""
+
+    run_id: str
+    agent_id: str
+    address: BrokerAddress
+    channel_mode: ChannelMode = "direct"  # direct: publish to rx/...; emulated: to tx/... (channel relays)
+    chunk_size: int = 256 * 1024  # largest MQTT payload we publish; bigger messages are chunked
+    qos: int = 1  # 1: at least once (duplicates are suppressed); 0: at most once
+    compression: str = "none"  # default for float32 tensors: none | fp16 | int8
+    publish_timeout_s: float = 10.0  # base publish timeout ...
+    publish_min_rate: float = 1_000_000.0  # ... plus payload bytes / this rate (bytes per second)
+    connect_timeout_s: float = 10.0  # first connection
+    reconnect_initial_s: float = 0.1  # reconnect backoff starts here, doubles ...
+    reconnect_max_s: float = 5.0  # ... up to this
+    keepalive_s: int = 30
+    max_inflight: int = 64  # QoS 1 publishes awaiting PUBACK at once (paho's window)
+    dedup_window: int = 8192  # message ids remembered to drop QoS 1 duplicates
+    late_reply_window: int = 4096  # expired request ids remembered to count late replies
+    limits: ReassemblyLimits = field(default_factory=ReassemblyLimits)
+
+    def __post_init__(self) -> None:
+        Topics(self.run_id)
+        check_agent_id(self.agent_id)
+        if self.channel_mode not in CHANNEL_MODES:
+            raise ValueError(f"channel_mode must be one of {CHANNEL_MODES}")
+        if self.chunk_size < MIN_CHUNK_SIZE:
+            raise ValueError(f"chunk_size must be >= {MIN_CHUNK_SIZE}")
+        if self.qos not in (0, 1):
+            raise ValueError("qos must be 0 or 1")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}")
+        positive = ("publish_timeout_s", "publish_min_rate", "connect_timeout_s", "reconnect_initial_s")
+        bad_backoff = self.reconnect_max_s < self.reconnect_initial_s
+        if any(not getattr(self, name) > 0 for name in positive) or bad_backoff:
+            raise ValueError("timeouts and rates must be > 0 and reconnect_max_s >= reconnect_initial_s")
+
+    def publish_timeout(self, nbytes: int) -> float:
+        return self.publish_timeout_s + nbytes / self.publish_min_rate
+
+
+@dataclass
+class BusStats:
+    """Counters of one session (plain and mutable; read them, or ``as_dict()`` for reports)."""
+
+    sent_messages: Counter[str] = field(default_factory=Counter)  # per kind
+    sent_bytes: Counter[str] = field(default_factory=Counter)  # wire bytes per kind, chunks included
+    received_messages: Counter[str] = field(default_factory=Counter)
+    received_bytes: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)  # per WireError reason
+    duplicates: int = 0
+    late_replies: int = 0
+    reconnects: int = 0
+    compression_saved_bytes: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, value in vars(self).items():
+            out[name] = dict(value) if isinstance(value, Counter) else value
+        return out
+
+
+class _Lru:
+    """A bounded set remembering the most recent keys."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._keys: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def add(self, key: str) -> None:
+        self._keys[key] = None
+        self._keys.move_to_end(key)
+        if len(self._keys) > self._size:
+            self._keys.popitem(last=False)
+
+
+_AUTH_FAILURES = {4, 5, 134, 135}  # CONNACK: bad user name or password / not authorized (3.1.1, 5)
+
+
+class BusSession:
+    """One agent's connection to the bus; use as ``async with BusSession(cfg) as bus``."""
+
+    def __init__(
+        self,
+        cfg: BusConfig,
+        schemas: Mapping[Kind | str, Schema] | None = None,
+        watch_status: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.topics = Topics(cfg.run_id)
+        self.stats = BusStats()
+        self.watch_status = watch_status
+        self._decoder = Decoder(
+            self.topics, schemas={parse_kind(k): s for k, s in (schemas or {}).items()}, limits=cfg.limits
+        )
+        self.stats.rejected = self._decoder.rejected  # one counter, shared
+        self._inbox: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._waiters: dict[str, asyncio.Future[Message]] = {}
+        self._seen = _Lru(cfg.dedup_window)
+        self._expired_requests = _Lru(cfg.late_reply_window)
+        self._status: dict[str, str] = {}
+        self._status_changed = asyncio.Event()  # replaced by a fresh one after each change
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._fatal: BaseException | None = None
+        self._client: aiomqtt.Client | None = None
+        self._runner: asyncio.Task[None] | None = None
+
+    @property
+    def agent_id(self) -> str:
+        return self.cfg.agent_id
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _make_client(self) -> aiomqtt.Client:
+        addr = self.cfg.address
+        status = self.topics.status(self.agent_id)
+        client = aiomqtt.Client(
+            addr.host,
+            addr.port,
+            username=addr.username,
+            password=addr.password,
+            identifier=f"nmoe-{self.cfg.run_id}-{self.agent_id}",
+            will=aiomqtt.Will(status, Status.OFFLINE.value.encode(), qos=1, retain=True),
+            clean_session=True,
+            keepalive=self.cfg.keepalive_s,
+            timeout=self.cfg.connect_timeout_s,
+            max_inflight_messages=self.cfg.max_inflight,
+            tls_context=ssl.create_default_context() if addr.tls else None,
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],  # small replies go out at once
+            logger=logging.getLogger(f"{__name__}.mqtt"),
+        )
+        client.pending_calls_threshold = 1 << 30  # chunked sends keep many publishes in flight
+        return client
+
+    async def __aenter__(self) -> BusSession:
+        self._client = self._make_client()
+        self._runner = asyncio.create_task(self._run(), name=f"bus-{self.agent_id}")
+        connected = asyncio.create_task(self._connected.wait())
+        try:
+            wait = self.cfg.connect_timeout_s
+            await asyncio.wait({connected, self._runner}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            connected.cancel()
+        if not self._connected.is_set():
+            await self._shutdown()
+            where = self.cfg.address.redacted()
+            if self._fatal is not None:
+                raise BusError(f"{self.agent_id} cannot connect to {where}: {self._fatal}") from None
+            wait = self.cfg.connect_timeout_s
+            raise BusError(f"{self.agent_id} could not connect to {where} within {wait}s")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None and self._connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                await self._client.publish(
+                    self.topics.status(self.agent_id), Status.OFFLINE.value, qos=1, retain=True, timeout=2.0
+                )
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        self._closing = True
+        if self._runner is not None and not self._runner.done():
+            self._runner.cancel()
+        if self._runner is not None:
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self._runner
+        self._connected.clear()
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(BusError("bus session closed"))
+        self._inbox.put_nowait(None)
+
+    async def _run(self) -> None:
+        """The connection loop: connect, subscribe, announce, read; reconnect with backoff."""
+        assert self._client is not None
+        backoff = self.cfg.reconnect_initial_s
+        ever_connected = False
+        while not self._closing:
+            try:
+                async with self._client:
+                    await self._on_connect()
+                    if ever_connected:
+                        self.stats.reconnects += 1
+                        log.info("%s reconnected to %s", self.agent_id, self.cfg.address.redacted())
+                    ever_connected = True
+                    backoff = self.cfg.reconnect_initial_s
+                    self._connected.set()
+                    async for message in self._client.messages:
+                        self._on_message(message)
+            except aiomqtt.MqttError as err:
+                self._connected.clear()
+                if self._closing:
+                    return
+                refused = isinstance(err, aiomqtt.MqttCodeError) and _code(err.rc) in _AUTH_FAILURES
+                if refused and not ever_connected:
+                    self._fatal = BusError(f"broker refused the credentials ({err})")
+                    return
+                log.warning("%s lost the broker (%s); retrying in %.2fs", self.agent_id, err, backoff)
+            except BusError as err:  # e.g. a refused subscription: configuration, not weather
+                self._fatal = err
+                self._connected.clear()
+                return
+            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+            backoff = min(backoff * 2, self.cfg.reconnect_max_s)
+
+    async def _on_connect(self) -> None:
+        assert self._client is not None
+        filters = list(self.topics.inbox_filters(self.agent_id))
+        if self.watch_status:
+            filters.append(self.topics.status_filter())
+        granted = await self._client.subscribe([(f, self.cfg.qos) for f in filters])
+        refused = [f for f, code in zip(filters, granted, strict=False) if _code(code) >= 0x80]
+        if refused:
+            raise BusError(f"broker refused subscriptions {refused} for {self.agent_id}")
+        await self._client.publish(self.topics.status(self.agent_id), Status.ONLINE.value, qos=1, retain=True)
+
+    # -- receiving -------------------------------------------------------------------------------
+    def _on_message(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        payload = message.payload
+        if not isinstance(payload, bytes | bytearray):
+            self._decoder.reject(WireError("bad_magic", "empty or non-binary payload"), topic)
+            return
+        if topic.startswith(f"{self.topics.prefix}/status/"):
+            if self.watch_status:
+                self._on_status(topic, bytes(payload))
+            return
+        try:
+            if self.topics.parse(topic).src == self.agent_id:
+                return  # our own broadcast, echoed back
+        except WireError as err:
+            self._decoder.reject(err, topic)
+            return
+        msg = self._decoder.feed(topic, bytes(payload), received_at=time.time())
+        if msg is None:
+            return
+        if msg.id in self._seen:
+            self.stats.duplicates += 1
+            return
+        self._seen.add(msg.id)
+        kind = msg.kind.value
+        self.stats.received_messages[kind] += 1
+        self.stats.received_bytes[kind] += msg.wire_bytes
+        reply_to = msg.header.reply_to
+        if reply_to is not None:
+            waiter = self._waiters.pop(reply_to, None)
+            if waiter is not None:
+                if not waiter.done():
+                    waiter.set_result(msg)
+                return
+            if reply_to in self._expired_requests:
+                self.stats.late_replies += 1
+                log.info("%s dropped a late reply from %s to %s", self.agent_id, msg.src, reply_to)
+                return
+        self._inbox.put_nowait(msg)
+
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        try:
+            agent = self.topics.parse_status(topic)
+        except WireError as err:
+            self._decoder.reject(err, topic)
+            return
+        text = payload.decode(errors="replace")
+        if text not in (Status.ONLINE.value, Status.OFFLINE.value):
+            if text:
+                log.warning("ignoring status %r of %s", text[:32], agent)
+            self._status.pop(agent, None)
+        else:
+            self._status[agent] = text
+        changed, self._status_changed = self._status_changed, asyncio.Event()
+        changed.set()
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Decoded, validated, de-duplicated messages (replies to ``request`` excluded), until close."""
+        while True:
+            msg = await self._inbox.get()
+            if msg is None:
+                self._inbox.put_nowait(None)  # let other iterators end too
+                return
+            yield msg
+
+    async def receive(self, timeout: float | None = None) -> Message:
+        """The next message; raises asyncio.TimeoutError after ``timeout`` or BusError once closed."""
+        msg = await asyncio.wait_for(self._inbox.get(), timeout)
+        if msg is None:
+            self._inbox.put_nowait(None)
+            raise BusError("bus session closed")
+        return msg
+
+    # -- status ----------------------------------------------------------------------------------
+    def status(self) -> dict[str, str]:
+        """agent id -> ``online`` / ``offline`` as last seen (needs ``watch_status=True``)."""
+        return dict(self._status)
+
+    def online(self) -> set[str]:
+        return {a for a, s in self._status.items() if s == Status.ONLINE.value}
+
+    async def wait_status(
+        self, predicate: Callable[[Mapping[str, str]], bool], timeout: float | None = None
+    ) -> dict[str, str]:
+        """Wait until ``predicate(status)`` holds; raises asyncio.TimeoutError after ``timeout``."""
+        if not self.watch_status:
+            raise BusError("this session does not watch status (watch_status=False)")
+
+        async def wait() -> dict[str, str]:
+            while True:
+                changed = self._status_changed
+                if predicate(self._status):
+                    return dict(self._status)
+                await changed.wait()
+
+        return await asyncio.wait_for(wait(), timeout)
+
+    async def wait_online(self, agents: Iterable[str], timeout: float | None = None) -> dict[str, str]:
+        wanted = set(agents)
+        return await self.wait_status(lambda s: all(s.get(a) == Status.ONLINE.value for a in wanted), timeout)
+
+    # -- sending ---------------------------------------------------------------------------------
+    async def send(
+        self,
+        dst: str,
+        kind: Kind | str,
+        tensors: Mapping[str, np.ndarray] | None = None,
+        *,
+        round: int = -1,
+        stage: str = "",
+        meta: Mapping[str, MetaValue] | None = None,
+        reply_to: str | None = None,
+        compression: str | None = None,
+        msg_id: str | None = None,
+    ) -> str:
+        """Send one message to an agent or to ``all``; returns its message id once the broker has it."""
+        if self._closing or self._client is None:
+            raise BusError("bus session is not open")
+        if not is_destination(dst) or dst == self.agent_id:
+            raise BusError(f"cannot send to {dst!r}")
+        kind = parse_kind(kind)
+        enc = encode(
+            kind=kind, run=self.cfg.run_id, src=self.agent_id, dst=dst, tensors=tensors, round=round,
+            stage=stage, meta=meta, reply_to=reply_to, msg_id=msg_id,
+            compression=self.cfg.compression if compression is None else compression,
+        )  # fmt: skip
+        if self.cfg.channel_mode == "direct":
+            topic = self.topics.rx(dst, self.agent_id, kind)
+        else:
+            topic = self.topics.tx(self.agent_id, dst, kind)
+        frames = split(enc.payload, enc.header.id, self.cfg.chunk_size)
+        nbytes = sum(len(f) for f in frames)
+        await self._publish(topic, frames, self.cfg.publish_timeout(nbytes))
+        self.stats.sent_messages[kind.value] += 1
+        self.stats.sent_bytes[kind.value] += nbytes
+        self.stats.compression_saved_bytes += enc.saved_bytes
+        return enc.header.id
+
+    async def _publish(self, topic: str, frames: list[bytes], timeout: float) -> None:
+        """Publish frames until the broker acknowledged all, across reconnections, or time out."""
+        assert self._client is not None
+        client = self._client
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending = frames
+        while pending:
+            left = deadline - loop.time()
+            try:
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                await asyncio.wait_for(self._connected.wait(), left)
+                results = await asyncio.wait_for(
+                    asyncio.gather(
+                        *(client.publish(topic, f, qos=self.cfg.qos, timeout=math.inf) for f in pending),
+                        return_exceptions=True,
+                    ),
+                    deadline - loop.time(),
+                )
+            except asyncio.TimeoutError:
+                raise PublishTimeout(f"publish on {topic} not acknowledged within {timeout:.1f}s") from None
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result, aiomqtt.MqttError):
+                    raise result
+            pending = [f for f, r in zip(pending, results, strict=True) if isinstance(r, BaseException)]
+            if pending:  # the connection dropped: let the runner notice before trying again
+                await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+            if self._closing:
+                raise BusError("bus session closed during a send")
+
+    async def request(
+        self,
+        dst: str,
+        kind: Kind | str,
+        tensors: Mapping[str, np.ndarray] | None = None,
+        *,
+        deadline_s: float,
+        round: int = -1,
+        stage: str = "",
+        meta: Mapping[str, MetaValue] | None = None,
+        compression: str | None = None,
+    ) -> Message:
+        """Send and await the first message whose ``reply_to`` is this request's id.
+
+        Raises :class:`RequestTimeout` (a BusError and asyncio.TimeoutError) after ``deadline_s``;
+        a reply arriving later is counted in ``stats.late_replies`` and dropped.
+        """
+        msg_id = new_message_id()
+        waiter: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._waiters[msg_id] = waiter
+
+        async def exchange() -> Message:
+            await self.send(dst, kind, tensors, round=round, stage=stage, meta=meta,
+                            compression=compression, msg_id=msg_id)  # fmt: skip
+            return await waiter
+
+        try:
+            return await asyncio.wait_for(exchange(), deadline_s)
+        except asyncio.TimeoutError:
+            self._expired_requests.add(msg_id)
+            what = parse_kind(kind).value
+            raise RequestTimeout(f"no reply from {dst} to {what} within {deadline_s}s") from None
+        finally:
+            self._waiters.pop(msg_id, None)
+
+    async def reply(
+        self,
+        request: Message,
+        kind: Kind | str,
+        tensors: Mapping[str, np.ndarray] | None = None,
+        *,
+        meta: Mapping[str, MetaValue] | None = None,
+        compression: str | None = None,
+    ) -> str:
+        """Answer a request: sent to its sender with ``reply_to`` = its id, same round and stage."""
+        if request.src == BROADCAST:
+            raise BusError("cannot reply to a broadcast source")
+        return await self.send(
+            request.src, kind, tensors, round=request.header.round, stage=request.header.stage,
+            meta=meta, reply_to=request.id, compression=compression,
+        )  # fmt: skip
+
+
+def _code(code: object) -> int:
+    """A SUBACK result as an int (paho gives ints on 3.1.1 and ReasonCodes on 5)."""
+    value = getattr(code, "value", code)
+    return int(value) if isinstance(value, int) else 0x80
