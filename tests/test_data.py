@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import struct
 import time
 from pathlib import Path
 
@@ -135,8 +136,28 @@ def test_missing_dataset_names_every_place_searched(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- CIFAR-10
 
 
-def write_cifar(folder: Path, per_batch: int, protocol: int) -> tuple[np.ndarray, np.ndarray]:
-    """A tiny CIFAR-10 in torchvision's layout: the same dict keys as the real python batches."""
+def _py2str(b: bytes) -> bytes:
+    return b"U" + bytes([len(b)]) + b  # SHORT_BINSTRING: a Python 2 str
+
+
+def py2_batch(data: np.ndarray, labels: list[int]) -> bytes:
+    """The opcodes Python 2's cPickle wrote for the real CIFAR-10 batches: protocol 2, str keys,
+    numpy.core.multiarray._reconstruct, and the pixels as one Python 2 str."""
+    out = b"\x80\x02}q\x00(" + _py2str(b"data")  # PROTO 2, EMPTY_DICT, BINPUT, MARK
+    out += b"cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02K\x00\x85"
+    out += _py2str(b"b") + b"\x87R"
+    out += b"(K\x01J" + struct.pack("<i", data.shape[0]) + b"M\x00\x0c\x86"  # version, shape
+    out += b"cnumpy\ndtype\n" + _py2str(b"u1") + b"K\x00K\x01\x87R(K\x03" + _py2str(b"|")
+    out += b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"  # dtype state, BUILD
+    raw = data.tobytes()
+    out += b"\x89T" + struct.pack("<I", len(raw)) + raw + b"tb"  # NEWFALSE, BINSTRING, TUPLE, BUILD
+    out += _py2str(b"labels") + b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
+    return out + b"u."  # SETITEMS, STOP
+
+
+def write_cifar(folder: Path, per_batch: int, protocol: int | str) -> tuple[np.ndarray, np.ndarray]:
+    """A tiny CIFAR-10 in torchvision's layout: the same files and dict keys as the real python
+    batches, pickled by Python 3 with `protocol`, or byte for byte as Python 2 did ('py2')."""
     rng = np.random.default_rng(1)
     folder.mkdir(parents=True)
     rows, labels = [], []
@@ -145,17 +166,21 @@ def write_cifar(folder: Path, per_batch: int, protocol: int) -> tuple[np.ndarray
         y = [int(v) for v in rng.integers(0, 10, per_batch)]
         entry = {"batch_label": f"{name} of 5", "labels": y, "data": batch,
                  "filenames": [f"img_{i}.png" for i in range(per_batch)]}
-        (folder / name).write_bytes(pickle.dumps(entry, protocol=protocol))
+        if protocol == "py2":
+            (folder / name).write_bytes(py2_batch(batch, y))
+        else:
+            (folder / name).write_bytes(pickle.dumps(entry, protocol=int(protocol)))
         rows.append(batch)
         labels.append(y)
     meta = {"num_cases_per_batch": per_batch, "num_vis": 3072,
             "label_names": ["airplane", "automobile", "bird", "cat", "deer",
                             "dog", "frog", "horse", "ship", "truck"]}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=protocol))
+    meta_protocol = 2 if protocol == "py2" else int(protocol)
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=meta_protocol))
     return np.concatenate(rows), np.concatenate(labels)
 
 
-@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+@pytest.mark.parametrize("protocol", ["py2", 2, pickle.HIGHEST_PROTOCOL])
 def test_cifar10_in_torchvision_format_loads(tmp_path, protocol):
     rows, labels = write_cifar(tmp_path / "cifar-10-batches-py", per_batch=4, protocol=protocol)
 
