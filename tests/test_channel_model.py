@@ -280,10 +280,11 @@ def test_config_seed_overrides_the_scenario_seed() -> None:
 # -- Shannon capacity with block Rayleigh fading ----------------------------------------------------
 
 
-def expected_shannon(bandwidth: float, snr: float) -> float:
-    """E[B log2(1 + snr X)], X ~ Exp(1), by quadrature in u = 1 - exp(-x) (independent of the model)."""
+def expected_shannon(bandwidth: float, snr: float, min_snr: float = 0.0) -> float:
+    """E[B log2(1 + snr X); snr X >= min_snr], X ~ Exp(1), by quadrature in u = 1 - exp(-x)."""
     u = (np.arange(200_000) + 0.5) / 200_000  # midpoint rule on (0, 1)
-    return float(bandwidth * np.mean(np.log2(1 + snr * -np.log1p(-u))))
+    x = -np.log1p(-u)
+    return float(bandwidth * np.mean(np.where(snr * x >= min_snr, np.log2(1 + snr * x), 0.0)))
 
 
 def test_rayleigh_block_rates_average_to_the_ergodic_capacity() -> None:
@@ -337,6 +338,30 @@ def test_presets_resolve_as_documented() -> None:
     poor = PRESETS["edge-poor"]
     assert poor.uplink.loss == "gilbert_elliott" and not poor.always_online
     assert resolve_profile(ChannelConfig(preset="lte"), "client-0") == lte
+
+
+@pytest.mark.parametrize(("preset", "down_mbps", "up_mbps"), [("lte", 29.0, 13.2), ("edge-poor", 1.84, 1.17)])
+def test_preset_mean_rates_are_the_documented_ones(preset: str, down_mbps: float, up_mbps: float) -> None:
+    profile = PRESETS[preset]
+    for link, mbps in ((profile.downlink, down_mbps), (profile.uplink, up_mbps)):
+        mean = expected_shannon(link.bandwidth_hz, 10 ** (link.snr_db / 10), 10 ** (link.min_snr_db / 10))
+        assert mean / 1e6 == pytest.approx(mbps, rel=0.01)
+
+
+def test_edge_poor_loss_and_availability_are_the_documented_ones() -> None:
+    link = PRESETS["edge-poor"].uplink
+    bad = link.ge_p / (link.ge_p + link.ge_r)  # stationary share of the bad state
+    assert bad * link.ge_loss_bad + (1 - bad) * link.ge_loss_good == pytest.approx(0.02, abs=0.001)
+    assert 1 / link.ge_r == 4.0  # mean burst, packets
+    poor = PRESETS["edge-poor"]
+    assert poor.mean_offline_s / (poor.mean_online_s + poor.mean_offline_s) == pytest.approx(0.09, abs=0.005)
+
+
+def test_shared_uplink_true_groups_clients_by_preset() -> None:
+    cfg = ChannelConfig(preset="wifi", clients={"client-3": ClientOverrides(preset="edge-poor")})
+    assert cfg.cell_of("client-0", "uplink") == cfg.cell_of("client-1", "uplink")
+    assert cfg.cell_of("client-3", "uplink") != cfg.cell_of("client-0", "uplink")
+    assert cfg.cell_of("client-0", "downlink") is None  # shared_downlink defaults to false
 
 
 def test_overrides_apply_preset_then_scenario_then_client() -> None:

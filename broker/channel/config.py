@@ -252,8 +252,9 @@ class ChannelConfig:
     clients: dict[str, ClientOverrides] = field(default_factory=dict)
     """Per-client settings, keyed by agent id (e.g. client-3: {preset: edge-poor})."""
     shared_uplink: bool | dict[str, str] = True
-    """Uplinks share airtime: true (one cell of all clients), false (each its own), or agent id ->
-    cell name (clients in a cell share it; clients not listed have their own)."""
+    """Uplinks share airtime: true (clients on the same preset share one cell: a preset is a radio
+    access network), false (each client its own), or agent id -> cell name (clients in a cell share
+    it; clients not listed have their own)."""
     shared_downlink: bool | dict[str, str] = False
     """Downlinks share the base station's airtime, with the same meaning as shared_uplink."""
     time_scale: float = 1.0
@@ -294,4 +295,7 @@ class ChannelConfig:
         cells = self.shared_uplink if direction == "uplink" else self.shared_downlink
         if isinstance(cells, dict):
             return cells.get(agent)
-        return "cell" if cells else None
+        if not cells:
+            return None
+        own = self.clients.get(agent)
+        return f"preset:{own.preset if own is not None and own.preset else self.preset}"

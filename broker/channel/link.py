@@ -55,7 +55,13 @@ class Message:
 
 
 class Link:
-    """One direction of one client's link; see the module docstring for what happens to a message."""
+    """One direction of one client's link; see the module docstring for what happens to a message.
+
+    ``rate`` is None for an unlimited rate (no airtime). ``medium`` is the cell's shared airtime, or
+    None when the link has its airtime to itself. ``availability`` is the client's on/off process
+    (None: always online). ``on_exit`` receives each message that crossed the hop, at the modeled
+    time it leaves; ``on_drop`` each lost one, with the reason, when the loss is decided.
+    """
 
     def __init__(
         self,
@@ -88,6 +94,7 @@ class Link:
         self.ideal = params.is_ideal and rate is None
         """Crossed synchronously: no queue, no process, no event."""
         self.store: simpy.Store | None = None
+        self.process: simpy.Process | None = None
         if not self.ideal:
             self.store = simpy.Store(env)
             self.process = env.process(self._serve())
@@ -123,6 +130,8 @@ class Link:
         sizes: np.ndarray | None = None  # (pending,) bytes of the packets still to deliver
         pending = n
         for attempt in range(p.max_retries + 1):
+            if attempt > 0 and not self._online_since(msg.t_hop):  # went offline while waiting to resend
+                return "offline"
             if self._rate is not None and bits > 0:
                 reason = yield from self._airtime(bits)
                 if reason is not None:

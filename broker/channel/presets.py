@@ -76,7 +76,8 @@ EDGE_POOR = RadioProfile(uplink=_EDGE_UP, downlink=replace(_EDGE_UP, snr_db=3.0)
   ~1.2 Mbit/s on average; 10 % and 19 % of fading blocks are outages (below -6.7 dB).
 - Coherence 500 ms: a (nearly) static device, f_D below 1 Hz, so deep fades last. An outage of four
   blocks stalls a message past the 2 s outage timeout: 0.19^3, about 1 outage in 150, on the uplink
-  (1 in 1000 on the downlink); a 1 MB upload alone (about 14 blocks) is lost so about 1.5 % of the time.
+  (1 in 1000 on the downlink); a 1 MB upload alone (7-8 s, with retransmissions) is lost so about
+  2 % of the time (21 of 1000 seeds).
 - Delay 60 ms one way, jitter 20 ms: cell-edge round trips well above 100 ms.
 - Loss: Gilbert-Elliott with netem's parameters p = 1 %, r = 25 %, 1-h = 50 %, 1-k = 0.1 %: bad
   bursts of 4 packets on average, 3.8 % of the time, about 2 % loss overall; the kind of bursty
