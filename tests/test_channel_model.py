@@ -161,7 +161,7 @@ def test_gilbert_elliott_bursts_have_mean_length_one_over_r() -> None:
         m.submit("client-0", "coordinator", 1000, reliable=False, key=i)
     m.run()
     lost = np.zeros(n, dtype=bool)
-    lost[[d.key for d in drops(m.drain())]] = True
+    lost[np.array([d.key for d in drops(m.drain())], dtype=int)] = True
     runs = run_lengths(lost)
     # With 1-h = 1 and 1-k = 0 a loss burst is a bad-state sojourn: geometric, mean 1/r.
     assert within_4_sigma(runs.mean(), 1 / r, math.sqrt((1 - r) / r**2 / len(runs)))
@@ -212,7 +212,7 @@ def upload_times(shared: bool, sizes: dict[str, int]) -> dict[str, float]:
     for src, nbytes in sizes.items():
         m.submit(src, "coordinator", nbytes, key=src)
     m.run()
-    return {r.key: r.t_arrive for r in deliveries(m.drain())}  # type: ignore[misc]
+    return {str(r.key): r.t_arrive for r in deliveries(m.drain())}
 
 
 def test_two_concurrent_uploads_on_a_shared_uplink_take_twice_as_long() -> None:
