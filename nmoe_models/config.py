@@ -141,6 +141,8 @@ class Stage1Config:
     """Mini-batch size."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Local optimizer (state resets each round, as in FedAvg)."""
+    augment: Literal["none", "weak", "strong"] = "weak"
+    """FedCE's augmentation: none, weak (pad-and-crop + flip) or strong (one SSL view)."""
     bn: Literal["avg", "local"] = "avg"
     """BatchNorm under FedAvg: average statistics by name ('avg') or keep them local (FedBN)."""
     fedsc: FedSCConfig = field(default_factory=FedSCConfig)
@@ -210,7 +212,7 @@ class PrivacyConfig:
     enabled: bool = True
     """Add symmetric Gaussian noise to each shared correlation matrix R_i (FedSC only)."""
     noise_multiplier: float = 1.0
-    """sigma = noise_multiplier * sensitivity, sensitivity = sqrt(2) * mu * passes / n_i."""
+    """sigma = noise_multiplier * sensitivity, with sensitivity = sqrt(2) * mu / n_i (see privacy.py)."""
     delta: float = 1e-5
     """delta of the reported (epsilon, delta) guarantee."""
 

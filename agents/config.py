@@ -1,0 +1,44 @@
+"""Settings of the networked run: deadlines, participation, message encoding.
+
+Deadlines are in seconds of the run's clock: wall-clock seconds on a direct channel, modeled
+seconds when a wireless channel is emulated (the emulator scales them by its time_scale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+def _check(ok: bool, name: str, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {msg}")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    join_timeout_s: float = 120.0
+    """How long the coordinator waits for every client to come online before giving up."""
+    round_timeout_s: float = 600.0
+    """Deadline of one federated round (from the task's send to the last accepted reply)."""
+    stage2_timeout_s: float = 600.0
+    """Deadline of Stage 2 (every client trains its expert)."""
+    eval_timeout_s: float = 600.0
+    """Deadline of Stage 3's expert queries and of the evaluation."""
+    inference_deadline_s: float = 5.0
+    """Deadline of one routed latent request; a late or lost reply falls back."""
+    min_clients: int = 1
+    """Fewest answers a round may close with; fewer fails the run with the list of who is missing."""
+    chunk_size: int = 256 * 1024
+    """Messages larger than this are split into chunks (bytes)."""
+    compression: Literal["none", "fp16", "int8"] = "none"
+    """Compression of float tensors on the wire (none keeps runs bit-identical to in-process)."""
+    agent_threads: int = 1
+    """torch threads per client agent process (several agents share the machine's cores)."""
+
+    def __post_init__(self) -> None:
+        for name in ("join_timeout_s", "round_timeout_s", "stage2_timeout_s", "eval_timeout_s", "inference_deadline_s"):
+            _check(getattr(self, name) > 0, name, "must be > 0")
+        _check(self.min_clients >= 1, "min_clients", "must be >= 1")
+        _check(4096 <= self.chunk_size <= 64 * 1024 * 1024, "chunk_size", "must be in 4096..67108864 bytes")
+        _check(self.agent_threads >= 1, "agent_threads", "must be >= 1")

@@ -1,0 +1,76 @@
+"""The paper's reference points, trained in one process (they involve no federation).
+
+- local: each client trains F + head on its own data only.
+- centralized: one MoE (F, n experts, one gate) trained jointly on the union of all clients'
+  training data, evaluated on each client's test set with the same top-k routing (upper bound).
+Both get the compute budget of Stage 1 (rounds x local epochs passes over the data), and the
+end-to-end FedAvg classifier is FedCE's Stage 1 (see agents.strategy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from .config import ExperimentConfig
+from .learner import Inputs
+from .metrics import Scores, score
+from .moe import CentralizedMoE, Classifier, Gate, combine, mixture_nll, topk_weights
+from .partition import ClientData
+from .resnet import resnet20
+from .train import apply_batched, batches, cosine_lr, generator, make_optimizer, optimizer_step, seeded_init, train_classifier
+
+Progress = Callable[[int, int], None]
+
+
+def _epochs(exp: ExperimentConfig) -> int:
+    return max(1, exp.stage1.rounds * exp.stage1.local_epochs)
+
+
+def local_classifier(exp: ExperimentConfig, data: ClientData) -> Scores:
+    """Client ``data.client_id`` alone: F + head trained on its data, scored on its test set."""
+    s1 = exp.stage1
+    inputs = Inputs(exp, data.dataset)
+    with seeded_init(exp.seed, "local-init", data.client_id):
+        model = Classifier(resnet20(data.image_shape[0], exp.model.width, exp.model.channels_last),
+                           exp.model.head_hidden, data.num_classes)
+    gen = generator(exp.seed, "local", data.client_id)
+    train_classifier(model, data.train_x, data.train_y, inputs.augment, epochs=_epochs(exp),
+                     batch_size=s1.batch_size, optim=s1.optim, lr=s1.optim.lr, gen=gen)
+    logits = apply_batched(model, data.test_x, inputs.prep)
+    return score(logits.argmax(1), data.test_y, data.num_classes)
+
+
+def centralized_moe(
+    exp: ExperimentConfig, union: ClientData, tests: Mapping[int, ClientData], progress: Progress | None = None
+) -> dict[int, Scores]:
+    """Train one MoE on ``union`` end to end; score top-k routing on every client's test set."""
+    s1, m = exp.stage1, exp.model
+    inputs = Inputs(exp, union.dataset)
+    with seeded_init(exp.seed, "centralized-init"):
+        features = resnet20(union.image_shape[0], m.width, m.channels_last)
+        gate = Gate(m.latent_dim, m.gate_hidden, exp.clients, m.gate_layers, m.gate_shared_layers)
+        model = CentralizedMoE(features, m.head_hidden, union.num_classes, exp.clients, gate)
+    params = list(model.parameters())
+    gen = generator(exp.seed, "centralized")
+    k = exp.stage3.train_top_k or exp.clients
+    epochs = _epochs(exp)
+    for epoch in range(epochs):
+        model.train()
+        opt = make_optimizer(params, s1.optim, cosine_lr(s1.optim, epoch, epochs))
+        for idx in batches(len(union.train_x), s1.batch_size, gen, drop_last=True):
+            h = model.features(inputs.augment(union.train_x[idx], gen))  # (B, d)
+            w = topk_weights(model.gate(h), k, exp.stage3.noise_std, gen)  # (B, n)
+            loss = mixture_nll(w, model.expert_logprobs(h), union.train_y[idx])
+            optimizer_step(opt, loss, params, s1.optim.grad_clip)
+        if progress is not None:
+            progress(epoch + 1, epochs)
+    model.eval()
+    out: dict[int, Scores] = {}
+    with torch.no_grad():
+        for i, data in sorted(tests.items()):
+            h = apply_batched(model.features, data.test_x, inputs.prep)
+            probs = combine(topk_weights(model.gate(h), exp.eval.top_k), model.expert_logprobs(h))
+            out[i] = score(probs.argmax(1), data.test_y, data.num_classes)
+    return out

@@ -1,0 +1,75 @@
+"""The `nmoe` command: run and validate scenarios, run one agent on an edge board."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from broker.errors import NmoeError
+from nmoe_models.errors import DataError
+
+from .scenario import PACKAGED, load_scenario
+
+
+def _scenario_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scenario", help="a scenario YAML file, or the name of a shipped one (e.g. quickstart)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a field, e.g. --set stage1.rounds=5 (repeatable)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="nmoe", description="Networked Mixture-of-Experts over MQTT")
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a scenario (networked by default)")
+    _scenario_args(run)
+    run.add_argument("--inprocess", action="store_true", help="run every client in this process, no network")
+    run.add_argument("--out", help="output folder (default runs/<scenario>/<timestamp>)")
+    val = sub.add_parser("validate", help="check a scenario file and print its resolved settings")
+    _scenario_args(val)
+    sub.add_parser("scenarios", help="list the shipped scenarios")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    console = Console()
+    try:
+        return _dispatch(args, console)
+    except (NmoeError, DataError) as err:
+        console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, console: Console) -> int:
+    if args.command == "scenarios":
+        for path in sorted(PACKAGED.glob("*.yaml")):
+            scn = load_scenario(str(path))
+            console.print(f"[bold]{path.stem:<24}[/bold] {scn.description}")
+        return 0
+    scn = load_scenario(args.scenario, args.overrides)
+    if args.command == "validate":
+        console.print(f"[green]ok[/green]: {scn.name}: {scn.clients} clients, {scn.data.name}, "
+                      f"{scn.partition.kind} partition, Stage 1 {scn.stage1.method} x {scn.stage1.rounds} rounds, "
+                      f"Stage 3 {scn.stage3.method} x {scn.stage3.rounds} rounds, top-{scn.eval.top_k}, "
+                      f"baselines: {', '.join(scn.baselines) or 'none'}")
+        return 0
+    from .runner import output_dir, run_inprocess
+
+    out = output_dir(scn, args.out)
+    if scn.description:
+        console.print(f"[bold]{scn.name}[/bold]: {scn.description}")
+    if args.inprocess:
+        run_inprocess(scn, out, console)
+        return 0
+    console.print("[red]networked runs are not available yet; use --inprocess[/red]")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""What a run leaves behind: results.json, metrics.csv, PNG charts, and the table at the end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from agents.strategy import Outcome, RoundRecord  # noqa: E402
+
+from .scenario import Scenario  # noqa: E402
+from .schema import to_dict  # noqa: E402
+
+PerClient = Mapping[int, Mapping[str, float]]
+ORDER = ("centralized", "nmoe", "nmoe_fedavg_gate", "fedavg", "local")
+
+
+def method_labels(scn: Scenario) -> dict[str, str]:
+    fe = "FedSC" if scn.stage1.method == "fedsc" else "FedCE"
+    gate = "FedGate" if scn.stage3.method == "fedgate" else "FedAvg-gate"
+    return {
+        "nmoe": f"{fe}-NMoE ({gate})",
+        "nmoe_fedavg_gate": f"{fe}-NMoE (FedAvg-gate)",
+        "fedavg": "FedAvg classifier",
+        "local": "Local classifier",
+        "centralized": "Centralized MoE",
+    }
+
+
+def summarize(per_client: PerClient) -> dict[str, Any]:
+    """Mean (and spread) over clients of every metric, with the per-client values."""
+    keys = sorted({k for m in per_client.values() for k in m})
+    out: dict[str, Any] = {}
+    for k in keys:
+        vals = np.array([m[k] for m in per_client.values() if k in m], dtype=float)
+        out[k] = float(vals.mean())
+        if k in ("accuracy", "f1_macro"):
+            out[f"{k}_std"] = float(vals.std())
+    out["per_client"] = {str(i): dict(m) for i, m in sorted(per_client.items())}
+    return out
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "machine": platform.machine(),
+    }
+
+
+def build_results(scn: Scenario, mode: str, outcome: Outcome, baselines: Mapping[str, PerClient],
+                  extra: Mapping[str, Any], wall_s: float) -> dict[str, Any]:
+    labels = method_labels(scn)
+    methods = {**outcome.methods, **baselines}
+    ordered = sorted(methods, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
+    return {
+        "scenario": scn.name,
+        "mode": mode,
+        "wall_s": wall_s,
+        "methods": {m: {"label": labels.get(m, m), **summarize(methods[m])} for m in ordered},
+        "stage_seconds": dict(outcome.stage_seconds),
+        "privacy": dict(outcome.privacy),
+        **extra,
+        "environment": environment(),
+        "config": to_dict(scn),
+    }
+
+
+def write_outputs(out_dir: Path, results: Mapping[str, Any], rounds: list[RoundRecord]) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False, default=_json_default))
+    with open(out_dir / "metrics.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["stage", "round", "op", "answered", "failed", "failures", "mean_loss", "seconds"])
+        for r in rounds:
+            failures = ";".join(f"client-{i}:{why}" for i, why in sorted(r.failures.items()))
+            loss = "" if math.isnan(r.loss) else f"{r.loss:.6f}"
+            w.writerow([r.stage, r.round, r.op, len(r.answered), len(r.failures), failures, loss, f"{r.seconds:.3f}"])
+    paths = [out_dir / "results.json", out_dir / "metrics.csv", plot_methods(out_dir / "methods.png", results)]
+    curve = plot_losses(out_dir / "training.png", rounds)
+    if curve is not None:
+        paths.append(curve)
+    return paths
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def plot_methods(path: Path, results: Mapping[str, Any]) -> Path:
+    methods = results["methods"]
+    names = [methods[m]["label"] for m in methods]
+    acc = [methods[m]["accuracy"] for m in methods]
+    f1 = [methods[m]["f1_macro"] for m in methods]
+    acc_err = [methods[m].get("accuracy_std", 0.0) for m in methods]
+    f1_err = [methods[m].get("f1_macro_std", 0.0) for m in methods]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(names)), 4.2))
+    ax.bar(x - 0.2, acc, 0.4, yerr=acc_err, capsize=3, label="accuracy", color="#3b75af")
+    ax.bar(x + 0.2, f1, 0.4, yerr=f1_err, capsize=3, label="macro-F1", color="#ef8636")
+    for xi, (a, f) in enumerate(zip(acc, f1, strict=True)):
+        ax.text(xi - 0.2, a + 0.01, f"{a:.3f}", ha="center", va="bottom", fontsize=8)
+        ax.text(xi + 0.2, f + 0.01, f"{f:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, names, rotation=15, ha="right")
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("mean over clients")
+    ax.set_title(f"{results['scenario']}: methods compared (error bars: spread over clients)")
+    ax.legend(loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(path: Path, rounds: list[RoundRecord]) -> Path | None:
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rounds:
+        if r.op in ("stage1_fit", "stage3_fit") and not math.isnan(r.loss):
+            series.setdefault(r.stage, []).append((r.round, r.loss))
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.4), squeeze=False)
+    for ax, (stage, pts) in zip(axes[0], series.items(), strict=True):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3)
+        ax.set_title(f"{stage}: mean local loss")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def print_summary(console: Console, results: Mapping[str, Any]) -> None:
+    table = Table(title=f"{results['scenario']} ({results['mode']}): mean over clients")
+    table.add_column("method")
+    table.add_column("accuracy", justify="right")
+    table.add_column("macro-F1", justify="right")
+    table.add_column("fallback", justify="right")
+    table.add_column("local share", justify="right")
+    for m, r in results["methods"].items():
+        fb = f"{r['fallback_rate']:.3f}" if "fallback_rate" in r else "-"
+        ls = f"{r['local_share']:.2f}" if "local_share" in r else "-"
+        table.add_row(r["label"], f"{r['accuracy']:.4f} ± {r['accuracy_std']:.3f}",
+                      f"{r['f1_macro']:.4f} ± {r['f1_macro_std']:.3f}", fb, ls, style="bold" if m == "nmoe" else None)
+    console.print(table)
+    times = Table(title="time per stage (s)")
+    for stage in results["stage_seconds"]:
+        times.add_column(stage, justify="right")
+    times.add_row(*(f"{v:.1f}" for v in results["stage_seconds"].values()))
+    console.print(times)
+    if results.get("privacy"):
+        p = results["privacy"]
+        console.print(f"FedSC correlation matrices: ({p['epsilon']:.2f}, {p['delta']:g})-DP over "
+                      f"{int(p['releases'])} releases (noise multiplier {p['noise_multiplier']:g})")

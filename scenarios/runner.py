@@ -1,0 +1,143 @@
+"""Running a scenario: progress while it runs, outputs and a table when it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from safetensors.torch import save_file
+
+from agents.inprocess import InProcessFleet
+from agents.strategy import RoundRecord, Strategy
+from nmoe_models.baselines import centralized_moe, local_classifier
+from nmoe_models.learner import ClientLearner
+from nmoe_models.partition import ClientData, load_client_data, load_union
+
+from .report import PerClient, build_results, print_summary, write_outputs
+from .scenario import Scenario
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads or available_cpus())
+
+
+def output_dir(scn: Scenario, out: str | None) -> Path:
+    if out:
+        return Path(out)
+    return Path("runs") / scn.name / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def make_progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+
+
+class ProgressObserver:
+    """Shows stages and rounds as they finish; keeps the coordinator's latest checkpoint on disk."""
+
+    def __init__(self, progress: Progress, out_dir: Path) -> None:
+        self.progress = progress
+        self.out_dir = out_dir
+        self.tasks: dict[str, TaskID] = {}
+
+    def on_stage(self, stage: str, rounds: int) -> None:
+        self.tasks[stage] = self.progress.add_task(stage, total=max(rounds, 1), info="")
+
+    def on_round(self, record: RoundRecord) -> None:
+        task = self.tasks.get(record.stage)
+        if task is None:
+            return
+        done_ops = ("stage1_fit", "stage2_fit", "stage3_fit", "evaluate")
+        info = f"{len(record.answered)} answered"
+        if record.failures:
+            info += f", [red]{len(record.failures)} failed[/red]"
+        if record.loss == record.loss:  # not NaN
+            info += f", loss {record.loss:.4f}"
+        self.progress.update(task, advance=1 if record.op in done_ops else 0, info=info)
+
+    def on_checkpoint(self, stage: str, round_index: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.out_dir / "checkpoint.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"stage": stage, "round": str(round_index)})
+        tmp.replace(self.out_dir / "checkpoint.safetensors")  # atomic: never a half-written checkpoint
+
+
+def load_all(scn: Scenario, progress: Progress) -> dict[int, ClientData]:
+    task = progress.add_task("loading client data", total=scn.clients, info="")
+    datas = {}
+    for i in range(scn.clients):
+        datas[i] = load_client_data(scn, i)
+        progress.advance(task)
+    return datas
+
+
+def run_baselines(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress,
+                  classifier: PerClient | None) -> dict[str, PerClient]:
+    """The reference methods, always trained in this process (none of them is federated but FedAvg)."""
+    out: dict[str, PerClient] = {}
+    if "local" in scn.baselines:
+        task = progress.add_task("baseline: local classifiers", total=scn.clients, info="")
+        local = {}
+        for i, data in datas.items():
+            s = local_classifier(scn, data)
+            local[i] = {"accuracy": s.accuracy, "f1_macro": s.f1_macro}
+            progress.advance(task)
+        out["local"] = local
+    if "fedavg" in scn.baselines and classifier is None:
+        fedce = dataclasses.replace(scn, stage1=dataclasses.replace(scn.stage1, method="fedce"))
+        progress.add_task("baseline: FedAvg classifier", total=None, info="(FedCE Stage 1)")
+        learners = {i: ClientLearner(fedce, d) for i, d in datas.items()}
+        strategy = Strategy(fedce)
+        fleet = InProcessFleet(learners)
+
+        async def fedavg_only() -> PerClient:
+            await strategy.stage1(fleet)
+            return await strategy.stage2(fleet)
+
+        out["fedavg"] = asyncio.run(fedavg_only())
+    if "centralized" in scn.baselines:
+        epochs = max(1, scn.stage1.rounds * scn.stage1.local_epochs)
+        task = progress.add_task("baseline: centralized MoE", total=epochs, info="epochs")
+        union = load_union(scn)
+        scores = centralized_moe(scn, union, datas, lambda done, total: progress.update(task, completed=done))
+        out["centralized"] = {i: {"accuracy": s.accuracy, "f1_macro": s.f1_macro} for i, s in scores.items()}
+    return out
+
+
+def run_inprocess(scn: Scenario, out_dir: Path, console: Console) -> dict[str, Any]:
+    """The whole method and its baselines in this process."""
+    set_threads(scn.threads)
+    started = time.perf_counter()
+    with make_progress(console) as progress:
+        datas = load_all(scn, progress)
+        learners = {i: ClientLearner(scn, d) for i, d in datas.items()}
+        strategy = Strategy(scn, ProgressObserver(progress, out_dir))
+        outcome = asyncio.run(strategy.run(InProcessFleet(learners)))
+        clock = time.perf_counter()
+        baselines = run_baselines(scn, datas, progress, outcome.methods.get("fedavg"))
+        outcome.stage_seconds["baselines"] = time.perf_counter() - clock
+    results = build_results(scn, "inprocess", outcome, baselines, {}, time.perf_counter() - started)
+    paths = write_outputs(out_dir, results, outcome.rounds)
+    print_summary(console, results)
+    console.print("outputs: " + ", ".join(str(p) for p in paths))
+    return results
+
+
+def read_results(out_dir: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((out_dir / "results.json").read_text())
+    return data

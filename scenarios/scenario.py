@@ -1,0 +1,74 @@
+"""A scenario: the experiment plus the network around it, loaded from YAML once, at the edge."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agents.config import NetworkConfig
+from broker.errors import ConfigError
+from nmoe_models.config import ExperimentConfig, check
+
+from .schema import apply_overrides, build
+
+PACKAGED = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Scenario(ExperimentConfig):
+    """Top level of a scenario file: every ExperimentConfig key plus the ones below."""
+
+    name: str = ""
+    """Scenario name (runs/<name>/...); defaults to the file name."""
+    description: str = ""
+    """One line shown at the start of a run."""
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    """Deadlines and participation of networked runs."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(bool(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.name)), "name",
+              f"must be 1-64 letters, digits, '_' or '-' (got {self.name!r})")
+        check(self.network.min_clients <= self.clients, "network.min_clients",
+              f"must be <= clients = {self.clients} (got {self.network.min_clients})")
+
+
+def resolve_path(spec: str) -> Path:
+    """A scenario file path, or the name of one shipped in scenarios/ (e.g. 'quickstart')."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    for candidate in (PACKAGED / spec, PACKAGED / f"{spec}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(p.stem for p in PACKAGED.glob("*.yaml"))) or "none"
+    raise ConfigError(f"scenario file not found: {spec} (shipped scenarios: {shipped})")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_scenario(spec: str, overrides: list[str] | None = None) -> Scenario:
+    """Load, override (--set key.path=value) and validate a scenario; errors name the key path."""
+    path = resolve_path(spec)
+    data = apply_overrides(read_yaml(path), overrides or [])
+    data.setdefault("name", path.stem)
+    try:
+        return build(Scenario, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
