@@ -40,14 +40,18 @@ from broker.auth import CHANNEL_MODES, BrokerAddress, ChannelMode
 from broker.errors import BusError, WireError
 from broker.topics import BROADCAST, Kind, Status, Topics, check_agent_id, is_destination, parse_kind
 from broker.wire import (
+    CHUNK_OVERHEAD,
     COMPRESSIONS,
     MIN_CHUNK_SIZE,
+    DecodePipeline,
     Decoder,
     Message,
     MetaValue,
     ReassemblyLimits,
     Schema,
-    encode,
+    chunk_count,
+    covering,
+    draft,
     new_message_id,
     split,
 )
@@ -163,6 +167,7 @@ class BusSession:
             self.topics, schemas={parse_kind(k): s for k, s in (schemas or {}).items()}, limits=cfg.limits
         )
         self.stats.rejected = self._decoder.rejected  # one counter, shared
+        self._pipeline = DecodePipeline(self._decoder, self._dispatch)
         self._inbox: asyncio.Queue[Message | None] = asyncio.Queue()
         self._waiters: dict[str, asyncio.Future[Message]] = {}
         self._seen = _Lru(cfg.dedup_window)
@@ -239,6 +244,7 @@ class BusSession:
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await self._runner
         self._connected.clear()
+        self._pipeline.close()
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(BusError("bus session closed"))
@@ -292,12 +298,12 @@ class BusSession:
     def _on_message(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value
         payload = message.payload
-        if not isinstance(payload, bytes | bytearray):
-            self._decoder.reject(WireError("bad_magic", "empty or non-binary payload"), topic)
-            return
         if topic.startswith(f"{self.topics.prefix}/status/"):
             if self.watch_status:
-                self._on_status(topic, bytes(payload))
+                self._on_status(topic, payload if isinstance(payload, bytes) else b"")
+            return
+        if not isinstance(payload, bytes | bytearray):
+            self._decoder.reject(WireError("bad_magic", "empty or non-binary payload"), topic)
             return
         try:
             if self.topics.parse(topic).src == self.agent_id:
@@ -305,9 +311,10 @@ class BusSession:
         except WireError as err:
             self._decoder.reject(err, topic)
             return
-        msg = self._decoder.feed(topic, bytes(payload), received_at=time.time())
-        if msg is None:
-            return
+        self._pipeline.feed(topic, bytes(payload), received_at=time.time())
+
+    def _dispatch(self, msg: Message) -> None:
+        """A decoded message: drop duplicates, wake its request, or queue it for messages()."""
         if msg.id in self._seen:
             self.stats.duplicates += 1
             return
@@ -409,7 +416,7 @@ class BusSession:
         if not is_destination(dst) or dst == self.agent_id:
             raise BusError(f"cannot send to {dst!r}")
         kind = parse_kind(kind)
-        enc = encode(
+        d = draft(
             kind=kind, run=self.cfg.run_id, src=self.agent_id, dst=dst, tensors=tensors, round=round,
             stage=stage, meta=meta, reply_to=reply_to, msg_id=msg_id,
             compression=self.cfg.compression if compression is None else compression,
@@ -418,27 +425,40 @@ class BusSession:
             topic = self.topics.rx(dst, self.agent_id, kind)
         else:
             topic = self.topics.tx(self.agent_id, dst, kind)
-        frames = split(enc.payload, enc.header.id, self.cfg.chunk_size)
-        nbytes = sum(len(f) for f in frames)
-        await self._publish(topic, frames, self.cfg.publish_timeout(nbytes))
+        size, chunk = d.body_offset + len(d.body), self.cfg.chunk_size
+        total = chunk_count(size, chunk)
+        nbytes = size + (total * CHUNK_OVERHEAD if total > 1 else 0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.publish_timeout(nbytes)
+        head = covering(d.body_offset, size, chunk)
+        if len(head) == total:  # nothing to overlap with the hash
+            await self._publish(topic, split(d.finish(d.digest()).payload, d.header.id, chunk), deadline)
+        else:
+            # Publish the body-only chunks while the body is hashed off the loop, then the header's.
+            digest = loop.run_in_executor(None, d.digest)
+            tail = split(d.payload(), d.header.id, chunk, only=range(len(head), total))
+            tail_sent = asyncio.ensure_future(self._publish(topic, tail, deadline))
+            try:
+                first = split(d.finish(await digest).payload, d.header.id, chunk, only=head)
+                await self._publish(topic, first, deadline)
+            finally:
+                await tail_sent
         self.stats.sent_messages[kind.value] += 1
         self.stats.sent_bytes[kind.value] += nbytes
-        self.stats.compression_saved_bytes += enc.saved_bytes
-        return enc.header.id
+        self.stats.compression_saved_bytes += d.saved_bytes
+        return d.header.id
 
-    async def _publish(self, topic: str, frames: list[bytes], timeout: float) -> None:
+    async def _publish(self, topic: str, frames: list[bytes], deadline: float) -> None:
         """Publish frames until the broker acknowledged all, across reconnections, or time out."""
         assert self._client is not None
         client = self._client
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         pending = frames
         while pending:
-            left = deadline - loop.time()
             try:
-                if left <= 0:
+                if deadline <= loop.time():
                     raise asyncio.TimeoutError
-                await asyncio.wait_for(self._connected.wait(), left)
+                await asyncio.wait_for(self._connected.wait(), deadline - loop.time())
                 results = await asyncio.wait_for(
                     asyncio.gather(
                         *(client.publish(topic, f, qos=self.cfg.qos, timeout=math.inf) for f in pending),
@@ -447,7 +467,7 @@ class BusSession:
                     deadline - loop.time(),
                 )
             except asyncio.TimeoutError:
-                raise PublishTimeout(f"publish on {topic} not acknowledged within {timeout:.1f}s") from None
+                raise PublishTimeout(f"publish on {topic} not acknowledged in time") from None
             for result in results:
                 if isinstance(result, BaseException) and not isinstance(result, aiomqtt.MqttError):
                     raise result

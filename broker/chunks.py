@@ -16,7 +16,7 @@ import math
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from broker.envelope import FRAME_CHUNK, PREFIX, pack_prefix, unpack_prefix
@@ -28,19 +28,35 @@ MIN_CHUNK_SIZE = 1024
 MAX_CHUNKS = 1 << 20
 
 
-def split(payload: bytes, msg_id: str, chunk_size: int) -> list[bytes]:
-    """The frames to publish for one whole-message frame: itself, or chunks of <= chunk_size bytes."""
+def chunk_count(size: int, chunk_size: int) -> int:
+    """How many frames a whole-message frame of ``size`` bytes travels as (1: not chunked)."""
     if chunk_size < MIN_CHUNK_SIZE:
         raise ValueError(f"chunk_size must be >= {MIN_CHUNK_SIZE}, got {chunk_size}")
-    if len(payload) <= chunk_size:
+    return 1 if size <= chunk_size else math.ceil(size / (chunk_size - CHUNK_OVERHEAD))
+
+
+def covering(offset: int, size: int, chunk_size: int) -> range:
+    """Indices of the frames holding any byte before ``offset`` (e.g. the header's)."""
+    total = chunk_count(size, chunk_size)
+    if total == 1:
+        return range(1)
+    return range(min(total, math.ceil(offset / (chunk_size - CHUNK_OVERHEAD))))
+
+
+def split(payload: bytes, msg_id: str, chunk_size: int, only: Iterable[int] | None = None) -> list[bytes]:
+    """The frames to publish for one whole-message frame: itself, or chunks of <= chunk_size bytes.
+
+    ``only`` selects some chunk indices (in that order); by default all are returned.
+    """
+    total = chunk_count(len(payload), chunk_size)
+    if total == 1:
         return [payload]
     step = chunk_size - CHUNK_OVERHEAD
-    total = math.ceil(len(payload) / step)
     prefix = pack_prefix(FRAME_CHUNK, msg_id)
     view = memoryview(payload)
     return [
         b"".join((prefix, CHUNK.pack(i, total, len(payload)), view[i * step : (i + 1) * step]))
-        for i in range(total)
+        for i in (range(total) if only is None else only)
     ]
 
 

@@ -26,7 +26,7 @@ import secrets
 import struct
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -276,6 +276,37 @@ def restamp(
     return bytes(out)
 
 
+def draft(
+    *,
+    kind: Kind | str,
+    run: str,
+    src: str,
+    dst: str,
+    tensors: Mapping[str, np.ndarray] | None = None,
+    round: int = -1,
+    stage: str = "",
+    meta: Mapping[str, MetaValue] | None = None,
+    reply_to: str | None = None,
+    msg_id: str | None = None,
+    t_send: float | None = None,
+    compression: str = "none",
+    finite: bool = True,
+) -> Draft:
+    """Serialize a message except for its body hash (see :class:`Draft`); WireError if invalid."""
+    body, saved = encode_body(tensors or {}, compression, finite=finite)
+    header = Header(
+        kind=parse_kind(kind),
+        run=run, src=src, dst=dst, id=msg_id or new_message_id(),
+        t_send=time.time() if t_send is None else t_send, sha256=_UNHASHED,
+        body_len=len(body), round=round, stage=stage, reply_to=reply_to, meta=meta or {},
+        compression=compression,
+    )  # fmt: skip
+    head_len = len(header.to_json())
+    if head_len > MAX_HEADER_BYTES:
+        raise WireError("oversized", f"header is {head_len} bytes")
+    return Draft(header, body, saved, MESSAGE_OVERHEAD + head_len)
+
+
 def encode(
     *,
     kind: Kind | str,
@@ -292,20 +323,42 @@ def encode(
     compression: str = "none",
     finite: bool = True,
 ) -> Encoded:
-    """Serialize one message. Raises WireError on anything the receiver would reject."""
-    body, saved = encode_body(tensors or {}, compression, finite=finite)
-    header = Header(
-        kind=parse_kind(kind),
-        run=run, src=src, dst=dst, id=msg_id or new_message_id(),
-        t_send=time.time() if t_send is None else t_send, sha256=hashlib.sha256(body).hexdigest(),
-        body_len=len(body), round=round, stage=stage, reply_to=reply_to, meta=meta or {},
-        compression=compression,
+    """Serialize one message (see :func:`draft`). Raises WireError on anything a receiver rejects."""
+    d = draft(
+        kind=kind, run=run, src=src, dst=dst, tensors=tensors, round=round, stage=stage, meta=meta,
+        reply_to=reply_to, msg_id=msg_id, t_send=t_send, compression=compression, finite=finite,
     )  # fmt: skip
-    head = header.to_json()
-    if len(head) > MAX_HEADER_BYTES:
-        raise WireError("oversized", f"header is {len(head)} bytes")
-    payload = b"".join((pack_prefix(FRAME_MESSAGE, header.id), HEADER_LEN.pack(len(head)), head, body))
-    return Encoded(header, payload, saved)
+    return d.finish(d.digest())
+
+
+_UNHASHED = "0" * 64
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A message serialized but for the sha256 of its body.
+
+    The hash sits in the JSON header, whose length does not depend on it, so every byte from
+    ``body_offset`` on is final: a sender may publish the chunks that hold only body bytes while
+    the hash is computed (off the event loop), and the header's chunks after it.
+    """
+
+    header: Header
+    body: bytes
+    saved_bytes: int
+    body_offset: int
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.body).hexdigest()
+
+    def payload(self, sha256: str = _UNHASHED) -> bytes:
+        head = replace(self.header, sha256=sha256).to_json()
+        assert MESSAGE_OVERHEAD + len(head) == self.body_offset
+        prefix = pack_prefix(FRAME_MESSAGE, self.header.id)
+        return b"".join((prefix, HEADER_LEN.pack(len(head)), head, self.body))
+
+    def finish(self, sha256: str) -> Encoded:
+        return Encoded(replace(self.header, sha256=sha256), self.payload(sha256), self.saved_bytes)
 
 
 def check_topic(header: Header, expect: ParsedTopic) -> None:

@@ -17,10 +17,13 @@ JSON header or the body.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from broker.chunks import (
     CHUNK_OVERHEAD,
@@ -29,6 +32,8 @@ from broker.chunks import (
     ChunkInfo,
     Reassembler,
     ReassemblyLimits,
+    chunk_count,
+    covering,
     read_chunk,
     split,
 )
@@ -36,6 +41,7 @@ from broker.envelope import (
     FRAME_CHUNK,
     MAX_META_BYTES,
     PROTOCOL_VERSION,
+    Draft,
     Encoded,
     FrameInfo,
     Header,
@@ -43,6 +49,7 @@ from broker.envelope import (
     MetaValue,
     check_topic,
     decode,
+    draft,
     encode,
     new_message_id,
     peek,
@@ -51,13 +58,14 @@ from broker.envelope import (
 )
 from broker.errors import WireError
 from broker.tensors import ANY, COMPRESSIONS, Schema, TensorSpec, check_finite
-from broker.topics import Direction, Kind, Topics
+from broker.topics import Direction, Kind, ParsedTopic, Topics
 
 __all__ = [
     "ANY", "CHUNK_OVERHEAD", "COMPRESSIONS", "MAX_META_BYTES", "MIN_CHUNK_SIZE", "PROTOCOL_VERSION",
-    "REASONS", "Assembled", "ChunkInfo", "Decoder", "Encoded", "FrameInfo", "Header", "Message",
-    "MetaValue", "Reassembler", "ReassemblyLimits", "Schema", "TensorSpec", "WireError", "check_finite",
-    "check_topic", "decode", "encode", "new_message_id", "peek", "read_chunk", "restamp", "split",
+    "REASONS", "Assembled", "ChunkInfo", "DecodeJob", "DecodePipeline", "Decoder", "Draft",
+    "Encoded", "FrameInfo", "Header", "Message", "MetaValue", "Reassembler", "ReassemblyLimits",
+    "Schema", "TensorSpec", "WireError", "check_finite", "check_topic", "chunk_count", "covering",
+    "decode", "draft", "encode", "new_message_id", "peek", "read_chunk", "restamp", "split",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -69,6 +77,28 @@ REASONS = (
     "non_finite", "oversized", "bad_chunk", "chunk_overflow", "chunk_expired",
 )  # fmt: skip
 _LOUD_PER_REASON = 10  # log the first rejections of each reason as warnings, the rest at debug
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    """A whole frame ready for the expensive checks (hash, body, schema); ``run`` is thread-safe."""
+
+    frame: bytes
+    topic: str
+    expect: ParsedTopic
+    run_id: str
+    schema: Schema | None
+    max_bytes: int
+    wire_bytes: int | None
+    received_at: float | None
+    stamps: tuple[float | None, float | None] | None
+
+    def run(self) -> Message:
+        return decode(
+            self.frame, topic=self.topic, expect=self.expect, run_id=self.run_id, schema=self.schema,
+            max_bytes=self.max_bytes, wire_bytes=self.wire_bytes, received_at=self.received_at,
+            stamps=self.stamps,
+        )  # fmt: skip
 
 
 class Decoder:
@@ -109,13 +139,24 @@ class Decoder:
 
     def feed(self, topic: str, payload: bytes, *, received_at: float | None = None) -> Message | None:
         """Decode one MQTT publish; None while incomplete or when rejected (and counted)."""
+        job = self.accept(topic, payload, received_at=received_at)
+        if job is None:
+            return None
         try:
-            return self._feed(topic, payload, received_at)
+            return job.run()
         except WireError as err:
             self.reject(err, topic)
             return None
 
-    def _feed(self, topic: str, payload: bytes, received_at: float | None) -> Message | None:
+    def accept(self, topic: str, payload: bytes, *, received_at: float | None = None) -> DecodeJob | None:
+        """The cheap part of decoding (topic, framing, reassembly): a job for a whole frame, or None."""
+        try:
+            return self._accept(topic, payload, received_at)
+        except WireError as err:
+            self.reject(err, topic)
+            return None
+
+    def _accept(self, topic: str, payload: bytes, received_at: float | None) -> DecodeJob | None:
         self.expire()
         parsed = self.topics.parse(topic)
         if parsed.direction != self.direction:
@@ -128,14 +169,74 @@ class Decoder:
             if done is None:
                 return None
             frame, wire_bytes, stamps = done.payload, done.wire_bytes, done.stamps
-        return decode(
-            frame,
-            topic=topic,
-            expect=parsed,
-            run_id=self.topics.run_id,
-            schema=self.schemas.get(parsed.kind),
-            max_bytes=self.limits.max_message_bytes,
-            wire_bytes=wire_bytes,
-            received_at=received_at,
-            stamps=stamps,
-        )
+        elif len(payload) > self.limits.max_message_bytes:
+            raise WireError("oversized", f"{len(payload)} bytes > {self.limits.max_message_bytes}")
+        return DecodeJob(
+            frame, topic, parsed, self.topics.run_id, self.schemas.get(parsed.kind),
+            self.limits.max_message_bytes, wire_bytes, received_at, stamps,
+        )  # fmt: skip
+
+
+class DecodePipeline:
+    """In-order decoding that keeps big frames off the event loop.
+
+    Frames of at least ``offload_bytes`` are hashed and parsed in one worker thread (hashlib and
+    numpy release the GIL), so the loop keeps reading the socket meanwhile; small frames are
+    decoded inline. Messages reach ``deliver`` in arrival order either way.
+    """
+
+    def __init__(
+        self, decoder: Decoder, deliver: Callable[[Message], None], *, offload_bytes: int = 64 * 1024
+    ) -> None:
+        self.decoder = decoder
+        self.deliver = deliver
+        self.offload_bytes = offload_bytes
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nmoe-decode")
+        self._queue: deque[tuple[str, asyncio.Future[Message]]] = deque()
+        self._drainer: asyncio.Task[None] | None = None
+
+    def feed(self, topic: str, payload: bytes, *, received_at: float | None = None) -> None:
+        job = self.decoder.accept(topic, payload, received_at=received_at)
+        if job is None:
+            return
+        big = len(job.frame) >= self.offload_bytes
+        if not big and not self._queue:  # nothing ahead of it: decode right here
+            try:
+                msg = job.run()
+            except WireError as err:
+                self.decoder.reject(err, topic)
+                return
+            self.deliver(msg)
+            return
+        loop = asyncio.get_running_loop()
+        if big:
+            fut = loop.run_in_executor(self._pool, job.run)
+        else:
+            fut = loop.create_future()
+            try:
+                fut.set_result(job.run())
+            except WireError as err:
+                fut.set_exception(err)
+        self._queue.append((topic, fut))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while self._queue:
+            topic, fut = self._queue[0]
+            try:
+                msg = await fut
+            except WireError as err:
+                self.decoder.reject(err, topic)
+            else:
+                self.deliver(msg)
+            finally:
+                self._queue.popleft()
+
+    def close(self) -> None:
+        if self._drainer is not None:
+            self._drainer.cancel()
+        for _topic, fut in self._queue:
+            fut.cancel()
+        self._queue.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
