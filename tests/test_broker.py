@@ -1,0 +1,198 @@
+"""Broker lifecycle, authentication and ACL against a real mosquitto and the embedded amqtt."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from conftest import RUN, needs_mosquitto, raw_client
+
+import broker.server as server
+from broker.auth import Account, BrokerAddress, make_accounts
+from broker.errors import BrokerError
+from broker.server import MosquittoBroker, RunningBroker, launch_broker, port_open
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def collect(client: aiomqtt.Client, quiet_s: float = 0.4) -> list[tuple[str, bytes]]:
+    """Everything the client receives until nothing arrives for ``quiet_s``."""
+    got: list[tuple[str, bytes]] = []
+    while True:
+        try:
+            message = await asyncio.wait_for(anext(aiter(client.messages)), quiet_s)
+        except asyncio.TimeoutError:
+            return got
+        got.append((message.topic.value, bytes(message.payload)))  # type: ignore[arg-type]
+
+
+# -- lifecycle -------------------------------------------------------------------------------------
+@needs_mosquitto
+def test_mosquitto_starts_and_stops_by_its_own_pid(accounts: list[Account]) -> None:
+    broker = MosquittoBroker(RUN, accounts)
+    with broker:
+        pid = broker.pid
+        assert pid is not None and alive(pid) and port_open(broker.host, broker.port)
+        passwords = (broker.run_dir / "passwords").read_text()
+        assert all(a.password not in passwords for a in accounts)  # hashes only
+        assert "running" in broker.log_tail()
+        broker.stop()
+        assert not alive(pid) and not port_open(broker.host, broker.port)
+        broker.start()  # same port, same files
+        assert broker.pid != pid and port_open(broker.host, broker.port)
+        pid = broker.pid
+    assert not alive(pid) and not broker.run_dir.exists()
+
+
+@needs_mosquitto
+def test_mosquitto_start_failure_shows_its_log(tmp_path: Path, accounts: list[Account]) -> None:
+    template = tmp_path / "bad.conf"
+    template.write_text(server.TEMPLATE.read_text() + "\nno_such_option 1\n")
+    broker = MosquittoBroker(RUN, accounts, template=template)
+    with pytest.raises(BrokerError) as err, broker:
+        pass
+    assert "no_such_option" in str(err.value) and broker.pid is None
+
+
+@needs_mosquitto
+async def test_launch_broker_stops_mosquitto_on_error(accounts: list[Account]) -> None:
+    pid = None
+    with pytest.raises(RuntimeError):
+        async with launch_broker(RUN, accounts, prefer="mosquitto") as running:
+            pid = running.pid
+            assert running.kind == "mosquitto" and pid is not None and alive(pid)
+            raise RuntimeError("boom")
+    assert pid is not None and not alive(pid)
+
+
+async def test_launch_broker_falls_back_to_amqtt(monkeypatch, caplog, accounts: list[Account]) -> None:
+    monkeypatch.setattr(server, "find_mosquitto", lambda: None)
+    monkeypatch.setattr(server, "_fallback_logged", False)
+    with pytest.raises(BrokerError):
+        async with launch_broker(RUN, accounts, prefer="mosquitto"):
+            pass
+    with caplog.at_level(logging.WARNING, logger="broker.server"):
+        for _ in range(2):
+            async with launch_broker(RUN, accounts) as running:
+                assert running.kind == "amqtt" and port_open(running.host, running.port)
+            assert not port_open(running.host, running.port)
+    assert caplog.text.count("embedded amqtt") == 1
+
+
+async def test_external_broker_is_used_as_is(monkeypatch, accounts: list[Account]) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("nothing may be started for an external broker")
+
+    monkeypatch.setattr(server, "MosquittoBroker", refuse)
+    external = BrokerAddress.parse("mqtts://someone@broker.example:8884")
+    async with launch_broker(RUN, accounts, external=external) as running:
+        assert (running.kind, running.host, running.port) == ("external", "broker.example", 8884)
+        assert running.tls and running.pid is None
+        addr = running.address_for("client-1")
+        assert addr.username == "client-1" and addr.tls and addr.password == accounts[1].password
+
+
+# -- authentication --------------------------------------------------------------------------------
+async def test_bad_credentials_are_refused(broker: RunningBroker, caplog) -> None:
+    good = broker.address_for("client-0")
+    for username, password in (("client-0", "wrong"), ("nobody", "x"), (None, None)):
+        bad = BrokerAddress(good.host, good.port, username, password)
+        with pytest.raises(aiomqtt.MqttError):
+            async with raw_client(bad):
+                pass
+    async with raw_client(good):
+        pass
+    assert all(a.password not in caplog.text for a in broker.accounts)
+
+
+# -- ACL -------------------------------------------------------------------------------------------
+async def test_agents_cannot_spoof_or_eavesdrop(broker: RunningBroker) -> None:
+    p = f"nmoe/{RUN}"
+    async with (
+        raw_client(broker.address_for("client-0")) as c0,
+        raw_client(broker.address_for("client-1")) as c1,
+        raw_client(broker.address_for("channel")) as channel,
+        raw_client(broker.address_for("observer")) as observer,
+        raw_client(broker.address_for("coordinator")) as coord,
+    ):
+        await c0.subscribe(f"{p}/rx/client-0/#", qos=1)
+        with pytest.raises(aiomqtt.MqttError) if broker.kind == "amqtt" else _nothing():
+            await _subscribe_or_refuse(c1, f"{p}/rx/client-0/#")  # another agent's inbox
+        await channel.subscribe(f"{p}/tx/#", qos=1)
+        await observer.subscribe(f"{p}/status/#", qos=1)
+
+        await coord.publish(f"{p}/rx/client-0/coordinator/model", b"legit-coord", qos=1)
+        await c1.publish(f"{p}/rx/client-0/client-1/latent", b"legit-c1", qos=1)
+        await c1.publish(f"{p}/rx/client-0/client-2/latent", b"spoofed-src", qos=1)
+        await c1.publish(f"{p}/rx/client-0/coordinator/model", b"spoofed-coord", qos=1)
+        await c1.publish(f"{p}/tx/client-0/coordinator/update", b"foreign-tx", qos=1)
+        await c1.publish(f"{p}/tx/client-1/coordinator/update", b"own-tx", qos=1)
+        await c1.publish(f"{p}/status/client-0", b"offline", qos=1)
+        await c1.publish(f"{p}/status/client-1", b"online", qos=1)
+
+        assert sorted(b for _, b in await collect(c0)) == [b"legit-c1", b"legit-coord"]
+        assert await collect(c1) == []
+        assert await collect(channel) == [(f"{p}/tx/client-1/coordinator/update", b"own-tx")]
+        assert await collect(observer) == [(f"{p}/status/client-1", b"online")]
+
+
+async def _subscribe_or_refuse(client: aiomqtt.Client, topic_filter: str) -> None:
+    granted = await client.subscribe(topic_filter, qos=1)
+    if any(getattr(code, "value", code) >= 0x80 for code in granted):
+        raise aiomqtt.MqttError(f"refused: {topic_filter}")
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@needs_mosquitto
+async def test_emulated_mode_only_the_channel_writes_inboxes() -> None:
+    accounts = make_accounts(["client-0", "client-1"])
+    p = f"nmoe/{RUN}"
+    async with (
+        launch_broker(RUN, accounts, channel_mode="emulated", prefer="mosquitto") as running,
+        raw_client(running.address_for("client-0")) as c0,
+        raw_client(running.address_for("client-1")) as c1,
+        raw_client(running.address_for("channel")) as channel,
+    ):
+        await c1.subscribe(f"{p}/rx/client-1/#", qos=1)
+        await c0.publish(f"{p}/rx/client-1/client-0/latent", b"direct", qos=1)
+        await channel.publish(f"{p}/rx/client-1/client-0/latent", b"relayed", qos=1)
+        assert [b for _, b in await collect(c1)] == [b"relayed"]
+
+
+@needs_mosquitto
+async def test_mosquitto_checks_the_will_topic(mosquitto: MosquittoBroker) -> None:
+    """A will on another agent's status topic is dropped; one's own goes out (amqtt cannot check)."""
+    p = f"nmoe/{RUN}"
+    async with raw_client(mosquitto.address_for("observer")) as observer:
+        await observer.subscribe(f"{p}/status/#", qos=1)
+        for target in ("client-0", "client-1"):
+            addr = mosquitto.address_for("client-1")
+            will = aiomqtt.Will(f"{p}/status/{target}", f"will-{target}".encode(), qos=1, retain=False)
+            client = aiomqtt.Client(addr.host, addr.port, username=addr.username, password=addr.password,
+                                    will=will)  # fmt: skip
+            await client.__aenter__()
+            sock = client._client.socket()
+            assert isinstance(sock, socket.socket)
+            sock.shutdown(socket.SHUT_RDWR)  # an abrupt loss, so the broker publishes the will
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.__aexit__(None, None, None)
+        assert await collect(observer) == [(f"{p}/status/client-1", b"will-client-1")]
