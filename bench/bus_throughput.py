@@ -50,7 +50,10 @@ async def raw_trial(broker: MosquittoBroker, n: int, size: int, qos: int) -> flo
     """Seconds for n raw publishes of `size` bytes to reach the receiver."""
     topic = Topics(RUN).rx(RECEIVER, SENDER, Kind.MODEL)
     payload = os.urandom(size)
-    async with client(broker.address_for(RECEIVER), "rx") as rx, client(broker.address_for(SENDER), "tx") as tx:
+    async with (
+        client(broker.address_for(RECEIVER), "rx") as rx,
+        client(broker.address_for(SENDER), "tx") as tx,
+    ):
         await rx.subscribe(topic, qos=qos)
         got = 0
         done = asyncio.Event()

@@ -139,7 +139,7 @@ class Reassembler:
         self.limits = limits or ReassemblyLimits()
         self._clock = clock
         self._pending: OrderedDict[tuple[str, str], _Pending] = OrderedDict()  # least recent first
-        self._done: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._settled: OrderedDict[tuple[str, str], None] = OrderedDict()  # rebuilt or rejected
         self._bytes = 0
 
     @property
@@ -163,15 +163,33 @@ class Reassembler:
             self._drop(key)
         return len(stale)
 
+    def _finish(self, key: tuple[str, str]) -> None:
+        """Remember a message as settled (rebuilt or rejected): its later chunks are ignored."""
+        self._drop(key)
+        self._settled[key] = None
+        if len(self._settled) > 4 * self.limits.max_pending_messages + 256:
+            self._settled.popitem(last=False)
+
     def add(self, topic: str, src: str, payload: bytes) -> Assembled | None:
-        """Take one chunk frame; returns the whole message once its last chunk is in."""
+        """Take one chunk frame; returns the whole message once its last chunk is in.
+
+        A message is rejected once (WireError); its remaining chunks are then dropped silently,
+        and so are QoS 1 redeliveries of chunks of a message already rebuilt.
+        """
         info = read_chunk(payload)
+        key = (topic, info.msg_id)
+        if key in self._settled:
+            return None
+        try:
+            return self._add(key, src, info, payload)
+        except WireError:
+            self._finish(key)
+            raise
+
+    def _add(self, key: tuple[str, str], src: str, info: ChunkInfo, payload: bytes) -> Assembled | None:
         lim = self.limits
         if info.total_len > lim.max_message_bytes:
             raise WireError("oversized", f"{info.total_len} bytes announced > {lim.max_message_bytes}")
-        key = (topic, info.msg_id)
-        if key in self._done:
-            return None  # a QoS 1 redelivery of a chunk of a message already rebuilt
         entry = self._pending.get(key)
         if entry is None:
             if len(self._pending) >= lim.max_pending_messages:
@@ -181,16 +199,13 @@ class Reassembler:
             entry = _Pending(src, info.total, info.total_len)
             self._pending[key] = entry
         elif (entry.total, entry.total_len) != (info.total, info.total_len):
-            self._drop(key)
             raise WireError("bad_chunk", f"chunks of {info.msg_id} disagree on their count or length")
         if info.index in entry.parts:
             return None
         data = payload[CHUNK_OVERHEAD:]
         if entry.size + len(data) > entry.total_len:
-            self._drop(key)
             raise WireError("bad_chunk", f"chunks of {info.msg_id} exceed the announced length")
         if self._bytes + len(data) > lim.max_pending_bytes:
-            self._drop(key)
             raise WireError("chunk_overflow", f"{self._bytes} bytes pending")
         entry.parts[info.index] = data
         entry.size += len(data)
@@ -202,11 +217,8 @@ class Reassembler:
         self._pending.move_to_end(key)
         if len(entry.parts) < entry.total:
             return None
-        self._drop(key)
+        self._finish(key)
         if entry.size != entry.total_len:
             raise WireError("bad_chunk", f"chunks of {info.msg_id} do not add up to the announced length")
-        self._done[key] = None
-        if len(self._done) > 4 * lim.max_pending_messages + 256:
-            self._done.popitem(last=False)
         whole = b"".join(entry.parts[i] for i in range(entry.total))
         return Assembled(whole, entry.frames_bytes, (entry.t_send, entry.t_arrive))
