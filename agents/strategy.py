@@ -34,7 +34,10 @@ class RoundOutcome:
 
 
 class Fleet(Protocol):
-    clients: Sequence[int]
+    @property
+    def clients(self) -> Sequence[int]:
+        """The scenario's clients (those a broadcast task goes to)."""
+        ...
 
     async def run(self, task: Task) -> RoundOutcome:
         """Deliver ``task`` (to every client, or to those in task.personal), collect the replies
@@ -131,7 +134,7 @@ class Strategy:
         return self.outcome
 
     def gate_variants(self) -> list[str]:
-        variants = [self.exp.stage3.method]
+        variants: list[str] = [self.exp.stage3.method]
         if "fedavg_gate" in self.exp.baselines and self.exp.stage3.method != "fedavg":
             variants.append("fedavg")
         return variants
@@ -204,8 +207,8 @@ class Strategy:
     async def evaluate(self, fleet: Fleet, gate: StateDict) -> dict[int, dict[str, float]]:
         self.stage = "eval"
         ev = self.exp.eval
-        out = await self._step(fleet, Task(Op.EVALUATE, 0, Part(gate, {"top_k": ev.top_k, "batch_size": ev.batch_size})),
-                               "eval")
+        task = Task(Op.EVALUATE, 0, Part(gate, {"top_k": ev.top_k, "batch_size": ev.batch_size}))
+        out = await self._step(fleet, task, "eval")
         return {i: dict(rep.metrics) for i, rep in sorted(out.replies.items())}
 
     async def _step(self, fleet: Fleet, task: Task, stage: str) -> RoundOutcome:

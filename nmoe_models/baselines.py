@@ -19,7 +19,16 @@ from .metrics import Scores, score
 from .moe import CentralizedMoE, Classifier, Gate, combine, mixture_nll, topk_weights
 from .partition import ClientData
 from .resnet import resnet20
-from .train import apply_batched, batches, cosine_lr, generator, make_optimizer, optimizer_step, seeded_init, train_classifier
+from .train import (
+    apply_batched,
+    batches,
+    cosine_lr,
+    generator,
+    make_optimizer,
+    optimizer_step,
+    seeded_init,
+    train_classifier,
+)
 
 Progress = Callable[[int, int], None]
 

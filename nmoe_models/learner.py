@@ -24,8 +24,8 @@ from .privacy import privatize, sensitivity
 from .resnet import resnet20
 from .train import (
     GateOptimizer,
-    cosine_lr,
     apply_batched,
+    cosine_lr,
     fedsc_correlation,
     generator,
     seeded_init,
@@ -50,9 +50,8 @@ def stage1_shared_keys(exp: ExperimentConfig, model: torch.nn.Module) -> list[st
     """Names FedAvg averages in Stage 1: everything, or all but BatchNorm under FedBN."""
     if exp.stage1.bn == "avg":
         return list(model.state_dict())
-    bn_params = {
-        f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d) for p in ("weight", "bias")
-    }
+    bn_modules = [name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    bn_params = {f"{name}.{p}" for name in bn_modules for p in ("weight", "bias")}
     return [k for k in model.state_dict() if k not in bn_params and not is_bn_buffer(k)]
 
 

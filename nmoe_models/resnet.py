@@ -61,7 +61,7 @@ class ResNet20(nn.Module):
 def resnet20(in_channels: int = 1, width: int = 1, channels_last: bool = True) -> ResNet20:
     net = ResNet20(in_channels, width)
     if channels_last:
-        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        net = net.to(memory_format=torch.channels_last)
     return net
 
 

@@ -21,6 +21,7 @@ from .moe import mixture_nll, topk_weights
 
 Batches = Iterator[torch.Tensor]
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+Views = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
 def derive_seed(seed: int, *keys: object) -> int:
@@ -98,7 +99,7 @@ def train_classifier(
 
 
 def train_fedsc(
-    model: nn.Module, x: torch.Tensor, views: Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]],
+    model: nn.Module, x: torch.Tensor, views: Views,
     *, epochs: int, batch_size: int, optim: OptimConfig, lr: float, q: float, rbar: torch.Tensor | None, mu: float,
     gen: torch.Generator,
 ) -> float:
@@ -123,7 +124,7 @@ def train_fedsc(
 
 @torch.no_grad()
 def fedsc_correlation(
-    model: nn.Module, x: torch.Tensor, views: Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]],
+    model: nn.Module, x: torch.Tensor, views: Views,
     *, mu: float, passes: int, batch_size: int, gen: torch.Generator,
 ) -> torch.Tensor:
     """R_i over the whole local set: the mean of z z^T over every view of every sample and pass."""
@@ -144,7 +145,9 @@ def fedsc_correlation(
 
 
 @torch.no_grad()
-def apply_batched(module: nn.Module, x: torch.Tensor, prep: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 512) -> torch.Tensor:
+def apply_batched(
+    module: nn.Module, x: torch.Tensor, prep: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 512
+) -> torch.Tensor:
     """module(prep(x)) over x in batches, in eval mode: latents F(x) (N, d), or a classifier's logits."""
     module.eval()
     return torch.cat([module(prep(x[s : s + batch_size])) for s in range(0, len(x), batch_size)])

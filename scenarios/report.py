@@ -163,10 +163,12 @@ def print_summary(console: Console, results: Mapping[str, Any]) -> None:
         table.add_row(r["label"], f"{r['accuracy']:.4f} ± {r['accuracy_std']:.3f}",
                       f"{r['f1_macro']:.4f} ± {r['f1_macro_std']:.3f}", fb, ls, style="bold" if m == "nmoe" else None)
     console.print(table)
-    times = Table(title="time per stage (s)")
-    for stage in results["stage_seconds"]:
-        times.add_column(stage, justify="right")
-    times.add_row(*(f"{v:.1f}" for v in results["stage_seconds"].values()))
+    times = Table(title="time per stage")
+    times.add_column("stage")
+    times.add_column("seconds", justify="right")
+    for stage, seconds in results["stage_seconds"].items():
+        times.add_row(stage, f"{seconds:.1f}")
+    times.add_row("total", f"{results['wall_s']:.1f}", style="bold")
     console.print(times)
     if results.get("privacy"):
         p = results["privacy"]

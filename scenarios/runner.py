@@ -49,13 +49,14 @@ def make_progress(console: Console) -> Progress:
 class ProgressObserver:
     """Shows stages and rounds as they finish; keeps the coordinator's latest checkpoint on disk."""
 
-    def __init__(self, progress: Progress, out_dir: Path) -> None:
+    def __init__(self, progress: Progress, out_dir: Path | None, label: str = "") -> None:
         self.progress = progress
         self.out_dir = out_dir
+        self.label = label
         self.tasks: dict[str, TaskID] = {}
 
     def on_stage(self, stage: str, rounds: int) -> None:
-        self.tasks[stage] = self.progress.add_task(stage, total=max(rounds, 1), info="")
+        self.tasks[stage] = self.progress.add_task(f"{self.label}{stage}", total=max(rounds, 1), info="")
 
     def on_round(self, record: RoundRecord) -> None:
         task = self.tasks.get(record.stage)
@@ -70,6 +71,8 @@ class ProgressObserver:
         self.progress.update(task, advance=1 if record.op in done_ops else 0, info=info)
 
     def on_checkpoint(self, stage: str, round_index: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        if self.out_dir is None:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.out_dir / "checkpoint.safetensors.tmp"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
@@ -100,9 +103,8 @@ def run_baselines(scn: Scenario, datas: Mapping[int, ClientData], progress: Prog
         out["local"] = local
     if "fedavg" in scn.baselines and classifier is None:
         fedce = dataclasses.replace(scn, stage1=dataclasses.replace(scn.stage1, method="fedce"))
-        progress.add_task("baseline: FedAvg classifier", total=None, info="(FedCE Stage 1)")
         learners = {i: ClientLearner(fedce, d) for i, d in datas.items()}
-        strategy = Strategy(fedce)
+        strategy = Strategy(fedce, ProgressObserver(progress, None, "baseline: FedAvg classifier "))
         fleet = InProcessFleet(learners)
 
         async def fedavg_only() -> PerClient:
