@@ -436,10 +436,10 @@ class BusSession:
         else:
             # Publish the body-only chunks while the body is hashed off the loop, then the header's.
             digest = loop.run_in_executor(None, d.digest)
-            tail = split(d.payload(), d.header.id, chunk, only=range(len(head), total))
+            tail = split(d.head(), d.header.id, chunk, only=range(len(head), total), tail=d.body)
             tail_sent = asyncio.ensure_future(self._publish(topic, tail, deadline))
             try:
-                first = split(d.finish(await digest).payload, d.header.id, chunk, only=head)
+                first = split(d.head(await digest), d.header.id, chunk, only=head, tail=d.body)
                 await self._publish(topic, first, deadline)
             finally:
                 await tail_sent

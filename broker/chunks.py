@@ -43,21 +43,27 @@ def covering(offset: int, size: int, chunk_size: int) -> range:
     return range(min(total, math.ceil(offset / (chunk_size - CHUNK_OVERHEAD))))
 
 
-def split(payload: bytes, msg_id: str, chunk_size: int, only: Iterable[int] | None = None) -> list[bytes]:
+def split(
+    payload: bytes, msg_id: str, chunk_size: int, only: Iterable[int] | None = None, *, tail: bytes = b""
+) -> list[bytes]:
     """The frames to publish for one whole-message frame: itself, or chunks of <= chunk_size bytes.
 
+    The frame is ``payload + tail`` (a sender passes header and body apart to save a copy);
     ``only`` selects some chunk indices (in that order); by default all are returned.
     """
-    total = chunk_count(len(payload), chunk_size)
+    size = len(payload) + len(tail)
+    total = chunk_count(size, chunk_size)
     if total == 1:
-        return [payload]
+        return [payload + tail if tail else payload]
     step = chunk_size - CHUNK_OVERHEAD
     prefix = pack_prefix(FRAME_CHUNK, msg_id)
-    view = memoryview(payload)
-    return [
-        b"".join((prefix, CHUNK.pack(i, total, len(payload)), view[i * step : (i + 1) * step]))
-        for i in (range(total) if only is None else only)
-    ]
+    head, rest, cut = memoryview(payload), memoryview(tail), len(payload)
+    frames = []
+    for i in range(total) if only is None else only:
+        a, b = i * step, min((i + 1) * step, size)
+        pieces = (head[a:b], rest[max(0, a - cut) : max(0, b - cut)])
+        frames.append(b"".join((prefix, CHUNK.pack(i, total, size), *pieces)))
+    return frames
 
 
 @dataclass(frozen=True)

@@ -351,11 +351,14 @@ class Draft:
     def digest(self) -> str:
         return hashlib.sha256(self.body).hexdigest()
 
-    def payload(self, sha256: str = _UNHASHED) -> bytes:
+    def head(self, sha256: str = _UNHASHED) -> bytes:
+        """The frame's bytes before the body: prefix, header length and JSON header."""
         head = replace(self.header, sha256=sha256).to_json()
         assert MESSAGE_OVERHEAD + len(head) == self.body_offset
-        prefix = pack_prefix(FRAME_MESSAGE, self.header.id)
-        return b"".join((prefix, HEADER_LEN.pack(len(head)), head, self.body))
+        return b"".join((pack_prefix(FRAME_MESSAGE, self.header.id), HEADER_LEN.pack(len(head)), head))
+
+    def payload(self, sha256: str = _UNHASHED) -> bytes:
+        return self.head(sha256) + self.body
 
     def finish(self, sha256: str) -> Encoded:
         return Encoded(replace(self.header, sha256=sha256), self.payload(sha256), self.saved_bytes)
