@@ -45,10 +45,12 @@ from broker.wire import (
     MIN_CHUNK_SIZE,
     DecodePipeline,
     Decoder,
+    Draft,
     Message,
     MetaValue,
     ReassemblyLimits,
     Schema,
+    check_finite,
     chunk_count,
     covering,
     draft,
@@ -306,12 +308,13 @@ class BusSession:
             self._decoder.reject(WireError("bad_magic", "empty or non-binary payload"), topic)
             return
         try:
-            if self.topics.parse(topic).src == self.agent_id:
-                return  # our own broadcast, echoed back
+            parsed = self.topics.parse(topic)
         except WireError as err:
             self._decoder.reject(err, topic)
             return
-        self._pipeline.feed(topic, bytes(payload), received_at=time.time())
+        if parsed.src == self.agent_id:
+            return  # our own broadcast, echoed back
+        self._pipeline.feed(topic, bytes(payload), received_at=time.time(), parsed=parsed)
 
     def _dispatch(self, msg: Message) -> None:
         """A decoded message: drop duplicates, wake its request, or queue it for messages()."""
@@ -418,7 +421,7 @@ class BusSession:
         kind = parse_kind(kind)
         d = draft(
             kind=kind, run=self.cfg.run_id, src=self.agent_id, dst=dst, tensors=tensors, round=round,
-            stage=stage, meta=meta, reply_to=reply_to, msg_id=msg_id,
+            stage=stage, meta=meta, reply_to=reply_to, msg_id=msg_id, finite=False,
             compression=self.cfg.compression if compression is None else compression,
         )  # fmt: skip
         if self.cfg.channel_mode == "direct":
@@ -432,10 +435,13 @@ class BusSession:
         deadline = loop.time() + self.cfg.publish_timeout(nbytes)
         head = covering(d.body_offset, size, chunk)
         if len(head) == total:  # nothing to overlap with the hash
-            await self._publish(topic, split(d.finish(d.digest()).payload, d.header.id, chunk), deadline)
+            check_finite(tensors or {})
+            await self._publish(topic, split(d.head(d.digest()), d.header.id, chunk, tail=d.body), deadline)
         else:
-            # Publish the body-only chunks while the body is hashed off the loop, then the header's.
-            digest = loop.run_in_executor(None, d.digest)
+            # Publish the body-only chunks while the body is checked and hashed off the loop (numpy
+            # and hashlib release the GIL), then the chunks holding the header. Should the tensors
+            # not be finite after all, the receiver drops the incomplete message when it expires.
+            digest = loop.run_in_executor(None, _checked_digest, d, tensors or {})
             tail = split(d.head(), d.header.id, chunk, only=range(len(head), total), tail=d.body)
             tail_sent = asyncio.ensure_future(self._publish(topic, tail, deadline))
             try:
@@ -458,7 +464,8 @@ class BusSession:
             try:
                 if deadline <= loop.time():
                     raise asyncio.TimeoutError
-                await asyncio.wait_for(self._connected.wait(), deadline - loop.time())
+                if not self._connected.is_set():
+                    await asyncio.wait_for(self._connected.wait(), deadline - loop.time())
                 results = await asyncio.wait_for(
                     asyncio.gather(
                         *(client.publish(topic, f, qos=self.cfg.qos, timeout=math.inf) for f in pending),
@@ -528,6 +535,11 @@ class BusSession:
             request.src, kind, tensors, round=request.header.round, stage=request.header.stage,
             meta=meta, reply_to=request.id, compression=compression,
         )  # fmt: skip
+
+
+def _checked_digest(d: Draft, tensors: Mapping[str, np.ndarray]) -> str:
+    check_finite(tensors)
+    return d.digest()
 
 
 def _code(code: object) -> int:

@@ -36,6 +36,7 @@ from broker.wire import Schema, encode  # noqa: E402
 
 RUN = "bench"
 SENDER, RECEIVER = "client-0", "client-1"
+CHUNK_SIZE = [256 * 1024]  # the bus default, --chunk-size changes it
 TENSOR = np.random.default_rng(0).standard_normal(262_144).astype(np.float32)  # 1 MiB
 
 
@@ -80,7 +81,7 @@ async def bus_trial(broker: MosquittoBroker, n: int, qos: int) -> float:
     """Seconds for n bus messages of one 1 MiB tensor to be decoded and validated by the receiver."""
     schema = {Kind.MODEL: Schema.like({"w": TENSOR})}
     rx_cfg = BusConfig(RUN, RECEIVER, broker.address_for(RECEIVER), qos=qos)
-    tx_cfg = BusConfig(RUN, SENDER, broker.address_for(SENDER), qos=qos)
+    tx_cfg = BusConfig(RUN, SENDER, broker.address_for(SENDER), qos=qos, chunk_size=CHUNK_SIZE[0])
     async with BusSession(rx_cfg, schemas=schema) as rx, BusSession(tx_cfg) as tx:
 
         async def drain() -> None:
@@ -159,7 +160,9 @@ if __name__ == "__main__":
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--rtt", type=int, default=None, help="request/reply round trips")
     parser.add_argument("--qos", type=int, default=1, choices=(0, 1))
+    parser.add_argument("--chunk-size", type=int, default=CHUNK_SIZE[0], help="bus chunk size in bytes")
     ns = parser.parse_args()
+    CHUNK_SIZE[0] = ns.chunk_size
     ns.messages = ns.messages or (100 if ns.quick else 300)
     ns.trials = ns.trials or (7 if ns.quick else 9)
     ns.rtt = ns.rtt or (200 if ns.quick else 1000)

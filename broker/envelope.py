@@ -301,10 +301,13 @@ def draft(
         body_len=len(body), round=round, stage=stage, reply_to=reply_to, meta=meta or {},
         compression=compression,
     )  # fmt: skip
-    head_len = len(header.to_json())
-    if head_len > MAX_HEADER_BYTES:
-        raise WireError("oversized", f"header is {head_len} bytes")
-    return Draft(header, body, saved, MESSAGE_OVERHEAD + head_len)
+    head = header.to_json()
+    if len(head) > MAX_HEADER_BYTES:
+        raise WireError("oversized", f"header is {len(head)} bytes")
+    template = b"".join((pack_prefix(FRAME_MESSAGE, header.id), HEADER_LEN.pack(len(head)), head))
+    # "sha256" is the first JSON key that could hold that text (the ones before it are validated ids)
+    sha_at = template.index(b'"sha256":"') + len(b'"sha256":"')
+    return Draft(header, body, saved, len(template), template, sha_at)
 
 
 def encode(
@@ -347,15 +350,17 @@ class Draft:
     body: bytes
     saved_bytes: int
     body_offset: int
+    template: bytes = field(repr=False)  # the bytes before the body, with a placeholder hash
+    sha_at: int = field(repr=False)  # where the hash's 64 hex digits go in ``template``
 
     def digest(self) -> str:
         return hashlib.sha256(self.body).hexdigest()
 
     def head(self, sha256: str = _UNHASHED) -> bytes:
         """The frame's bytes before the body: prefix, header length and JSON header."""
-        head = replace(self.header, sha256=sha256).to_json()
-        assert MESSAGE_OVERHEAD + len(head) == self.body_offset
-        return b"".join((pack_prefix(FRAME_MESSAGE, self.header.id), HEADER_LEN.pack(len(head)), head))
+        if not _HEX64.fullmatch(sha256):
+            raise _bad("sha256 must be 64 lowercase hex chars")
+        return b"".join((self.template[: self.sha_at], sha256.encode(), self.template[self.sha_at + 64 :]))
 
     def payload(self, sha256: str = _UNHASHED) -> bytes:
         return self.head(sha256) + self.body
@@ -391,14 +396,17 @@ def decode(
     wire_bytes: int | None = None,
     received_at: float | None = None,
     stamps: tuple[float | None, float | None] | None = None,
+    body: bytes | None = None,
 ) -> Message:
     """Validate and decode a whole-message frame; every rejection is a WireError with a reason.
 
     ``expect`` (the parsed topic) makes src/dst/kind agreement mandatory; ``stamps`` overrides the
-    modeled timestamps (the reassembler passes those of the chunks).
+    modeled timestamps (the reassembler passes those of the chunks); ``body``, when given, is the
+    frame's body apart from ``payload`` (then only the bytes before it).
     """
-    if len(payload) > max_bytes:
-        raise WireError("oversized", f"{len(payload)} bytes > {max_bytes}")
+    size = len(payload) + (0 if body is None else len(body))
+    if size > max_bytes:
+        raise WireError("oversized", f"{size} bytes > {max_bytes}")
     ftype, msg_id, t_model_send, t_model_arrive = unpack_prefix(payload)
     if ftype != FRAME_MESSAGE:
         raise WireError("bad_header", "a chunk frame is not a message")
@@ -421,14 +429,16 @@ def decode(
         raise WireError("topic_mismatch", f"run {header.run!r} on a topic of run {run_id!r}")
     if expect is not None:
         check_topic(header, expect)
-    body = memoryview(payload)[body_at:]
-    if len(body) < header.body_len:
-        raise WireError("truncated", f"body has {len(body)} of {header.body_len} bytes")
-    if len(body) > header.body_len:
-        raise WireError("bad_header", f"body has {len(body)} bytes, header says {header.body_len}")
-    if hashlib.sha256(body).hexdigest() != header.sha256:
+    if body is not None and len(payload) != body_at:
+        raise WireError("bad_header", "header and body split at the wrong offset")
+    view = memoryview(payload)[body_at:] if body is None else memoryview(body)
+    if len(view) < header.body_len:
+        raise WireError("truncated", f"body has {len(view)} of {header.body_len} bytes")
+    if len(view) > header.body_len:
+        raise WireError("bad_header", f"body has {len(view)} bytes, header says {header.body_len}")
+    if hashlib.sha256(view).hexdigest() != header.sha256:
         raise WireError("hash_mismatch", header.id)
-    tensors = decode_body(bytes(body))
+    tensors = decode_body(bytes(view) if body is None else body)
     check_finite(tensors)
     if schema is not None:
         schema.check(tensors)
@@ -436,6 +446,6 @@ def decode(
         header=header,
         tensors=MappingProxyType(tensors),
         topic=topic,
-        wire_bytes=len(payload) if wire_bytes is None else wire_bytes,
+        wire_bytes=size if wire_bytes is None else wire_bytes,
         received_at=time.time() if received_at is None else received_at,
     )

@@ -92,12 +92,17 @@ class DecodeJob:
     wire_bytes: int | None
     received_at: float | None
     stamps: tuple[float | None, float | None] | None
+    body: bytes | None = None  # the body apart from ``frame`` (reassembled messages)
+
+    @property
+    def size(self) -> int:
+        return len(self.frame) + (0 if self.body is None else len(self.body))
 
     def run(self) -> Message:
         return decode(
             self.frame, topic=self.topic, expect=self.expect, run_id=self.run_id, schema=self.schema,
             max_bytes=self.max_bytes, wire_bytes=self.wire_bytes, received_at=self.received_at,
-            stamps=self.stamps,
+            stamps=self.stamps, body=self.body,
         )  # fmt: skip
 
 
@@ -148,32 +153,40 @@ class Decoder:
             self.reject(err, topic)
             return None
 
-    def accept(self, topic: str, payload: bytes, *, received_at: float | None = None) -> DecodeJob | None:
-        """The cheap part of decoding (topic, framing, reassembly): a job for a whole frame, or None."""
+    def accept(
+        self, topic: str, payload: bytes, *, received_at: float | None = None, parsed: ParsedTopic | None = None
+    ) -> DecodeJob | None:
+        """The cheap part of decoding (topic, framing, reassembly): a job for a whole frame, or None.
+
+        ``parsed`` saves parsing the topic again when the caller already did.
+        """
         try:
-            return self._accept(topic, payload, received_at)
+            return self._accept(topic, payload, received_at, parsed)
         except WireError as err:
             self.reject(err, topic)
             return None
 
-    def _accept(self, topic: str, payload: bytes, received_at: float | None) -> DecodeJob | None:
+    def _accept(
+        self, topic: str, payload: bytes, received_at: float | None, parsed: ParsedTopic | None
+    ) -> DecodeJob | None:
         self.expire()
-        parsed = self.topics.parse(topic)
+        parsed = parsed or self.topics.parse(topic)
         if parsed.direction != self.direction:
             raise WireError("bad_topic", f"expected a {self.direction} topic")
         frame: bytes = payload
+        body: bytes | None = None
         wire_bytes: int | None = None
         stamps: tuple[float | None, float | None] | None = None
         if unpack_prefix(payload)[0] == FRAME_CHUNK:
             done = self.reassembler.add(topic, parsed.src, payload)
             if done is None:
                 return None
-            frame, wire_bytes, stamps = done.payload, done.wire_bytes, done.stamps
+            frame, body, wire_bytes, stamps = done.payload, done.body, done.wire_bytes, done.stamps
         elif len(payload) > self.limits.max_message_bytes:
             raise WireError("oversized", f"{len(payload)} bytes > {self.limits.max_message_bytes}")
         return DecodeJob(
             frame, topic, parsed, self.topics.run_id, self.schemas.get(parsed.kind),
-            self.limits.max_message_bytes, wire_bytes, received_at, stamps,
+            self.limits.max_message_bytes, wire_bytes, received_at, stamps, body,
         )  # fmt: skip
 
 
@@ -195,11 +208,13 @@ class DecodePipeline:
         self._queue: deque[tuple[str, asyncio.Future[Message]]] = deque()
         self._drainer: asyncio.Task[None] | None = None
 
-    def feed(self, topic: str, payload: bytes, *, received_at: float | None = None) -> None:
-        job = self.decoder.accept(topic, payload, received_at=received_at)
+    def feed(
+        self, topic: str, payload: bytes, *, received_at: float | None = None, parsed: ParsedTopic | None = None
+    ) -> None:
+        job = self.decoder.accept(topic, payload, received_at=received_at, parsed=parsed)
         if job is None:
             return
-        big = len(job.frame) >= self.offload_bytes
+        big = job.size >= self.offload_bytes
         if not big and not self._queue:  # nothing ahead of it: decode right here
             try:
                 msg = job.run()
