@@ -14,6 +14,7 @@ All topics live under ``nmoe/<run_id>/``:
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -105,6 +106,19 @@ class ParsedTopic:
         return self.dst == BROADCAST
 
 
+@functools.lru_cache(maxsize=4096)  # a run uses few distinct topics, each many times
+def _parse(run_id: str, topic: str) -> ParsedTopic:
+    parts = topic.split("/")
+    if len(parts) != 6 or parts[0] != ROOT or parts[1] != run_id:
+        raise WireError("bad_topic", f"not a message topic of run {run_id}: {topic!r}")
+    direction = parts[2]
+    if direction == "tx":
+        return ParsedTopic("tx", src=parts[3], dst=parts[4], kind=parse_kind(parts[5]))
+    if direction == "rx":
+        return ParsedTopic("rx", src=parts[4], dst=parts[3], kind=parse_kind(parts[5]))
+    raise WireError("bad_topic", f"unknown direction in {topic!r}")
+
+
 @dataclass(frozen=True)
 class Topics:
     """Builders and the parser for the topics of one run.
@@ -158,15 +172,9 @@ class Topics:
     # -- parsers --------------------------------------------------------------------------------
     def parse(self, topic: str) -> ParsedTopic:
         """Parse a tx or rx topic of this run, else raise WireError('bad_topic')."""
-        parts = topic.split("/") if isinstance(topic, str) else []
-        if len(parts) != 6 or parts[0] != ROOT or parts[1] != self.run_id:
-            raise WireError("bad_topic", f"not a message topic of run {self.run_id}: {topic!r}")
-        direction = parts[2]
-        if direction == "tx":
-            return ParsedTopic("tx", src=parts[3], dst=parts[4], kind=parse_kind(parts[5]))
-        if direction == "rx":
-            return ParsedTopic("rx", src=parts[4], dst=parts[3], kind=parse_kind(parts[5]))
-        raise WireError("bad_topic", f"unknown direction in {topic!r}")
+        if not isinstance(topic, str):
+            raise WireError("bad_topic", f"not a topic: {topic!r}")
+        return _parse(self.run_id, topic)
 
     def parse_status(self, topic: str) -> str:
         """The agent id of a ``status/<agent>`` topic, else raise WireError('bad_topic')."""
