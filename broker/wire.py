@@ -39,14 +39,10 @@ from broker.chunks import (
 )
 from broker.envelope import (
     FRAME_CHUNK,
-    MAX_META_BYTES,
-    PROTOCOL_VERSION,
     Draft,
     Encoded,
     FrameInfo,
-    Header,
     Message,
-    MetaValue,
     check_topic,
     decode,
     draft,
@@ -57,6 +53,7 @@ from broker.envelope import (
     unpack_prefix,
 )
 from broker.errors import WireError
+from broker.header import MAX_META_BYTES, PROTOCOL_VERSION, Header, MetaValue
 from broker.tensors import ANY, COMPRESSIONS, Schema, TensorSpec, check_finite
 from broker.topics import Direction, Kind, ParsedTopic, Topics
 
