@@ -13,7 +13,7 @@ import torch
 
 from nmoe_models.learner import ClientLearner
 
-from .protocol import ExpertAnswer, Reply, Task, execute
+from .protocol import ExpertAnswer, Reply, Task, check_reply, execute
 from .strategy import RoundOutcome
 
 
@@ -26,6 +26,9 @@ class InProcessPool:
     async def query(self, expert: int, latents: torch.Tensor) -> ExpertAnswer:
         return ExpertAnswer(self.learners[expert].expert_logprobs(latents))
 
+    def wire_bytes(self) -> int:
+        return 0
+
 
 class InProcessFleet:
     def __init__(self, learners: Mapping[int, ClientLearner]) -> None:
@@ -37,5 +40,7 @@ class InProcessFleet:
         targets = sorted(task.personal) if task.personal else self.clients
         replies: dict[int, Reply] = {}
         for i in targets:
-            replies[i] = await execute(self.learners[i], task, self.pool)
+            reply = await execute(self.learners[i], task, self.pool)
+            check_reply(task, reply)  # the same checks a networked coordinator applies
+            replies[i] = reply
         return RoundOutcome(replies)

@@ -54,6 +54,10 @@ class Task:
     """Sent to every client (one broadcast)."""
     personal: Mapping[int, Part] = field(default_factory=dict)
     """Client-specific parts (e.g. FedSC's Rbar_{-i}); when set, each client gets a unicast."""
+    expect: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    """Tensors every reply must carry, by name and shape (a reply that does not is rejected)."""
+    sample_limit: int = 0
+    """Largest FedAvg weight (sample count) a reply may claim; 0 for tasks that do not weigh."""
 
     def part_for(self, client: int) -> Part:
         own = self.personal.get(client)
@@ -76,12 +80,14 @@ class ExpertAnswer:
     """(B, C) log-probabilities, or None when the expert did not answer in time."""
     latency_s: float = 0.0
     """Request-to-reply time (modeled seconds when a channel is emulated)."""
-    wire_bytes: int = 0
-    """Bytes of request and reply on the wire."""
 
 
 class ExpertPool(Protocol):
     async def query(self, expert: int, latents: torch.Tensor) -> ExpertAnswer: ...
+
+    def wire_bytes(self) -> int:
+        """Bytes this client has put on and taken off the wire as a requester, so far."""
+        ...
 
 
 Blocking = Callable[[Callable[[], T]], Awaitable[T]]
@@ -96,10 +102,13 @@ async def execute(learner: ClientLearner, task: Task, pool: ExpertPool, blocking
     part = task.part_for(learner.id)
     meta, tensors = part.meta, part.tensors
     me = learner.id
-    if task.op is Op.SYNC:
+    if task.op is Op.SYNC:  # catch up with a run in progress: F, then the expert, then the experts' outputs
         learner.load_stage1(tensors)
-        if int(meta.get("stage", 1)) >= 2 and learner.train_latents is None:
+        stage = int(meta.get("stage", 1))
+        if stage >= 2 and learner.train_latents is None:
             await blocking(learner.stage2_fit)
+        if stage >= 3 and learner.expert_outputs is None:
+            await gather_expert_outputs(learner, pool)
         return Reply(me)
     if task.op is Op.STAGE1_CORR:
         learner.load_stage1(tensors)
@@ -152,7 +161,8 @@ async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batc
     h_all = learner.test_latents
     assert h_all is not None, "Stage 2 must run before evaluation"
     preds, latencies = [], []
-    fallback = local_only = routed = served_locally = wire = 0
+    fallback = local_only = routed = served_locally = 0
+    wire = pool.wire_bytes()
     t0 = time.perf_counter()
     for start in range(0, len(h_all), batch_size):
         h = h_all[start : start + batch_size]
@@ -163,7 +173,6 @@ async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batc
         remote = [j for j in route.rows if j != learner.id]
         answers = await asyncio.gather(*(pool.query(j, h[route.rows[j]]) for j in remote))
         for j, a in zip(remote, answers, strict=True):
-            wire += a.wire_bytes
             if a.logprobs is not None:
                 replies[j] = a.logprobs
         latencies.append(max((a.latency_s for a in answers), default=0.0))
@@ -177,11 +186,12 @@ async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batc
         served_locally += len(route.rows.get(learner.id, ()))
     s = score(torch.cat(preds), learner.data.test_y, learner.classes)
     n = max(len(h_all), 1)
+    wire = pool.wire_bytes() - wire
     lat = np.asarray(latencies) * 1000.0
     return {
         "accuracy": s.accuracy,
         "f1_macro": s.f1_macro,
-        "samples": float(s.samples),
+        "test_samples": float(s.samples),
         "fallback_rate": fallback / n,
         "local_fallback_rate": local_only / n,
         "local_share": served_locally / max(routed, 1),
@@ -191,3 +201,20 @@ async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batc
         "latency_p99_ms": float(np.percentile(lat, 99)),
         "eval_wall_s": time.perf_counter() - t0,
     }
+
+
+def check_reply(task: Task, reply: Reply) -> None:
+    """Refuse a reply that does not carry what the task asked for (raises ValueError naming it)."""
+    for name, shape in task.expect.items():
+        t = reply.tensors.get(name)
+        if t is None:
+            raise ValueError(f"missing tensor '{name}'")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"tensor '{name}' is not finite")
+    extra = set(reply.tensors) - set(task.expect)
+    if extra:
+        raise ValueError(f"unexpected tensors {sorted(extra)[:3]}")
+    if task.sample_limit and not 1 <= reply.samples <= task.sample_limit:
+        raise ValueError(f"claims {reply.samples} samples, allowed 1..{task.sample_limit}")

@@ -144,9 +144,13 @@ class Strategy:
         s1 = self.exp.stage1
         self.stage = "stage1"
         self.obs.on_stage("stage1", s1.rounds)
+        limit = self.exp.partition.train_per_client + self.exp.partition.unlabeled_per_client
+        fit_expect = {k: tuple(v.shape) for k, v in self.global_stage1.items()}
+        d = self.exp.model.latent_dim
         for r in range(s1.rounds):
             if s1.method == "fedsc":
-                corr = await self._step(fleet, Task(Op.STAGE1_CORR, r, Part(self.global_stage1)), "stage1")
+                corr_task = Task(Op.STAGE1_CORR, r, Part(self.global_stage1), expect={"R": (d, d)}, sample_limit=limit)
+                corr = await self._step(fleet, corr_task, "stage1")
                 for i, rep in corr.replies.items():
                     self.corrs[i], self.samples[i] = rep.tensors["R"], rep.samples
                     self.releases[i] = self.releases.get(i, 0) + 1
@@ -155,9 +159,10 @@ class Strategy:
                 personal = {
                     i: Part({"rbar": rbars[i]} if i in rbars else {}, {"q": q[i]}) for i in sorted(corr.replies)
                 }
-                fit = await self._step(fleet, Task(Op.STAGE1_FIT, r, personal=personal), "stage1")
+                task = Task(Op.STAGE1_FIT, r, personal=personal, expect=fit_expect, sample_limit=limit)
             else:
-                fit = await self._step(fleet, Task(Op.STAGE1_FIT, r, Part(self.global_stage1)), "stage1")
+                task = Task(Op.STAGE1_FIT, r, Part(self.global_stage1), expect=fit_expect, sample_limit=limit)
+            fit = await self._step(fleet, task, "stage1")
             self.global_stage1 = aggregate(fit.replies)
             self.obs.on_checkpoint("stage1", r, self.global_stage1)
         if s1.method == "fedsc" and self.exp.privacy.enabled and self.releases:
@@ -197,8 +202,10 @@ class Strategy:
         self.obs.on_stage(f"stage3:{variant}", s3.rounds)
         init = build_gate(self.exp, -1).state_dict()  # one common starting point for the shared part
         gate = select(init, with_prefix(SHARED_GATE_PREFIX) if variant == "fedgate" else None)
+        expect = {k: tuple(v.shape) for k, v in gate.items()}
         for r in range(s3.rounds):
-            task = Task(Op.STAGE3_FIT, r, Part(gate, {"variant": variant, "reset": r == 0}))
+            task = Task(Op.STAGE3_FIT, r, Part(gate, {"variant": variant, "reset": r == 0}), expect=expect,
+                        sample_limit=self.exp.partition.train_per_client)
             fit = await self._step(fleet, task, f"stage3:{variant}")
             gate = aggregate(fit.replies)
             self.obs.on_checkpoint(f"stage3:{variant}", r, gate)
@@ -214,7 +221,7 @@ class Strategy:
     async def _step(self, fleet: Fleet, task: Task, stage: str) -> RoundOutcome:
         clock = time.perf_counter()
         out = await fleet.run(task)
-        losses = [r.metrics["loss"] for r in out.replies.values() if "loss" in r.metrics]
+        losses = [out.replies[i].metrics["loss"] for i in sorted(out.replies) if "loss" in out.replies[i].metrics]
         record = RoundRecord(stage, task.round, task.op.value, tuple(sorted(out.replies)), dict(out.failures),
                              sum(losses) / len(losses) if losses else float("nan"), time.perf_counter() - clock)
         self.outcome.rounds.append(record)

@@ -264,11 +264,13 @@ async def launch_broker(
     prefer: Prefer = "auto",
     external: BrokerAddress | None = None,
     port: int | None = None,
+    host: str = "127.0.0.1",
 ) -> AsyncIterator[RunningBroker]:
     """Start (or adopt) the run's broker and stop it on exit, whatever happens inside.
 
     With ``external`` nothing is started: its host/port/TLS are used with the given accounts, which
-    that broker must already know (its operator configures them).
+    that broker must already know (its operator configures them). ``host`` is the interface mosquitto
+    listens on: loopback by default, "0.0.0.0" for agents on other machines.
     """
     global _fallback_logged
     if external is not None:
@@ -278,7 +280,7 @@ async def launch_broker(
     if prefer == "mosquitto" and binary is None:
         raise BrokerError("mosquitto was asked for but is not installed (apt-get install mosquitto)")
     if binary is not None:
-        mosq = MosquittoBroker(run_id, accounts, channel_mode=channel_mode, port=port, binary=binary)
+        mosq = MosquittoBroker(run_id, accounts, channel_mode=channel_mode, host=host, port=port, binary=binary)
         try:
             mosq.start()
             yield RunningBroker("mosquitto", mosq.host, mosq.port, mosq.accounts, pid=mosq.pid)
@@ -290,7 +292,7 @@ async def launch_broker(
     if prefer == "auto" and not _fallback_logged:
         log.warning("no mosquitto binary found; using the embedded amqtt broker")
         _fallback_logged = True
-    embedded = AmqttBroker(run_id, accounts, channel_mode=channel_mode, port=port)
+    embedded = AmqttBroker(run_id, accounts, channel_mode=channel_mode, host=host, port=port)
     try:
         await embedded.start()
         yield RunningBroker("amqtt", embedded.host, embedded.port, embedded.accounts)

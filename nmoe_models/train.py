@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -34,10 +35,16 @@ def generator(seed: int, *keys: object) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, *keys))
 
 
+_GLOBAL_RNG = threading.Lock()
+
+
 @contextmanager
 def seeded_init(seed: int, *keys: object) -> Iterator[None]:
-    """Seed torch's global RNG (used by nn.Module initializers) inside the block, then restore it."""
-    with torch.random.fork_rng(devices=[]):
+    """Seed torch's global RNG (used by nn.Module initializers) inside the block, then restore it.
+
+    The global RNG is process-wide, so agents building models in parallel threads take turns.
+    """
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, *keys))
         yield
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from broker.errors import NmoeError
+from broker.errors import ConfigError, NmoeError
 from nmoe_models.errors import DataError
 
 from .scenario import PACKAGED, load_scenario
@@ -26,7 +26,23 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a scenario (networked by default)")
     _scenario_args(run)
     run.add_argument("--inprocess", action="store_true", help="run every client in this process, no network")
+    run.add_argument("--agents", choices=["subprocess", "inprocess", "external"], default="subprocess",
+                     help="networked runs: client agents as subprocesses (default), as tasks in this process, "
+                          "or started by hand (e.g. on edge boards) with `nmoe agent`")
+    run.add_argument("--broker", metavar="URL", help="use this broker, mqtt[s]://user:pass@host:port, "
+                                                      "instead of starting one")
+    run.add_argument("--listen", default="127.0.0.1", metavar="HOST",
+                     help="interface the started broker listens on (0.0.0.0 for agents on other machines)")
     run.add_argument("--out", help="output folder (default runs/<scenario>/<timestamp>)")
+    agent = sub.add_parser("agent", help="run one client agent by itself (e.g. on a Raspberry Pi)")
+    agent.add_argument("--id", required=True, help="agent id, e.g. client-3")
+    agent.add_argument("--broker", required=True, metavar="URL",
+                       help="mqtt[s]://user[:pass]@host:port (password also from $NMOE_BROKER_PASSWORD)")
+    agent.add_argument("--scenario", required=True, help="the run's scenario file")
+    agent.add_argument("--run-id", help="the run's id (default: the scenario's name)")
+    agent.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override a field, as the coordinator's run did")
+    agent.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     val = sub.add_parser("validate", help="check a scenario file and print its resolved settings")
     _scenario_args(val)
     sub.add_parser("scenarios", help="list the shipped scenarios")
@@ -52,6 +68,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             scn = load_scenario(str(path))
             console.print(f"[bold]{path.stem:<24}[/bold] {scn.description}")
         return 0
+    if args.command == "agent":
+        return run_agent(args)
     scn = load_scenario(args.scenario, args.overrides)
     if args.command == "validate":
         console.print(f"[green]ok[/green]: {scn.name}: {scn.clients} clients, {scn.data.name}, "
@@ -67,8 +85,36 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.inprocess:
         run_inprocess(scn, out, console)
         return 0
-    console.print("[red]networked runs are not available yet; use --inprocess[/red]")
-    return 2
+    from .networked import run_networked_scenario
+
+    run_networked_scenario(scn, out, console, args.agents, args.broker, args.listen)
+    return 0
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    """One client agent by itself: load the scenario, connect, serve until the coordinator is done."""
+    import asyncio
+    import logging
+
+    import torch
+
+    from agents.client import ClientAgent
+    from agents.codec import client_index
+    from broker.auth import BrokerAddress
+
+    from .networked import bus_config
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    scn = load_scenario(args.scenario, args.overrides)
+    index = client_index(args.id)
+    if index is None or index >= scn.clients:
+        raise ConfigError(f"--id {args.id!r}: expected client-0 .. client-{scn.clients - 1} for this scenario")
+    address = BrokerAddress.parse(args.broker)
+    torch.set_num_threads(scn.network.agent_threads)
+    cfg = bus_config(scn, args.run_id or scn.name, args.id, address)
+    asyncio.run(ClientAgent(scn, scn.network, index, cfg, scn.channel.time_scale).run())
+    return 0
 
 
 if __name__ == "__main__":

@@ -69,6 +69,9 @@ class ProgressObserver:
         if record.loss == record.loss:  # not NaN
             info += f", loss {record.loss:.4f}"
         self.progress.update(task, advance=1 if record.op in done_ops else 0, info=info)
+        if not self.progress.console.is_terminal:  # a log file gets one line per step instead of bars
+            self.progress.console.print(f"{self.label}{record.stage} round {record.round} {record.op}: {info} "
+                                        f"({record.seconds:.1f}s)", markup=True, highlight=False)
 
     def on_checkpoint(self, stage: str, round_index: int, tensors: Mapping[str, torch.Tensor]) -> None:
         if self.out_dir is None:

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from agents.config import NetworkConfig
+from broker.channel import ChannelConfig
 from broker.errors import ConfigError
 from nmoe_models.config import ExperimentConfig, check
 
@@ -28,6 +29,9 @@ class Scenario(ExperimentConfig):
     """One line shown at the start of a run."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
     """Deadlines and participation of networked runs."""
+    channel: ChannelConfig = field(default_factory=lambda: ChannelConfig(model="direct"))
+    """The wireless channel between the agents: direct (none), or an emulated model (presets ideal,
+    wifi, lte, edge-poor; per-client overrides; time_scale)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -35,6 +39,9 @@ class Scenario(ExperimentConfig):
               f"must be 1-64 letters, digits, '_' or '-' (got {self.name!r})")
         check(self.network.min_clients <= self.clients, "network.min_clients",
               f"must be <= clients = {self.clients} (got {self.network.min_clients})")
+        for agent in self.channel.clients:
+            check(agent in {f"client-{i}" for i in range(self.clients)}, f"channel.clients.{agent}",
+                  f"is not a client of this scenario (client-0 .. client-{self.clients - 1})")
 
 
 def resolve_path(spec: str) -> Path:

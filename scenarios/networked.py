@@ -1,0 +1,290 @@
+"""A networked run: broker, coordinator and client agents talking over MQTT.
+
+``nmoe run SCENARIO`` starts a broker (mosquitto, else embedded amqtt, or uses ``--broker``), runs
+the coordinator in this process and the N client agents as subprocesses (or as tasks, or waits for
+agents started by hand on edge boards), and stops every process it started, by its own PID, on
+success, on failure and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from rich.console import Console
+from rich.progress import Progress
+
+from agents.bus import BusConfig, BusSession
+from agents.client import ClientAgent
+from agents.codec import COORDINATOR, client_name
+from agents.coordinator import BusFleet, coordinate
+from agents.strategy import Strategy
+from broker.auth import Account, BrokerAddress, ChannelMode, make_accounts
+from broker.errors import NmoeError
+from broker.server import RunningBroker, launch_broker
+
+from .runner import ProgressObserver, make_progress, run_baselines, set_threads
+from .scenario import Scenario
+from .schema import to_dict
+
+AgentsMode = Literal["subprocess", "inprocess", "external"]
+
+
+class AgentsFailed(NmoeError):
+    """Client agent processes exited before the run ended."""
+
+
+def bus_config(scn: Scenario, run_id: str, agent_id: str, address: BrokerAddress) -> BusConfig:
+    mode: ChannelMode = "emulated" if scn.channel.model == "emulated" else "direct"
+    return BusConfig(run_id, agent_id, address, channel_mode=mode, chunk_size=scn.network.chunk_size,
+                     compression=scn.network.compression)
+
+
+def write_scenario(scn: Scenario, path: Path) -> Path:
+    """The resolved scenario (overrides applied), which subprocess agents load."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(scn), sort_keys=False))
+    return path
+
+
+class AgentProcesses:
+    """Client agents as child processes; each logs to <out>/logs/<id>.log; stopped by their PIDs."""
+
+    def __init__(self, scenario_file: Path, run_id: str, broker: RunningBroker, ids: list[str], log_dir: Path) -> None:
+        self.scenario_file = scenario_file
+        self.run_id = run_id
+        self.broker = broker
+        self.ids = ids
+        self.log_dir = log_dir
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+
+    async def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for agent in self.ids:
+            addr = self.broker.address_for(agent)
+            env = {**os.environ, "NMOE_BROKER_PASSWORD": addr.password or "", "PYTHONUNBUFFERED": "1"}
+            scheme = "mqtts" if addr.tls else "mqtt"
+            cmd = [sys.executable, "-m", "scenarios.cli", "agent", "--id", agent, "--scenario", str(self.scenario_file),
+                   "--run-id", self.run_id, "--broker", f"{scheme}://{agent}@{addr.host}:{addr.port}"]
+            with open(self.log_dir / f"{agent}.log", "wb") as log:
+                self.procs[agent] = await asyncio.create_subprocess_exec(
+                    *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT, env=env)
+
+    def failed(self) -> dict[str, int]:
+        """Agents that already exited with an error: id -> exit status."""
+        return {a: p.returncode for a, p in self.procs.items() if p.returncode not in (None, 0)}
+
+    def log_tail(self, agent: str, lines: int = 8) -> str:
+        try:
+            text = (self.log_dir / f"{agent}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in self.procs.values())), timeout)
+
+    async def stop(self) -> None:
+        """Terminate what still runs (SIGTERM, then SIGKILL after 5 s), by PID."""
+        alive = [p for p in self.procs.values() if p.returncode is None]
+        for p in alive:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in alive)), 5.0)
+        except asyncio.TimeoutError:
+            for p in alive:
+                if p.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.kill()
+            await asyncio.gather(*(p.wait() for p in alive))
+
+
+class AgentTasks:
+    """Client agents as asyncio tasks in this process (tests, debugging)."""
+
+    def __init__(self, scn: Scenario, run_id: str, broker: RunningBroker) -> None:
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.scn, self.run_id, self.broker = scn, run_id, broker
+
+    async def start(self) -> None:
+        for i in range(self.scn.clients):
+            name = client_name(i)
+            cfg = bus_config(self.scn, self.run_id, name, self.broker.address_for(name))
+            agent = ClientAgent(self.scn, self.scn.network, i, cfg, self.scn.channel.time_scale)
+            self.tasks[name] = asyncio.create_task(agent.run(), name=name)
+
+    def failed(self) -> dict[str, int]:
+        return {a: 1 for a, t in self.tasks.items() if t.done() and not t.cancelled() and t.exception() is not None}
+
+    def log_tail(self, agent: str, lines: int = 8) -> str:
+        task = self.tasks[agent]
+        return repr(task.exception()) if task.done() and not task.cancelled() else ""
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self.tasks.values(), return_exceptions=True), timeout)
+
+    async def stop(self) -> None:
+        for t in self.tasks.values():
+            t.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+
+def external_instructions(scn: Scenario, run_id: str, broker: RunningBroker, scenario_file: Path,
+                          out_dir: Path) -> Path:
+    """Write each board's command line (with its password) to a file only the owner can read."""
+    lines = ["# Start one agent per edge board (copy the scenario file there first)."]
+    for i in range(scn.clients):
+        agent = client_name(i)
+        addr = broker.address_for(agent)
+        lines.append(f"NMOE_BROKER_PASSWORD='{addr.password}' nmoe agent --id {agent} --run-id {run_id} "
+                     f"--scenario {scenario_file.name} --broker mqtt://{agent}@<this-host>:{addr.port}")
+    path = out_dir / "agents.txt"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@contextlib.asynccontextmanager
+async def agents_running(mode: AgentsMode, scn: Scenario, run_id: str, broker: RunningBroker, scenario_file: Path,
+                         out_dir: Path) -> AsyncIterator[AgentProcesses | AgentTasks | None]:
+    group: AgentProcesses | AgentTasks | None = None
+    if mode == "subprocess":
+        group = AgentProcesses(scenario_file, run_id, broker, [client_name(i) for i in range(scn.clients)],
+                               out_dir / "logs")
+    elif mode == "inprocess":
+        group = AgentTasks(scn, run_id, broker)
+    try:
+        if group is not None:
+            await group.start()
+        yield group
+    finally:
+        if group is not None:
+            await group.wait(15.0)
+            await group.stop()
+
+
+async def _watch(fleet: BusFleet, group: AgentProcesses | AgentTasks | None, progress: Progress,
+                 started: float) -> None:
+    """Keep the 'bus' line of the display current; fail fast when agents die before joining."""
+    task = progress.add_task("bus", total=None, info="")
+    while True:
+        online = len([a for a in fleet.bus.online() if a != COORDINATOR])
+        s = fleet.bus.stats
+        moved = (sum(s.sent_bytes.values()) + sum(s.received_bytes.values())) / 1e6
+        progress.update(task, info=f"{online}/{len(fleet.clients)} clients online, "
+                                   f"{moved:.1f} MB through the coordinator, {time.perf_counter() - started:.0f}s")
+        if group is not None and (failed := group.failed()) and len(fleet.joined) < len(fleet.clients):
+            first = next(iter(failed))
+            raise AgentsFailed(f"{len(failed)} agent(s) exited with an error before joining ({', '.join(failed)}); "
+                               f"the last lines of {first}'s log:\n{group.log_tail(first)}")
+        await asyncio.sleep(0.5)
+
+
+async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: AgentsMode = "subprocess",
+                        broker_url: str | None = None, listen: str = "127.0.0.1") -> tuple[Any, dict[str, Any]]:
+    """Run the method over the bus; returns the Strategy's outcome and the traffic report."""
+    run_id = scn.name
+    ids = [client_name(i) for i in range(scn.clients)]
+    accounts: list[Account] = make_accounts(ids)
+    external = BrokerAddress.parse(broker_url) if broker_url else None
+    if external is not None:  # an external broker knows its own accounts: everyone uses the URL's
+        accounts = [Account(a.username, external.password or "", a.role) for a in accounts]
+    scenario_file = write_scenario(scn, out_dir / "scenario.yaml")
+    channel_mode: ChannelMode = "emulated" if scn.channel.model == "emulated" else "direct"
+    started = time.perf_counter()
+    async with launch_broker(run_id, accounts, channel_mode=channel_mode, external=external, host=listen) as broker:
+        console.print(f"broker: {broker.kind} on {broker.host}:{broker.port}; agents: {mode}")
+        if mode == "external":
+            path = external_instructions(scn, run_id, broker, scenario_file, out_dir)
+            console.print(f"waiting for {scn.clients} agents; their command lines (with passwords) are in {path}")
+        coord = broker.address_for(COORDINATOR)
+        if external is not None:
+            coord = external
+        async with BusSession(bus_config(scn, run_id, COORDINATOR, coord), watch_status=True) as bus:
+            with make_progress(console) as progress:
+                observer = ProgressObserver(progress, out_dir)
+
+                def event(text: str) -> None:
+                    progress.console.print(f"[yellow]{text}[/yellow]")
+
+                async with BusFleet(bus, scn.clients, scn.network, scn.channel.time_scale, event) as fleet, \
+                        agents_running(mode, scn, run_id, broker, scenario_file, out_dir) as group:
+                    watcher = asyncio.create_task(_watch(fleet, group, progress, started))
+                    strategy = Strategy(scn, observer, scn.network.min_clients)
+                    work = asyncio.create_task(coordinate(strategy, fleet))
+                    done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                    for t in (work, watcher):
+                        t.cancel()
+                    await asyncio.gather(work, watcher, return_exceptions=True)
+                    for t in done:
+                        t.result()  # re-raise a failure of either
+                    await fleet.shutdown()
+            traffic = {
+                "broker": broker.kind,
+                "agents": mode,
+                "coordinator": bus.stats.as_dict(),
+                "clients": {client_name(i): s for i, s in sorted(fleet.client_stats.items())},
+                "late_answers": len(fleet.late),
+                "joined": sorted(client_name(i) for i in fleet.joined),
+            }
+    return strategy.outcome, traffic
+
+
+def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode: AgentsMode = "subprocess",
+                           broker_url: str | None = None, listen: str = "127.0.0.1") -> dict[str, Any]:
+    from .report import build_results, print_summary, write_outputs
+
+    set_threads(scn.threads)
+    started = time.perf_counter()
+    outcome, traffic = asyncio.run(run_networked(scn, out_dir, console, mode, broker_url, listen))
+    with make_progress(console) as progress:
+        from nmoe_models.partition import load_client_data
+
+        datas = {i: load_client_data(scn, i) for i in range(scn.clients)} if scn.baselines else {}
+        clock = time.perf_counter()
+        baselines = run_baselines(scn, datas, progress, outcome.methods.get("fedavg")) if scn.baselines else {}
+        outcome.stage_seconds["baselines"] = time.perf_counter() - clock
+    results = build_results(scn, "networked", outcome, baselines, {"traffic": summarize_traffic(traffic)},
+                            time.perf_counter() - started)
+    paths = write_outputs(out_dir, results, outcome.rounds)
+    print_summary(console, results)
+    console.print("outputs: " + ", ".join(str(p) for p in paths))
+    return results
+
+
+def summarize_traffic(traffic: dict[str, Any]) -> dict[str, Any]:
+    """Bytes and messages per kind over every agent (each message counted once, by its sender)."""
+    per_kind: dict[str, dict[str, int]] = {}
+
+    def add(kind: str, field: str, value: int) -> None:
+        per_kind.setdefault(kind, {"messages": 0, "bytes": 0})[field] += int(value)
+
+    coord = traffic["coordinator"]
+    for kind, n in coord["sent_messages"].items():
+        add(kind, "messages", n)
+    for kind, n in coord["sent_bytes"].items():
+        add(kind, "bytes", n)
+    for stats in traffic["clients"].values():
+        for key, value in stats.items():
+            if key.startswith("sent_messages."):
+                add(key.split(".", 1)[1], "messages", value)
+            elif key.startswith("sent_bytes."):
+                add(key.split(".", 1)[1], "bytes", value)
+    rejected: dict[str, int] = dict(coord["rejected"])
+    for stats in traffic["clients"].values():
+        for key, value in stats.items():
+            if key.startswith("rejected."):
+                reason = key.split(".", 1)[1]
+                rejected[reason] = rejected.get(reason, 0) + int(value)
+    return {**traffic, "per_kind": per_kind, "rejected": rejected}
