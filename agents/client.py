@@ -175,6 +175,7 @@ class ClientAgent:
             except WireError as err:
                 bus.stats.rejected[err.reason] += 1
                 continue
+            log.info("task %s round %d", task.op.value, task.round)
             try:
                 reply = await execute(self.learner, task, pool, in_thread)
             except (ValueError, AssertionError, RuntimeError) as err:  # a task we cannot run: say why

@@ -15,6 +15,29 @@ def _check(ok: bool, name: str, msg: str) -> None:
         raise ValueError(f"{name}: {msg}")
 
 
+TaskOp = Literal["stage1_corr", "stage1_fit", "stage2_fit", "stage3_prepare", "stage3_fit", "evaluate"]
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """A fault to inject into a networked run (stress tests): kill one client agent mid-task."""
+
+    client: str
+    """The agent to kill, e.g. client-2."""
+    op: TaskOp = "stage1_fit"
+    """The task during which it dies."""
+    round: int = 0
+    """The task's round (Stage 2, Stage 3 preparation and evaluation have round 0)."""
+    after_s: float = 0.5
+    """Seconds after the task was sent (the agent is busy with it by then)."""
+    action: Literal["kill"] = "kill"
+    """kill: SIGKILL the agent's process (no goodbye: its last will marks it offline)."""
+
+    def __post_init__(self) -> None:
+        _check(self.round >= 0, "round", "must be >= 0")
+        _check(self.after_s >= 0, "after_s", "must be >= 0")
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
     join_timeout_s: float = 120.0
@@ -35,6 +58,8 @@ class NetworkConfig:
     """Compression of float tensors on the wire (none keeps runs bit-identical to in-process)."""
     agent_threads: int = 1
     """torch threads per client agent process (several agents share the machine's cores)."""
+    faults: tuple[FaultConfig, ...] = ()
+    """Faults to inject (stress tests), e.g. [{client: client-2, op: stage1_fit, round: 1}]."""
 
     def __post_init__(self) -> None:
         for name in ("join_timeout_s", "round_timeout_s", "stage2_timeout_s", "eval_timeout_s", "inference_deadline_s"):

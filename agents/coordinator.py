@@ -79,12 +79,14 @@ class BusFleet:
     """The scenario's clients, reached over the bus; see the module docstring."""
 
     def __init__(self, bus: BusSession, clients: int, net: NetworkConfig, time_scale: float = 1.0,
-                 on_event: Callable[[str], None] | None = None) -> None:
+                 on_event: Callable[[str], None] | None = None,
+                 on_task: Callable[[Task], None] | None = None) -> None:
         self.bus = bus
         self.net = net
         self.time_scale = time_scale
         self._clients = list(range(clients))
         self.on_event = on_event or (lambda text: None)
+        self.on_task = on_task or (lambda task: None)  # told of every task once it is sent
         self.strategy: Strategy | None = None
         self.joined: dict[int, int] = {}  # client -> samples it announced
         self.late: list[tuple[str, int]] = []  # (task id, client) answers after their round closed
@@ -174,8 +176,8 @@ class BusFleet:
         self._open[task_id] = collector
         try:
             await self._publish(task, task_id, targets)
-            with contextlib.suppress(asyncio.TimeoutError):  # the deadline closes the round: failures are data
-                await asyncio.wait_for(collector.done.wait(), self.deadline(task.op))
+            self.on_task(task)
+            await self._collect(collector)
         finally:
             del self._open[task_id]
             self._closed.add(task_id)
@@ -186,6 +188,19 @@ class BusFleet:
                 offline = status.get(client_name(i)) == Status.OFFLINE.value
                 failures[i] = "offline" if offline else "missing"
         return RoundOutcome(dict(collector.replies), failures)
+
+    async def _collect(self, collector: _Collector) -> None:
+        """Until every target answered, or every one still silent is offline, or the deadline passed
+        (the deadline closes the round: failures are data)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deadline(collector.task.op)
+        while not collector.done.is_set() and (left := deadline - loop.time()) > 0:
+            status = self.bus.status()
+            silent = collector.targets - collector.replies.keys() - collector.failures.keys()
+            if silent and all(status.get(client_name(i)) == Status.OFFLINE.value for i in silent):
+                return  # nobody left who could still answer
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(collector.done.wait(), min(left, 0.25))
 
     async def _publish(self, task: Task, task_id: str, targets: Sequence[int]) -> None:
         stage = task.op.value.split("_")[0]

@@ -160,13 +160,19 @@ async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batc
     """Top-k inference over the local test set, routing latents to the chosen experts."""
     h_all = learner.test_latents
     assert h_all is not None, "Stage 2 must run before evaluation"
+    # route only to experts that answered in Stage 3 (a client gone since then is not chosen at all)
+    available = learner.available
+    if available is None:
+        available = torch.ones(learner.exp.clients, dtype=torch.bool)
+    alive = torch.where(available, 0.0, float("-inf"))
+    k = min(k, int(available.sum()))
     preds, latencies = [], []
     fallback = local_only = routed = served_locally = 0
     wire = pool.wire_bytes()
     t0 = time.perf_counter()
     for start in range(0, len(h_all), batch_size):
         h = h_all[start : start + batch_size]
-        route = plan(learner.gate_logits(h), k)
+        route = plan(learner.gate_logits(h) + alive, k)
         replies: dict[int, torch.Tensor] = {}
         if learner.id in route.rows:
             replies[learner.id] = learner.expert_logprobs(h[route.rows[learner.id]])

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ from agents.bus import BusConfig, BusSession
 from agents.client import ClientAgent
 from agents.codec import COORDINATOR, client_name
 from agents.coordinator import BusFleet, coordinate
+from agents.protocol import Task
 from agents.strategy import Strategy
 from broker.auth import Account, BrokerAddress, ChannelMode, make_accounts
 from broker.errors import NmoeError
@@ -78,6 +79,12 @@ class AgentProcesses:
                 self.procs[agent] = await asyncio.create_subprocess_exec(
                     *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT, env=env)
 
+    def kill(self, agent: str) -> None:
+        """SIGKILL one agent (fault injection): no clean goodbye, its last will says offline."""
+        proc = self.procs[agent]
+        if proc.returncode is None:
+            proc.kill()
+
     def failed(self) -> dict[str, int]:
         """Agents that already exited with an error: id -> exit status."""
         return {a: p.returncode for a, p in self.procs.items() if p.returncode not in (None, 0)}
@@ -122,6 +129,9 @@ class AgentTasks:
             cfg = bus_config(self.scn, self.run_id, name, self.broker.address_for(name))
             agent = ClientAgent(self.scn, self.scn.network, i, cfg, self.scn.channel.time_scale)
             self.tasks[name] = asyncio.create_task(agent.run(), name=name)
+
+    def kill(self, agent: str) -> None:
+        self.tasks[agent].cancel()
 
     def failed(self) -> dict[str, int]:
         return {a: 1 for a, t in self.tasks.items() if t.done() and not t.cancelled() and t.exception() is not None}
@@ -191,6 +201,11 @@ async def _watch(fleet: BusFleet, group: AgentProcesses | AgentTasks | None, pro
         await asyncio.sleep(0.5)
 
 
+def _kill(group: AgentProcesses | AgentTasks, agent: str, event: Callable[[str], None]) -> None:
+    event(f"fault injection: killing {agent}")
+    group.kill(agent)
+
+
 async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: AgentsMode = "subprocess",
                         broker_url: str | None = None, listen: str = "127.0.0.1") -> tuple[Any, dict[str, Any]]:
     """Run the method over the bus; returns the Strategy's outcome and the traffic report."""
@@ -218,8 +233,20 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
                 def event(text: str) -> None:
                     progress.console.print(f"[yellow]{text}[/yellow]")
 
-                async with BusFleet(bus, scn.clients, scn.network, scn.channel.time_scale, event) as fleet, \
+                injected: list[dict[str, Any]] = []
+                holder: dict[str, AgentProcesses | AgentTasks | None] = {}
+
+                def inject(task: Task) -> None:
+                    group_now = holder.get("group")
+                    for fault in scn.network.faults:
+                        if fault.op == task.op.value and fault.round == task.round and group_now is not None:
+                            asyncio.get_running_loop().call_later(
+                                fault.after_s * scn.channel.time_scale, _kill, group_now, fault.client, event)
+                            injected.append(to_dict(fault))
+
+                async with BusFleet(bus, scn.clients, scn.network, scn.channel.time_scale, event, inject) as fleet, \
                         agents_running(mode, scn, run_id, broker, scenario_file, out_dir) as group:
+                    holder["group"] = group
                     watcher = asyncio.create_task(_watch(fleet, group, progress, started))
                     strategy = Strategy(scn, observer, scn.network.min_clients)
                     work = asyncio.create_task(coordinate(strategy, fleet))
@@ -236,6 +263,7 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
                 "coordinator": bus.stats.as_dict(),
                 "clients": {client_name(i): s for i, s in sorted(fleet.client_stats.items())},
                 "late_answers": len(fleet.late),
+                "faults_injected": injected,
                 "joined": sorted(client_name(i) for i in fleet.joined),
             }
     return strategy.outcome, traffic

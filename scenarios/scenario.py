@@ -39,6 +39,9 @@ class Scenario(ExperimentConfig):
               f"must be 1-64 letters, digits, '_' or '-' (got {self.name!r})")
         check(self.network.min_clients <= self.clients, "network.min_clients",
               f"must be <= clients = {self.clients} (got {self.network.min_clients})")
+        for i, fault in enumerate(self.network.faults):
+            check(fault.client in {f"client-{i}" for i in range(self.clients)}, f"network.faults[{i}].client",
+                  f"{fault.client!r} is not a client of this scenario (client-0 .. client-{self.clients - 1})")
         for agent in self.channel.clients:
             check(agent in {f"client-{i}" for i in range(self.clients)}, f"channel.clients.{agent}",
                   f"is not a client of this scenario (client-0 .. client-{self.clients - 1})")

@@ -1,0 +1,130 @@
+"""Networked runs over a real mosquitto: reproduction of the in-process run, a client killed mid-round,
+JOIN that names who is missing, and a client rejoining a run in progress."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import needs_mosquitto
+from rich.console import Console
+from safetensors.torch import load_file
+
+from agents.bus import BusConfig, BusSession
+from agents.codec import HELLO, OP, SAMPLES
+from agents.config import NetworkConfig
+from agents.coordinator import BusFleet, JoinFailed
+from agents.strategy import Strategy
+from broker.auth import make_accounts
+from broker.server import launch_broker
+from broker.topics import Kind
+from scenarios.networked import run_networked_scenario
+from scenarios.runner import run_inprocess
+from scenarios.scenario import load_scenario
+
+pytestmark = needs_mosquitto
+
+TOY = """
+name: nettoy
+seed: 5
+clients: 3
+threads: 1
+data: {name: synthetic, synthetic_train: 2000}
+partition: {kind: noniid, tau: 0.5, train_per_client: 96, test_per_client: 48}
+model: {head_hidden: 16, gate_hidden: 8}
+stage1: {method: fedsc, rounds: 2, batch_size: 32}
+stage2: {epochs: 2}
+stage3: {rounds: 2, local_epochs: 1}
+network: {join_timeout_s: 90, round_timeout_s: 90, inference_deadline_s: 10, agent_threads: 1}
+"""
+
+
+def _scenario(tmp_path: Path, text: str, overrides: list[str] | None = None):
+    path = tmp_path / "scenario.yaml"
+    path.write_text(text)
+    return load_scenario(str(path), overrides or [])
+
+
+def _quiet() -> Console:
+    return Console(file=open("/dev/null", "w"), width=120)  # noqa: SIM115
+
+
+def _losses(out: Path) -> list[tuple[str, str, str]]:
+    with open(out / "metrics.csv") as fh:
+        return [(r["stage"], r["round"], r["mean_loss"]) for r in csv.DictReader(fh) if r["mean_loss"]]
+
+
+def test_networked_run_reproduces_the_inprocess_run(tmp_path):
+    """Same seed, direct channel, one torch thread everywhere: the same numbers, to the last bit.
+
+    Each client computes the same operations on the same float32 inputs (weights travel as exact
+    float32 safetensors), and the coordinator reduces in client-id order, not arrival order.
+    """
+    scn = _scenario(tmp_path, TOY)
+    ref = run_inprocess(scn, tmp_path / "inprocess", _quiet())
+    net = run_networked_scenario(scn, tmp_path / "networked", _quiet(), "subprocess")
+    for i, m in ref["methods"]["nmoe"]["per_client"].items():
+        got = net["methods"]["nmoe"]["per_client"][i]
+        assert (got["accuracy"], got["f1_macro"]) == (m["accuracy"], m["f1_macro"])
+    assert _losses(tmp_path / "inprocess") == _losses(tmp_path / "networked")
+    a = load_file(tmp_path / "inprocess" / "checkpoint.safetensors")
+    b = load_file(tmp_path / "networked" / "checkpoint.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    traffic = net["traffic"]
+    assert traffic["broker"] == "mosquitto" and traffic["joined"] == ["client-0", "client-1", "client-2"]
+    assert traffic["per_kind"]["update"]["messages"] >= 3 * 4  # 2 FedSC + 2 FedGate rounds, 3 clients
+    assert traffic["per_kind"]["latent"]["bytes"] > 0
+    assert sum(traffic["rejected"].values()) == 0
+    assert sorted(p.name for p in (tmp_path / "networked" / "logs").iterdir()) == [
+        "client-0.log", "client-1.log", "client-2.log"]
+
+
+def test_a_run_completes_when_a_client_is_killed_mid_round(tmp_path):
+    scn = _scenario(tmp_path, TOY, [
+        "stage1.method=fedce", "stage1.rounds=3", "network.min_clients=2", "network.round_timeout_s=60",
+        "network.inference_deadline_s=1",
+        "network.faults=[{client: client-2, op: stage1_fit, round: 1, after_s: 0.2}]",
+    ])
+    results = run_networked_scenario(scn, tmp_path / "out", _quiet(), "subprocess")
+    with open(tmp_path / "out" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    round1 = next(r for r in rows if r["stage"] == "stage1" and r["round"] == "1")
+    assert round1["answered"] == "2" and round1["failures"] in ("client-2:offline", "client-2:missing")
+    assert all(r["answered"] == "2" for r in rows[rows.index(round1):])
+    assert set(results["methods"]["nmoe"]["per_client"]) == {"0", "1"}
+    assert results["traffic"]["faults_injected"][0]["client"] == "client-2"
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["methods"]["nmoe"]["fallback_rate"] == 0.0  # client-2's expert is not routed to at all
+
+
+async def test_join_times_out_naming_the_missing_clients():
+    net = NetworkConfig(join_timeout_s=1.0, min_clients=2)
+    accounts = make_accounts(["client-0", "client-1"])
+    async with launch_broker("jt", accounts, prefer="mosquitto") as broker:
+        cfg = BusConfig("jt", "coordinator", broker.address_for("coordinator"))
+        async with BusSession(cfg, watch_status=True) as bus, BusFleet(bus, 2, net) as fleet:
+            expected = (r"2 of 2 clients did not join within 1s: client-0 \(never connected\), "
+                        r"client-1 \(never connected\); min_clients is 2")
+            with pytest.raises(JoinFailed, match=expected):
+                await fleet.join()
+
+
+async def test_a_client_saying_hello_mid_run_gets_the_current_state(tmp_path):
+    scn = _scenario(tmp_path, TOY, ["clients=2"])
+    accounts = make_accounts(["client-0", "client-1"])
+    async with launch_broker("rj", accounts, prefer="mosquitto") as broker:
+        coord = BusConfig("rj", "coordinator", broker.address_for("coordinator"))
+        client = BusConfig("rj", "client-1", broker.address_for("client-1"))
+        async with BusSession(coord, watch_status=True) as bus, BusFleet(bus, 2, scn.network) as fleet, \
+                BusSession(client) as agent:
+            strategy = Strategy(scn)
+            fleet.strategy = strategy
+            strategy.stage = "stage2"  # the run is past Stage 1
+            await agent.send("coordinator", Kind.CTRL, meta={OP: HELLO, SAMPLES: 96})
+            msg = await agent.receive(timeout=10)
+    assert msg.kind is Kind.MODEL and msg.header.meta["op"] == "sync" and msg.header.meta["stage"] == 2
+    assert set(msg.tensors) == set(strategy.global_stage1)
+    assert fleet.joined == {1: 96}
