@@ -100,6 +100,7 @@ class ClientAgent:
         self.time_scale = time_scale
         self.learner: ClientLearner | None = None
         self.tasks_done = 0
+        self.data_s = 0.0  # loading the partition and building the models
 
     def schemas(self) -> Mapping[Kind | str, Schema]:
         d, c = self.exp.model.latent_dim, self.learner.classes if self.learner else 10
@@ -110,8 +111,10 @@ class ClientAgent:
 
     async def run(self) -> None:
         """Load the partition, join, serve until the coordinator says shutdown."""
+        clock = time.perf_counter()
         data = await asyncio.to_thread(load_client_data, self.exp, self.index)
         self.learner = await asyncio.to_thread(ClientLearner, self.exp, data)
+        self.data_s = time.perf_counter() - clock
         queue: asyncio.Queue[Message | None] = asyncio.Queue()
         async with BusSession(self.bus_cfg, self.schemas()) as bus:
             worker = asyncio.create_task(self._work(bus, queue), name=f"{self.bus_cfg.agent_id}-worker")
@@ -137,7 +140,8 @@ class ClientAgent:
 
     async def _hello(self, bus: BusSession) -> None:
         assert self.learner is not None
-        await bus.send(COORDINATOR, Kind.CTRL, meta={OP: HELLO, SAMPLES: self.learner.data.num_train})
+        await bus.send(COORDINATOR, Kind.CTRL,
+                       meta={OP: HELLO, SAMPLES: self.learner.data.num_train, "data_s": self.data_s})
 
     async def _bye(self, bus: BusSession, msg: Message) -> None:
         stats = bus.stats.as_dict()

@@ -91,6 +91,8 @@ class BusFleet:
         self.joined: dict[int, int] = {}  # client -> samples it announced
         self.late: list[tuple[str, int]] = []  # (task id, client) answers after their round closed
         self.client_stats: dict[int, dict[str, Any]] = {}
+        self.data_seconds: dict[int, float] = {}  # client -> time it took to load its data
+        self.timeline: dict[str, float] = {}  # wall-clock (time.time()) milestones of the run
         self._open: dict[str, _Collector] = {}
         self._closed: set[str] = set()
         self._joined_event = asyncio.Event()
@@ -120,6 +122,9 @@ class BusFleet:
             meta = msg.header.meta
             op, task_id = meta.get(OP), str(meta.get(TASK, ""))
             if op == HELLO:
+                data_s = meta.get("data_s")
+                if isinstance(data_s, float):
+                    self.data_seconds[client] = data_s
                 await self._hello(client, meta.get(SAMPLES))
             elif op == BYE:
                 self.client_stats[client] = dict(meta)
@@ -139,6 +144,7 @@ class BusFleet:
         rejoin = client in self.joined
         self.joined[client] = samples if isinstance(samples, int) and not isinstance(samples, bool) else 0
         if len(self.joined) == len(self._clients):
+            self.timeline.setdefault("all_joined_at", time.time())
             self._joined_event.set()
         if self.strategy is not None and self.strategy.stage != "join":
             self.on_event(f"{client_name(client)} {'rejoined' if rejoin else 'joined late'}; sending the current state")
@@ -175,6 +181,7 @@ class BusFleet:
         collector = _Collector(set(targets), task)
         self._open[task_id] = collector
         try:
+            self.timeline.setdefault("first_task_at", time.time())
             await self._publish(task, task_id, targets)
             self.on_task(task)
             await self._collect(collector)

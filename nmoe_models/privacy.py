@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import math
 
-import dp_accounting
 import torch
-from dp_accounting import rdp
 
 
 def sensitivity(mu: float, n_samples: int) -> float:
@@ -41,6 +39,9 @@ def epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
     """(epsilon, delta)-DP of ``releases`` Gaussian releases with this noise multiplier (RDP)."""
     if releases <= 0:
         return 0.0
+    import dp_accounting  # imported on first use: it pulls in scipy (0.6 s at start-up)
+    from dp_accounting import rdp
+
     accountant = rdp.RdpAccountant()
     event = dp_accounting.GaussianDpEvent(noise_multiplier=noise_multiplier)
     accountant.compose(dp_accounting.SelfComposedDpEvent(event, releases))

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
+import multiprocessing.process
 import os
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +29,7 @@ from agents.codec import COORDINATOR, client_name
 from agents.coordinator import BusFleet, coordinate
 from agents.protocol import Task
 from agents.strategy import Strategy
-from broker.auth import Account, BrokerAddress, ChannelMode, make_accounts
+from broker.auth import PASSWORD_ENV, Account, BrokerAddress, ChannelMode, make_accounts
 from broker.errors import NmoeError
 from broker.server import RunningBroker, launch_broker
 
@@ -56,8 +57,26 @@ def write_scenario(scn: Scenario, path: Path) -> Path:
     return path
 
 
+def agent_process(argv: list[str], password: str, log_path: str) -> None:
+    """Body of one agent process: `nmoe agent ARGV` with its output in its own log file."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ[PASSWORD_ENV] = password  # this process only; never on a command line
+    from .cli import main
+
+    sys.exit(main(argv))
+
+
 class AgentProcesses:
-    """Client agents as child processes; each logs to <out>/logs/<id>.log; stopped by their PIDs."""
+    """Client agents as child processes; each logs to <out>/logs/<id>.log; stopped by their PIDs.
+
+    They are forked from a multiprocessing fork server that has imported torch and the agent code
+    once (torch alone costs a second or two of CPU per process; ten agents on two cores would spend
+    over 15 s just importing). Each agent runs exactly ``nmoe agent --id ... --scenario ...``.
+    """
+
+    PRELOAD = ["torch", "torch._dynamo", "sklearn.metrics", "agents.client", "scenarios.cli", "scenarios.networked"]
 
     def __init__(self, scenario_file: Path, run_id: str, broker: RunningBroker, ids: list[str], log_dir: Path) -> None:
         self.scenario_file = scenario_file
@@ -65,29 +84,31 @@ class AgentProcesses:
         self.broker = broker
         self.ids = ids
         self.log_dir = log_dir
-        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.procs: dict[str, multiprocessing.process.BaseProcess] = {}
 
     async def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(self.PRELOAD)
         for agent in self.ids:
             addr = self.broker.address_for(agent)
-            env = {**os.environ, "NMOE_BROKER_PASSWORD": addr.password or "", "PYTHONUNBUFFERED": "1"}
             scheme = "mqtts" if addr.tls else "mqtt"
-            cmd = [sys.executable, "-m", "scenarios.cli", "agent", "--id", agent, "--scenario", str(self.scenario_file),
-                   "--run-id", self.run_id, "--broker", f"{scheme}://{agent}@{addr.host}:{addr.port}"]
-            with open(self.log_dir / f"{agent}.log", "wb") as log:
-                self.procs[agent] = await asyncio.create_subprocess_exec(
-                    *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT, env=env)
+            argv = ["agent", "--id", agent, "--scenario", str(self.scenario_file), "--run-id", self.run_id,
+                    "--broker", f"{scheme}://{agent}@{addr.host}:{addr.port}"]
+            proc = ctx.Process(target=agent_process, name=agent,
+                               args=(argv, addr.password or "", str(self.log_dir / f"{agent}.log")))
+            await asyncio.to_thread(proc.start)  # the first start launches the fork server
+            self.procs[agent] = proc
 
     def kill(self, agent: str) -> None:
         """SIGKILL one agent (fault injection): no clean goodbye, its last will says offline."""
         proc = self.procs[agent]
-        if proc.returncode is None:
+        if proc.is_alive():
             proc.kill()
 
     def failed(self) -> dict[str, int]:
         """Agents that already exited with an error: id -> exit status."""
-        return {a: p.returncode for a, p in self.procs.items() if p.returncode not in (None, 0)}
+        return {a: p.exitcode for a, p in self.procs.items() if p.exitcode not in (None, 0)}
 
     def log_tail(self, agent: str, lines: int = 8) -> str:
         try:
@@ -96,24 +117,27 @@ class AgentProcesses:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    async def _until_exited(self, procs: list[multiprocessing.process.BaseProcess], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(p.is_alive() for p in procs) and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+
     async def wait(self, timeout: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in self.procs.values())), timeout)
+        await self._until_exited(list(self.procs.values()), timeout)
 
     async def stop(self) -> None:
         """Terminate what still runs (SIGTERM, then SIGKILL after 5 s), by PID."""
-        alive = [p for p in self.procs.values() if p.returncode is None]
+        alive = [p for p in self.procs.values() if p.is_alive()]
         for p in alive:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in alive)), 5.0)
-        except asyncio.TimeoutError:
-            for p in alive:
-                if p.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        p.kill()
-            await asyncio.gather(*(p.wait() for p in alive))
+            p.terminate()
+        await self._until_exited(alive, 5.0)
+        for p in alive:
+            if p.is_alive():
+                p.kill()
+        for p in self.procs.values():
+            await asyncio.to_thread(p.join, 5.0)
+            p.close()
 
 
 class AgentTasks:
@@ -218,7 +242,9 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
     scenario_file = write_scenario(scn, out_dir / "scenario.yaml")
     channel_mode: ChannelMode = "emulated" if scn.channel.model == "emulated" else "direct"
     started = time.perf_counter()
+    timeline = {"started_at": time.time()}
     async with launch_broker(run_id, accounts, channel_mode=channel_mode, external=external, host=listen) as broker:
+        timeline["broker_ready_at"] = time.time()
         console.print(f"broker: {broker.kind} on {broker.host}:{broker.port}; agents: {mode}")
         if mode == "external":
             path = external_instructions(scn, run_id, broker, scenario_file, out_dir)
@@ -263,6 +289,8 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
                 "coordinator": bus.stats.as_dict(),
                 "clients": {client_name(i): s for i, s in sorted(fleet.client_stats.items())},
                 "late_answers": len(fleet.late),
+                "timeline": {**timeline, **fleet.timeline,
+                             "max_data_s": max(fleet.data_seconds.values(), default=0.0)},
                 "faults_injected": injected,
                 "joined": sorted(client_name(i) for i in fleet.joined),
             }

@@ -11,19 +11,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from agents.strategy import Outcome, RoundRecord
 
-from agents.strategy import Outcome, RoundRecord  # noqa: E402
-
-from .scenario import Scenario  # noqa: E402
-from .schema import to_dict  # noqa: E402
+from .scenario import Scenario
+from .schema import to_dict
 
 PerClient = Mapping[int, Mapping[str, float]]
 ORDER = ("centralized", "nmoe", "nmoe_fedavg_gate", "fedavg", "local")
@@ -105,7 +101,18 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
+def _pyplot() -> Any:
+    """matplotlib, imported when a chart is drawn (it adds half a second to every start-up)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_methods(path: Path, results: Mapping[str, Any]) -> Path:
+    plt = _pyplot()
     methods = results["methods"]
     names = [methods[m]["label"] for m in methods]
     acc = [methods[m]["accuracy"] for m in methods]
@@ -138,6 +145,7 @@ def plot_losses(path: Path, rounds: list[RoundRecord]) -> Path | None:
             series.setdefault(r.stage, []).append((r.round, r.loss))
     if not series:
         return None
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.4), squeeze=False)
     for ax, (stage, pts) in zip(axes[0], series.items(), strict=True):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3)
