@@ -5,14 +5,16 @@ One mosquitto (its ACL allows both paths), one run, side by side: a sender strea
 mode (publish straight to rx/...) and in ``emulated`` mode (publish to tx/..., the emulator relays
 on an ``ideal`` channel at time_scale 1: no airtime, no delay, no loss, only the relay itself).
 The sender awaits each send, as agents do; the clock stops when the receiver holds the last one.
-Trials alternate direct and emulated; medians are compared. Then the one-way latency of small
-messages (a 16x64 float32 latent), sent one at a time, in alternating blocks.
+Each trial runs both paths back to back (order alternating) and gives one emulated/direct ratio;
+the ratio reported is the median of those paired ratios, which cancels most of the noise of a
+shared machine. Then the one-way latency of small messages (a 16x64 float32 latent), sent one at
+a time, in alternating blocks. CPU seconds per message of each process come from /proc.
 
-The emulator runs in this process by default, on the same event loop as both agents, which is the
-worst case for it (one core for everything); ``--emulator process`` runs it as
-``python -m broker.channel.emulator`` in a process of its own, as a runner may.
+By default the emulator runs as ``python -m broker.channel.emulator``, a process of its own, as in
+a run (the agents are other processes); ``--emulator inprocess`` puts it on the bench's event loop
+with both agents, where the three share one core and one GIL (the worst case).
 
-    python bench/channel_relay.py [--quick] [--emulator inprocess|process] [--trials T]
+    python bench/channel_relay.py [--quick] [--emulator process|inprocess] [--trials T]
 
 relay_ratio is the emulated / direct throughput ratio of the worse message size; added_p50_ms is
 the median one-way latency, emulated minus direct. The last line printed is
@@ -27,8 +29,9 @@ import os
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,19 +52,31 @@ from broker.wire import encode  # noqa: E402
 RUN = "bench"
 SENDER, RECEIVER = "client-0", "client-1"
 AGENTS = [SENDER, RECEIVER]
+MODES = ("direct", "emulated")
 RNG = np.random.default_rng(0)
-SIZES = {"64 KiB": RNG.standard_normal(16_384).astype(np.float32), "1 MiB": RNG.standard_normal(262_144).astype(np.float32)}
+SIZES = {"64 KiB": RNG.standard_normal(16_384).astype(np.float32),
+         "1 MiB": RNG.standard_normal(262_144).astype(np.float32)}  # fmt: skip
 LATENT = RNG.standard_normal((16, 64)).astype(np.float32)
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process (0 where /proc is not there)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 @asynccontextmanager
-async def emulator(broker: MosquittoBroker, where: str) -> AsyncIterator[ChannelEmulator | None]:
-    """An ideal channel at time_scale 1, in this process or in its own."""
+async def emulator(broker: MosquittoBroker, where: str) -> AsyncIterator[int | None]:
+    """An ideal channel at time_scale 1, in this process or in its own; yields its pid."""
     cfg = ChannelConfig(preset="ideal", time_scale=1.0)
     addr = broker.address_for("channel")
     if where == "inprocess":
-        async with ChannelEmulator(cfg, RUN, addr, AGENTS, seed=0, wired=()) as emu:
-            yield emu
+        async with ChannelEmulator(cfg, RUN, addr, AGENTS, seed=0, wired=()):
+            yield None
         return
     cmd = [sys.executable, "-m", "broker.channel.emulator", "--run-id", RUN, "--broker",
            f"mqtt://channel@{addr.host}:{addr.port}", "--agents", ",".join(AGENTS), "--wired", "",
@@ -72,7 +87,7 @@ async def emulator(broker: MosquittoBroker, where: str) -> AsyncIterator[Channel
         assert proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
         assert line.strip() == b"ready", line
-        yield None
+        yield proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -84,8 +99,9 @@ def sessions(broker: MosquittoBroker, mode: str) -> tuple[BusSession, BusSession
     return tx, rx
 
 
-async def stream(broker: MosquittoBroker, mode: str, tensor: np.ndarray, n: int) -> float:
-    """Seconds for n messages carrying ``tensor`` to reach the receiver."""
+async def stream(broker: MosquittoBroker, mode: str, tensor: np.ndarray, n: int,
+                 pids: dict[str, int | None]) -> tuple[float, dict[str, float]]:  # fmt: skip
+    """Seconds for n messages carrying ``tensor`` to reach the receiver, and CPU seconds per process."""
     tx, rx = sessions(broker, mode)
     async with rx, tx:
 
@@ -94,13 +110,15 @@ async def stream(broker: MosquittoBroker, mode: str, tensor: np.ndarray, n: int)
                 await rx.receive(timeout=60)
 
         task = asyncio.create_task(drain())
+        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         t0 = time.perf_counter()
         for i in range(n):
             await tx.send(RECEIVER, Kind.MODEL, {"w": tensor}, round=i)
         await asyncio.wait_for(task, 120)
         elapsed = time.perf_counter() - t0
+        cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
         assert not rx.stats.rejected, rx.stats.rejected
-    return elapsed
+    return elapsed, cpu
 
 
 async def one_way(broker: MosquittoBroker, mode: str, n: int) -> list[float]:
@@ -117,64 +135,83 @@ async def one_way(broker: MosquittoBroker, mode: str, n: int) -> list[float]:
     return times
 
 
+def median(xs: list[float]) -> float:
+    return float(np.median(xs))
+
+
 async def main(args: argparse.Namespace) -> None:
     console = Console()
     counts = {"64 KiB": args.messages * 8, "1 MiB": args.messages}
     wire = {k: len(encode(kind=Kind.MODEL, run=RUN, src=SENDER, dst=RECEIVER, tensors={"w": t}).payload)
             for k, t in SIZES.items()}  # fmt: skip
-    times: dict[tuple[str, str], list[float]] = {(k, m): [] for k in SIZES for m in ("direct", "emulated")}
-    lat: dict[str, list[float]] = {"direct": [], "emulated": []}
+    times: dict[tuple[str, str], list[float]] = defaultdict(list)
+    cpus: dict[tuple[str, str, str], list[float]] = defaultdict(list)  # (size, mode, process) -> s/msg
+    ratios: dict[str, list[float]] = defaultdict(list)
+    lat: dict[str, list[float]] = {m: [] for m in MODES}
     with MosquittoBroker(RUN, make_accounts(AGENTS), channel_mode="direct") as broker:
-        async with AsyncExitStack() as stack:
-            emu = await stack.enter_async_context(emulator(broker, args.emulator))
+        async with emulator(broker, args.emulator) as emu_pid:
+            pids = {"bench": os.getpid(), "mosquitto": broker.pid}
+            if emu_pid is not None:
+                pids["emulator"] = emu_pid
             for size, tensor in SIZES.items():  # warm-up: connections, page cache, allocator
-                for mode in ("direct", "emulated"):
-                    await stream(broker, mode, tensor, max(2, counts[size] // 10))
+                for mode in MODES:
+                    await stream(broker, mode, tensor, max(2, counts[size] // 10), pids)
             for trial in range(args.trials):
-                order = ("direct", "emulated") if trial % 2 == 0 else ("emulated", "direct")
                 for size, tensor in SIZES.items():
-                    for mode in order:
-                        times[(size, mode)].append(await stream(broker, mode, tensor, counts[size]))
+                    pair = {}
+                    for mode in MODES if trial % 2 == 0 else MODES[::-1]:
+                        pair[mode], cpu = await stream(broker, mode, tensor, counts[size], pids)
+                        times[(size, mode)].append(pair[mode])
+                        for name, seconds in cpu.items():
+                            cpus[(size, mode, name)].append(seconds / counts[size])
+                    ratios[size].append(pair["direct"] / pair["emulated"])
             for block in range(args.latency_blocks):
-                order = ("direct", "emulated") if block % 2 == 0 else ("emulated", "direct")
-                for mode in order:
+                for mode in MODES if block % 2 == 0 else MODES[::-1]:
                     lat[mode] += await one_way(broker, mode, args.latency // args.latency_blocks)
-            stats = emu.stats() if emu is not None else None
 
-    table = Table(title=f"direct bus vs channel emulator (ideal, {args.emulator}), {args.trials} trials, medians")
-    for col in ("message", "count", "direct MB/s", "emulated MB/s", "msg/s direct", "msg/s emulated", "ratio"):
+    title = f"direct bus vs channel emulator (ideal preset, emulator {args.emulator}), {args.trials} trials"
+    table = Table(title=title)
+    for col in ("message", "count", "MB/s direct", "MB/s emulated", "msg/s direct", "msg/s emulated",
+                "ratio (median)", "ratio (min-max)"):  # fmt: skip
         table.add_column(col, justify="left" if col == "message" else "right")
-    ratios = []
     for size in SIZES:
-        d, e = (float(np.median(times[(size, m)])) for m in ("direct", "emulated"))
+        d, e = (median(times[(size, m)]) for m in MODES)
         n, mb = counts[size], counts[size] * wire[size] / 1e6
-        ratios.append(d / e)
-        table.add_row(size, str(n), f"{mb / d:.0f}", f"{mb / e:.0f}", f"{n / d:.0f}", f"{n / e:.0f}", f"{d / e:.3f}")
+        r = ratios[size]
+        table.add_row(size, str(n), f"{mb / d:.0f}", f"{mb / e:.0f}", f"{n / d:.0f}", f"{n / e:.0f}",
+                      f"{median(r):.3f}", f"{min(r):.2f}-{max(r):.2f}")  # fmt: skip
     console.print(table)
+    cpu_table = Table(title="CPU per message, microseconds (median over trials)")
+    cpu_table.add_column("message / path")
+    for name in pids:
+        cpu_table.add_column(name, justify="right")
+    cpu_table.add_column("total", justify="right")
+    for size in SIZES:
+        for mode in MODES:
+            per = [median(cpus[(size, mode, name)]) * 1e6 for name in pids]
+            cpu_table.add_row(f"{size} {mode}", *(f"{v:.0f}" for v in per), f"{sum(per):.0f}")
+    console.print(cpu_table)
     lt = Table(title=f"one-way latency of a 16x64 latent, {len(lat['direct'])} messages per path")
     for col in ("path", "p50 ms", "p90 ms", "p99 ms"):
         lt.add_column(col, justify="left" if col == "path" else "right")
     for mode, xs in lat.items():
         lt.add_row(mode, *(f"{float(np.percentile(xs, q)) * 1e3:.3f}" for q in (50, 90, 99)))
     console.print(lt)
-    if stats is not None:
-        t = stats["totals"]
-        console.print(f"emulator: {t['frames_in']} payloads in, {t['published']} relayed, "
-                      f"backlog peak {t['backlog_peak']}, rejected {stats['rejected'] or 0}")  # fmt: skip
-    added = (float(np.median(lat["emulated"])) - float(np.median(lat["direct"]))) * 1e3
-    print(f"relay_ratio={min(ratios):.3f} added_p50_ms={added:.3f}")
+    relay_ratio = min(median(r) for r in ratios.values())
+    added = (median(lat["emulated"]) - median(lat["direct"])) * 1e3
+    print(f"relay_ratio={relay_ratio:.3f} added_p50_ms={added:.3f}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages and trials (< 60 s)")
-    parser.add_argument("--emulator", choices=("inprocess", "process"), default="inprocess")
+    parser.add_argument("--emulator", choices=("process", "inprocess"), default="process")
     parser.add_argument("--messages", type=int, default=None, help="1 MiB messages per trial (8x as many 64 KiB)")
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--latency", type=int, default=None, help="one-way latency samples per path")
     ns = parser.parse_args()
-    ns.messages = ns.messages or (40 if ns.quick else 150)
-    ns.trials = ns.trials or (5 if ns.quick else 9)
-    ns.latency = ns.latency or (400 if ns.quick else 2000)
-    ns.latency_blocks = 4 if ns.quick else 10
+    ns.messages = ns.messages or (60 if ns.quick else 150)
+    ns.trials = ns.trials or (9 if ns.quick else 15)
+    ns.latency = ns.latency or (600 if ns.quick else 3000)
+    ns.latency_blocks = 6 if ns.quick else 10
     asyncio.run(main(ns))

@@ -13,8 +13,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,9 @@ from conftest import RUN, raw_client
 from agents.bus import BusConfig, BusSession
 from broker.auth import PASSWORD_ENV, make_accounts
 from broker.channel import ChannelConfig, ClientOverrides, LinkOverrides
-from broker.channel.emulator import ChannelEmulator
+from broker.channel.emulator import ChannelEmulator, RelayOptions
 from broker.envelope import FRAME_CHUNK, FRAME_MESSAGE, pack_prefix
+from broker.errors import ChannelError
 from broker.server import MosquittoBroker, find_mosquitto
 from broker.topics import Kind, Topics
 from broker.wire import Message
@@ -56,7 +58,7 @@ def emulator(mosq: MosquittoBroker, cfg: ChannelConfig, seed: int = 0) -> Channe
 
 
 def session(mosq: MosquittoBroker, agent: str, **kw: Any) -> BusSession:
-    fast = {"reconnect_initial_s": 0.05, "reconnect_max_s": 0.3, "channel_mode": "emulated"}
+    fast: dict[str, Any] = {"reconnect_initial_s": 0.05, "reconnect_max_s": 0.3, "channel_mode": "emulated"}
     return BusSession(BusConfig(RUN, agent, mosq.address_for(agent), **(fast | kw)))
 
 
@@ -259,3 +261,35 @@ async def test_command_line_emulator_relays_and_reports(mosq: MosquittoBroker) -
             await proc.wait()
     stats = json.loads(out)
     assert link(stats, "client-1", "coordinator")["delivered"] == 1 and stats["time_scale"] == 0.5
+
+
+async def test_refused_credentials_raise_a_channel_error(mosq: MosquittoBroker) -> None:
+    wrong = replace(mosq.address_for("channel"), password="not-the-password")
+    with pytest.raises(ChannelError, match="refused the credentials"):
+        async with ChannelEmulator(channel(), RUN, wrong, AGENTS, 0):
+            pass
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_emulator_survives_a_broker_restart() -> None:
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed")
+    fast = RelayOptions(reconnect_initial_s=0.05, reconnect_max_s=0.3)
+    with MosquittoBroker(RUN, make_accounts(AGENTS[1:]), channel_mode="emulated") as broker:
+        emu = ChannelEmulator(channel(), RUN, broker.address_for("channel"), AGENTS, 0, options=fast)
+        async with emu, session(broker, "client-0") as c0, session(broker, "coordinator") as co:
+            broker.stop()
+            await until(lambda: not (emu.connected or c0.connected or co.connected))
+            broker.start()
+            await until(lambda: emu.connected and c0.connected and co.connected)
+            await c0.send("coordinator", Kind.METRICS, meta={"after": 1})
+            assert (await co.receive(timeout=5)).header.meta["after"] == 1
+            stats = emu.stats()
+    assert stats["totals"]["reconnects"] >= 1 and link(stats, "client-0", "coordinator")["delivered"] == 1

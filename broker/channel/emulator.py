@@ -138,6 +138,11 @@ class ChannelEmulator:
         self._epoch_unix = time.time() - self.driver.modeled_now() * self.time_scale
 
     # -- lifecycle -------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        """Whether the bus session is up (it reconnects by itself)."""
+        return self.session.connected
+
     async def __aenter__(self) -> ChannelEmulator:
         await self.session.__aenter__()
         return self

@@ -207,6 +207,10 @@ class RelaySession:
         client.pending_calls_threshold = 1 << 30  # the outbox's window bounds what is pending
         return client
 
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
     def publish(self, topic: str, payload: bytes | bytearray) -> None:
         """Publish after everything published before (never blocks; see :class:`Outbox`)."""
         if self._outbox is None:
