@@ -22,6 +22,7 @@ from broker.wire import Message
 from .protocol import Op, Part, Reply, Task
 
 COORDINATOR = "coordinator"
+CHANNEL = "channel"
 CLIENT_PREFIX = "client-"
 _CLIENT = re.compile(r"client-(\d{1,6})")
 

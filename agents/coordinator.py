@@ -94,7 +94,7 @@ class BusFleet:
         self.data_seconds: dict[int, float] = {}  # client -> time it took to load its data
         self.timeline: dict[str, float] = {}  # wall-clock (time.time()) milestones of the run
         self._open: dict[str, _Collector] = {}
-        self._closed: set[str] = set()
+        self._closed: dict[str, dict[int, str]] = {}  # task id -> its round's failures (a late answer updates them)
         self._joined_event = asyncio.Event()
         self._byes = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
@@ -134,7 +134,10 @@ class BusFleet:
                 self._open[task_id].add(client, msg)
             elif task_id in self._closed:
                 self.late.append((task_id, client))
-                self.on_event(f"late answer from {msg.src} to a closed round")
+                failures = self._closed[task_id]
+                if failures.get(client) == "missing":
+                    failures[client] = "late"  # it answered, after the deadline: a straggler, not a loss
+                self.on_event(f"late answer from {msg.src} to a closed round ({task_id.rsplit('-', 1)[0]})")
             elif task_id.startswith("sync-"):
                 log.info("%s caught up with the run", msg.src)
             else:
@@ -187,13 +190,13 @@ class BusFleet:
             await self._collect(collector)
         finally:
             del self._open[task_id]
-            self._closed.add(task_id)
         status = self.bus.status()
         failures = dict(collector.failures)
         for i in targets:
             if i not in collector.replies and i not in failures:
                 offline = status.get(client_name(i)) == Status.OFFLINE.value
                 failures[i] = "offline" if offline else "missing"
+        self._closed[task_id] = failures
         return RoundOutcome(dict(collector.replies), failures)
 
     async def _collect(self, collector: _Collector) -> None:

@@ -222,7 +222,8 @@ class Strategy:
         clock = time.perf_counter()
         out = await fleet.run(task)
         losses = [out.replies[i].metrics["loss"] for i in sorted(out.replies) if "loss" in out.replies[i].metrics]
-        record = RoundRecord(stage, task.round, task.op.value, tuple(sorted(out.replies)), dict(out.failures),
+        # the failures dict is the fleet's own: a straggler answering later turns 'missing' into 'late'
+        record = RoundRecord(stage, task.round, task.op.value, tuple(sorted(out.replies)), out.failures,
                              sum(losses) / len(losses) if losses else float("nan"), time.perf_counter() - clock)
         self.outcome.rounds.append(record)
         self.obs.on_round(record)

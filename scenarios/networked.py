@@ -25,11 +25,12 @@ from rich.progress import Progress
 
 from agents.bus import BusConfig, BusSession
 from agents.client import ClientAgent
-from agents.codec import COORDINATOR, client_name
+from agents.codec import CHANNEL, COORDINATOR, client_index, client_name
 from agents.coordinator import BusFleet, coordinate
 from agents.protocol import Task
 from agents.strategy import Strategy
 from broker.auth import PASSWORD_ENV, Account, BrokerAddress, ChannelMode, make_accounts
+from broker.channel.emulator import ChannelEmulator
 from broker.errors import NmoeError
 from broker.server import RunningBroker, launch_broker
 
@@ -213,7 +214,7 @@ async def _watch(fleet: BusFleet, group: AgentProcesses | AgentTasks | None, pro
     """Keep the 'bus' line of the display current; fail fast when agents die before joining."""
     task = progress.add_task("bus", total=None, info="")
     while True:
-        online = len([a for a in fleet.bus.online() if a != COORDINATOR])
+        online = len([a for a in fleet.bus.online() if client_index(a) is not None])
         s = fleet.bus.stats
         moved = (sum(s.sent_bytes.values()) + sum(s.received_bytes.values())) / 1e6
         progress.update(task, info=f"{online}/{len(fleet.clients)} clients online, "
@@ -223,6 +224,19 @@ async def _watch(fleet: BusFleet, group: AgentProcesses | AgentTasks | None, pro
             raise AgentsFailed(f"{len(failed)} agent(s) exited with an error before joining ({', '.join(failed)}); "
                                f"the last lines of {first}'s log:\n{group.log_tail(first)}")
         await asyncio.sleep(0.5)
+
+
+@contextlib.asynccontextmanager
+async def channel_running(scn: Scenario, run_id: str, broker: RunningBroker,
+                          clients: list[str]) -> AsyncIterator[ChannelEmulator | None]:
+    """The wireless channel emulator between the agents, when the scenario asks for one."""
+    if scn.channel.model != "emulated":
+        yield None
+        return
+    seed = scn.channel.seed if scn.channel.seed is not None else scn.seed
+    emulator = ChannelEmulator(scn.channel, run_id, broker.address_for(CHANNEL), [COORDINATOR, *clients], seed)
+    async with emulator:
+        yield emulator
 
 
 def _kill(group: AgentProcesses | AgentTasks, agent: str, event: Callable[[str], None]) -> None:
@@ -252,7 +266,8 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
         coord = broker.address_for(COORDINATOR)
         if external is not None:
             coord = external
-        async with BusSession(bus_config(scn, run_id, COORDINATOR, coord), watch_status=True) as bus:
+        async with channel_running(scn, run_id, broker, ids) as channel, \
+                BusSession(bus_config(scn, run_id, COORDINATOR, coord), watch_status=True) as bus:
             with make_progress(console) as progress:
                 observer = ProgressObserver(progress, out_dir)
 
@@ -292,6 +307,7 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
                 "timeline": {**timeline, **fleet.timeline,
                              "max_data_s": max(fleet.data_seconds.values(), default=0.0)},
                 "faults_injected": injected,
+                "channel": channel.stats() if channel is not None else None,
                 "joined": sorted(client_name(i) for i in fleet.joined),
             }
     return strategy.outcome, traffic

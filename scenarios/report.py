@@ -71,6 +71,11 @@ def build_results(scn: Scenario, mode: str, outcome: Outcome, baselines: Mapping
         "wall_s": wall_s,
         "methods": {m: {"label": labels.get(m, m), **summarize(methods[m])} for m in ordered},
         "stage_seconds": dict(outcome.stage_seconds),
+        "rounds": [
+            {"stage": r.stage, "round": r.round, "op": r.op, "answered": [f"client-{i}" for i in r.answered],
+             "failures": {f"client-{i}": why for i, why in sorted(r.failures.items())}, "seconds": r.seconds}
+            for r in outcome.rounds
+        ],
         "privacy": dict(outcome.privacy),
         **extra,
         "environment": environment(),

@@ -128,3 +128,23 @@ async def test_a_client_saying_hello_mid_run_gets_the_current_state(tmp_path):
     assert msg.kind is Kind.MODEL and msg.header.meta["op"] == "sync" and msg.header.meta["stage"] == 2
     assert set(msg.tensors) == set(strategy.global_stage1)
     assert fleet.joined == {1: 96}
+
+
+def test_a_scenario_on_a_lossy_channel_completes_with_failures_recorded(tmp_path):
+    """client-2's radio loses 20% of packets and never retransmits: its large messages (weights,
+    latents) are lost, the rounds close at their deadline without it, and the channel says why."""
+    scn = _scenario(tmp_path, TOY, [
+        "stage1.method=fedce", "network.min_clients=2", "network.join_timeout_s=8", "network.round_timeout_s=4",
+        "network.stage2_timeout_s=20", "network.eval_timeout_s=20", "network.inference_deadline_s=0.5",
+        "channel.model=emulated", "channel.preset=wifi", "channel.time_scale=0.25",
+        "channel.clients={client-2: {loss: bernoulli, loss_p: 0.2, max_retries: 0}}",
+    ])
+    results = run_networked_scenario(scn, tmp_path / "out", _quiet(), "subprocess")
+    fits = [r for r in results["rounds"] if r["op"] == "stage1_fit"]
+    assert all(r["answered"] == ["client-0", "client-1"] for r in fits)
+    assert all(r["failures"].get("client-2") in ("missing", "late", "offline") for r in fits)
+    links = results["traffic"]["channel"]["links"]
+    assert links["coordinator->client-2"]["dropped"].get("loss", 0) > 0
+    assert links["coordinator->client-0"]["dropped"] == {}
+    assert links["client-0->coordinator"]["latency_p50_s"] > 0  # modeled wifi latency
+    assert set(results["methods"]["nmoe"]["per_client"]) >= {"0", "1"}
