@@ -118,6 +118,7 @@ class ClientAgent:
         queue: asyncio.Queue[Message | None] = asyncio.Queue()
         async with BusSession(self.bus_cfg, self.schemas()) as bus:
             worker = asyncio.create_task(self._work(bus, queue), name=f"{self.bus_cfg.agent_id}-worker")
+            rejoin = asyncio.create_task(self._rejoin(bus), name=f"{self.bus_cfg.agent_id}-rejoin")
             await self._hello(bus)
             try:
                 async for msg in bus.messages():
@@ -135,13 +136,29 @@ class ClientAgent:
                         log.debug("ignoring %s from %s", msg.kind.value, msg.src)
             finally:
                 queue.put_nowait(None)
-                worker.cancel()
-                await asyncio.gather(worker, return_exceptions=True)
+                for task in (worker, rejoin):
+                    task.cancel()
+                await asyncio.gather(worker, rejoin, return_exceptions=True)
 
     async def _hello(self, bus: BusSession) -> None:
         assert self.learner is not None
         await bus.send(COORDINATOR, Kind.CTRL,
                        meta={OP: HELLO, SAMPLES: self.learner.data.num_train, "data_s": self.data_s})
+
+    async def _rejoin(self, bus: BusSession) -> None:
+        """After the session reconnects (the broker or the network went away), say hello again:
+        the coordinator answers with the run's current state, so a client that missed tasks
+        catches up instead of training on stale weights."""
+        seen = bus.stats.reconnects
+        while True:
+            await asyncio.sleep(0.5)
+            if bus.stats.reconnects != seen and bus.connected:
+                seen = bus.stats.reconnects
+                log.info("reconnected to the broker; announcing myself again")
+                try:
+                    await self._hello(bus)
+                except BusError as err:  # gone again: the next reconnection says hello
+                    log.warning("could not announce myself after reconnecting: %s", err)
 
     async def _bye(self, bus: BusSession, msg: Message) -> None:
         stats = bus.stats.as_dict()

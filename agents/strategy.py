@@ -8,6 +8,7 @@ round goes on with the clients that answered (at least ``min_clients``) and reco
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,7 +62,8 @@ class Observer(Protocol):
 
     def on_round(self, record: RoundRecord) -> None: ...
 
-    def on_checkpoint(self, stage: str, round_index: int, tensors: Mapping[str, torch.Tensor]) -> None: ...
+    def on_checkpoint(self, stage: str, round_index: int, tensors: Mapping[str, torch.Tensor],
+                      meta: Mapping[str, str]) -> None: ...
 
 
 class NullObserver:
@@ -71,7 +73,8 @@ class NullObserver:
     def on_round(self, record: RoundRecord) -> None:
         pass
 
-    def on_checkpoint(self, stage: str, round_index: int, tensors: Mapping[str, torch.Tensor]) -> None:
+    def on_checkpoint(self, stage: str, round_index: int, tensors: Mapping[str, torch.Tensor],
+                      meta: Mapping[str, str]) -> None:
         pass
 
 
@@ -164,7 +167,7 @@ class Strategy:
                 task = Task(Op.STAGE1_FIT, r, Part(self.global_stage1), expect=fit_expect, sample_limit=limit)
             fit = await self._step(fleet, task, "stage1")
             self.global_stage1 = aggregate(fit.replies)
-            self.obs.on_checkpoint("stage1", r, self.global_stage1)
+            self._checkpoint("stage1", r, self.global_stage1)
         if s1.method == "fedsc" and self.exp.privacy.enabled and self.releases:
             p = self.exp.privacy
             worst = max(self.releases.values())
@@ -208,7 +211,7 @@ class Strategy:
                         sample_limit=self.exp.partition.train_per_client)
             fit = await self._step(fleet, task, f"stage3:{variant}")
             gate = aggregate(fit.replies)
-            self.obs.on_checkpoint(f"stage3:{variant}", r, gate)
+            self._checkpoint(f"stage3:{variant}", r, gate)
         return gate
 
     async def evaluate(self, fleet: Fleet, gate: StateDict) -> dict[int, dict[str, float]]:
@@ -217,6 +220,18 @@ class Strategy:
         task = Task(Op.EVALUATE, 0, Part(gate, {"top_k": ev.top_k, "batch_size": ev.batch_size}))
         out = await self._step(fleet, task, "eval")
         return {i: dict(rep.metrics) for i, rep in sorted(out.replies.items())}
+
+    def _checkpoint(self, stage: str, round_index: int, global_state: Mapping[str, torch.Tensor]) -> None:
+        """The coordinator's state after a round: the global part being trained (``global.*``),
+        the final feature extractor once Stage 1 is over (``stage1.*``), FedSC's latest R_j
+        (``corr.<j>``), and per-client sample counts and DP releases in the metadata."""
+        tensors = {f"global.{k}": v for k, v in global_state.items()}
+        if stage != "stage1":
+            tensors |= {f"stage1.{k}": v for k, v in self.global_stage1.items()}
+        tensors |= {f"corr.{j}": r for j, r in sorted(self.corrs.items())}
+        meta = {"stage": stage, "round": str(round_index), "samples": json.dumps(self.samples),
+                "releases": json.dumps(self.releases)}
+        self.obs.on_checkpoint(stage, round_index, tensors, meta)
 
     async def _step(self, fleet: Fleet, task: Task, stage: str) -> RoundOutcome:
         clock = time.perf_counter()

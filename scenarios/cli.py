@@ -31,6 +31,8 @@ def parser() -> argparse.ArgumentParser:
                           "or started by hand (e.g. on edge boards) with `nmoe agent`")
     run.add_argument("--broker", metavar="URL", help="use this broker, mqtt[s]://user:pass@host:port, "
                                                       "instead of starting one")
+    run.add_argument("--broker-kind", choices=["auto", "mosquitto", "amqtt"], default="auto",
+                     help="the broker to start: mosquitto when installed, else the embedded amqtt (auto)")
     run.add_argument("--listen", default="127.0.0.1", metavar="HOST",
                      help="interface the started broker listens on (0.0.0.0 for agents on other machines)")
     run.add_argument("--out", help="output folder (default runs/<scenario>/<timestamp>)")
@@ -87,7 +89,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return 0
     from .networked import run_networked_scenario
 
-    run_networked_scenario(scn, out, console, args.agents, args.broker, args.listen)
+    run_networked_scenario(scn, out, console, args.agents, args.broker, args.listen, args.broker_kind)
     return 0
 
 

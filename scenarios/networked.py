@@ -32,7 +32,7 @@ from agents.strategy import Strategy
 from broker.auth import PASSWORD_ENV, Account, BrokerAddress, ChannelMode, make_accounts
 from broker.channel.emulator import ChannelEmulator
 from broker.errors import NmoeError
-from broker.server import RunningBroker, launch_broker
+from broker.server import Prefer, RunningBroker, launch_broker
 
 from .runner import ProgressObserver, make_progress, run_baselines, set_threads
 from .scenario import Scenario
@@ -245,7 +245,8 @@ def _kill(group: AgentProcesses | AgentTasks, agent: str, event: Callable[[str],
 
 
 async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: AgentsMode = "subprocess",
-                        broker_url: str | None = None, listen: str = "127.0.0.1") -> tuple[Any, dict[str, Any]]:
+                        broker_url: str | None = None, listen: str = "127.0.0.1",
+                        broker_kind: Prefer = "auto") -> tuple[Any, dict[str, Any]]:
     """Run the method over the bus; returns the Strategy's outcome and the traffic report."""
     run_id = scn.name
     ids = [client_name(i) for i in range(scn.clients)]
@@ -257,7 +258,8 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
     channel_mode: ChannelMode = "emulated" if scn.channel.model == "emulated" else "direct"
     started = time.perf_counter()
     timeline = {"started_at": time.time()}
-    async with launch_broker(run_id, accounts, channel_mode=channel_mode, external=external, host=listen) as broker:
+    async with launch_broker(run_id, accounts, channel_mode=channel_mode, prefer=broker_kind, external=external,
+                             host=listen) as broker:
         timeline["broker_ready_at"] = time.time()
         console.print(f"broker: {broker.kind} on {broker.host}:{broker.port}; agents: {mode}")
         if mode == "external":
@@ -314,12 +316,13 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
 
 
 def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode: AgentsMode = "subprocess",
-                           broker_url: str | None = None, listen: str = "127.0.0.1") -> dict[str, Any]:
+                           broker_url: str | None = None, listen: str = "127.0.0.1",
+                           broker_kind: Prefer = "auto") -> dict[str, Any]:
     from .report import build_results, print_summary, write_outputs
 
     set_threads(scn.threads)
     started = time.perf_counter()
-    outcome, traffic = asyncio.run(run_networked(scn, out_dir, console, mode, broker_url, listen))
+    outcome, traffic = asyncio.run(run_networked(scn, out_dir, console, mode, broker_url, listen, broker_kind))
     with make_progress(console) as progress:
         from nmoe_models.partition import load_client_data
 

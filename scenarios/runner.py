@@ -73,13 +73,13 @@ class ProgressObserver:
             self.progress.console.print(f"{self.label}{record.stage} round {record.round} {record.op}: {info} "
                                         f"({record.seconds:.1f}s)", markup=True, highlight=False)
 
-    def on_checkpoint(self, stage: str, round_index: int, tensors: Mapping[str, torch.Tensor]) -> None:
+    def on_checkpoint(self, stage: str, round_index: int, tensors: Mapping[str, torch.Tensor],
+                      meta: Mapping[str, str]) -> None:
         if self.out_dir is None:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.out_dir / "checkpoint.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"stage": stage, "round": str(round_index)})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(meta))
         tmp.replace(self.out_dir / "checkpoint.safetensors")  # atomic: never a half-written checkpoint
 
 

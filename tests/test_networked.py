@@ -148,3 +148,13 @@ def test_a_scenario_on_a_lossy_channel_completes_with_failures_recorded(tmp_path
     assert links["coordinator->client-0"]["dropped"] == {}
     assert links["client-0->coordinator"]["latency_p50_s"] > 0  # modeled wifi latency
     assert set(results["methods"]["nmoe"]["per_client"]) >= {"0", "1"}
+
+
+def test_a_networked_run_on_the_embedded_amqtt_broker(tmp_path):
+    """Where mosquitto is not installed the run falls back to amqtt; the method is unchanged."""
+    scn = _scenario(tmp_path, TOY, ["stage1.method=fedce", "stage1.rounds=1", "stage3.rounds=1"])
+    ref = run_inprocess(scn, tmp_path / "inprocess", _quiet())
+    net = run_networked_scenario(scn, tmp_path / "out", _quiet(), "inprocess", broker_kind="amqtt")
+    assert net["traffic"]["broker"] == "amqtt"
+    for i, m in ref["methods"]["nmoe"]["per_client"].items():
+        assert net["methods"]["nmoe"]["per_client"][i]["accuracy"] == m["accuracy"]

@@ -59,6 +59,14 @@ def test_inprocess_run_writes_every_output(tmp_path):
     assert rows[0].startswith("stage,round,op")
     assert sum(",stage1_fit," in r for r in rows) == 2 and sum(",stage1_corr," in r for r in rows) == 2
     assert results["methods"]["nmoe"]["accuracy"] == nmoe["accuracy"]
+    from safetensors import safe_open
+
+    with safe_open(out / "checkpoint.safetensors", "pt") as ck:  # the coordinator's last state
+        keys, meta = set(ck.keys()), ck.metadata()
+    assert meta["stage"] == "stage3:fedavg" and meta["round"] == "1"
+    assert {"corr.0", "corr.1", "corr.2"} <= keys
+    assert any(k.startswith("global.shared.") for k in keys) and any(k.startswith("stage1.features.") for k in keys)
+    assert json.loads(meta["releases"]) == {"0": 2, "1": 2, "2": 2}
 
 
 def test_inprocess_run_is_deterministic(tmp_path):
