@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import replace
@@ -151,6 +152,17 @@ async def test_chunked_message_arrives_intact_after_its_chunks_queued_in_order(m
     # The chunks share one uplink, first in first out: the last leaves after all bits went through.
     assert msg.header.t_model_arrive is not None and msg.header.t_model_send is not None
     assert msg.header.t_model_arrive - msg.header.t_model_send >= delay + 8 * msg.wire_bytes / rate - 1e-9
+
+
+async def test_a_given_epoch_anchors_modeled_time(mosq: MosquittoBroker) -> None:
+    epoch = time.time() - 100.0  # 100 wall seconds ago: 10_000 modeled seconds at time_scale 0.01
+    emu = ChannelEmulator(channel(), RUN, mosq.address_for("channel"), AGENTS, 0, epoch_unix=epoch)
+    async with emu, session(mosq, "client-0") as c0, session(mosq, "coordinator") as co:
+        await c0.send("coordinator", Kind.METRICS, meta={"n": 1})
+        msg = await co.receive(timeout=5)
+        stats = emu.stats()
+    assert msg.header.t_model_send is not None and msg.header.t_model_send >= 100.0 / SCALE
+    assert stats["epoch_unix"] == epoch and stats["modeled_now_s"] >= msg.header.t_model_send
 
 
 # -- losses ----------------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ the channel delivered it; for a chunked message the earliest chunk send and the 
 arrival. That is how a coordinator tells who made a deadline: compare ``t_model_arrive`` with the
 round's start in modeled time, which an in-process coordinator reads from :meth:`modeled_now` and
 one in another process derives from :attr:`epoch_unix` and ``time_scale`` (modeled seconds =
-(time.time() - epoch_unix) / time_scale). There is no per-message lookup in the emulator.
+(time.time() - epoch_unix) / time_scale). A runner that starts the emulator as a process of its own
+picks the epoch itself and passes it to both (``epoch_unix=`` here, ``--epoch-unix`` on the command
+line). There is no per-message lookup in the emulator.
 
 Driving: a :class:`~broker.channel.clock.RealtimeDriver` on the asyncio loop runs the model as far
 as the loop's clock (scaled by ``time_scale``) on each arrival and on a timer for the next event,
@@ -85,7 +87,8 @@ class ChannelEmulator:
     """The channel between ``agents`` on the bus of run ``run_id``; use as ``async with``.
 
     ``address`` carries the channel account's credentials; ``seed`` is the scenario's (used when
-    ``cfg.seed`` is None); ``wired`` agents sit at the base station behind an ideal wire. Raises
+    ``cfg.seed`` is None); ``wired`` agents sit at the base station behind an ideal wire.
+    ``epoch_unix`` anchors modeled time 0 to that ``time.time()`` (default: when subscribed). Raises
     ChannelError for a config the model refuses (``model: direct``, unknown agents) and, at entry,
     when the broker cannot be used (the message names the redacted address).
     """
@@ -100,6 +103,7 @@ class ChannelEmulator:
         wired: Collection[str] = ("coordinator",),
         *,
         options: RelayOptions | None = None,
+        epoch_unix: float | None = None,
     ) -> None:
         self.cfg = cfg
         self.topics = Topics(run_id)
@@ -110,11 +114,13 @@ class ChannelEmulator:
         self._rx_topics: dict[tuple[str, str, Kind], str] = {}
         self._rejected: Counter[str] = Counter()
         self._counts: Counter[str] = Counter()
-        self._epoch_unix: float | None = None
+        if epoch_unix is not None and not math.isfinite(epoch_unix):
+            raise ValueError("epoch_unix: must be a finite number")
+        self._epoch_unix = epoch_unix
 
     # -- time ------------------------------------------------------------------------------------
     def modeled_now(self) -> float:
-        """Modeled seconds since the emulator subscribed (the model's clock before that)."""
+        """Modeled seconds since the epoch (the model's clock before the emulator subscribed)."""
         try:
             return self.driver.modeled_now()
         except RuntimeError:
@@ -134,8 +140,12 @@ class ChannelEmulator:
         return self.driver.time_scale
 
     def _start_clock(self) -> None:
-        self.driver.start()  # modeled time 0 = subscribed, before the first payload is read
-        self._epoch_unix = time.time() - self.driver.modeled_now() * self.time_scale
+        """Runs once subscribed, before the first payload is read."""
+        if self._epoch_unix is not None:  # the model is idle: moving its clock on draws nothing
+            self.model.run_until(max(0.0, (time.time() - self._epoch_unix) / self.time_scale))
+        self.driver.start()
+        if self._epoch_unix is None:
+            self._epoch_unix = time.time() - self.driver.modeled_now() * self.time_scale
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -263,6 +273,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="wifi", choices=PRESET_NAMES)
     p.add_argument("--time-scale", type=float, default=1.0, help="wall seconds per modeled second")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epoch-unix", type=float, default=None, help="time.time() of modeled time 0 (default: start)")
     p.add_argument("--stats", type=Path, default=None, help="write the stats JSON here (default: stdout)")
     return p
 
@@ -278,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ChannelConfig(preset=args.preset, time_scale=args.time_scale, seed=args.seed)
         agents = [a for a in args.agents.split(",") if a]
         wired = [a for a in args.wired.split(",") if a]
-        emulator = ChannelEmulator(cfg, args.run_id, address, agents, args.seed, wired)
+        emulator = ChannelEmulator(cfg, args.run_id, address, agents, args.seed, wired, epoch_unix=args.epoch_unix)
         stats = asyncio.run(_serve(emulator))
     except (NmoeError, ValueError) as err:
         print(f"channel emulator: {err}", file=sys.stderr)
