@@ -32,7 +32,7 @@ from broker.envelope import FRAME_CHUNK, FRAME_MESSAGE, pack_prefix
 from broker.errors import ChannelError
 from broker.server import MosquittoBroker, find_mosquitto
 from broker.topics import Kind, Topics
-from broker.wire import Message
+from broker.wire import Message, ReassemblyLimits, chunk_count, encode
 
 T = Topics(RUN)
 AGENTS = ["coordinator", "client-0", "client-1", "client-2"]
@@ -181,6 +181,25 @@ async def test_lossy_link_drops_and_counts(mosq: MosquittoBroker) -> None:
     assert (up["delivered"], up["dropped"], up["latency_p50_s"]) == (0, {"loss": 2}, None)
     assert up["retransmissions"] == 3 * 2  # every packet of the update, resent twice
     assert stats["totals"]["published"] == 0
+
+
+async def test_a_lost_chunk_lets_the_receivers_reassembly_expire(mosq: MosquittoBroker) -> None:
+    flaky = ClientOverrides(loss="bernoulli", loss_p=0.5)  # client-2's uplink only; latents unreliable
+    cfg = channel(clients={"client-2": flaky}, reliable_kinds=("ctrl",))
+    h = np.random.default_rng(2).standard_normal(10_000).astype(np.float32)  # 40 kB in 4 kB chunks
+    async with AsyncExitStack() as stack:
+        emu = await stack.enter_async_context(emulator(mosq, cfg, seed=1))
+        (co,) = await sessions(stack, mosq, "coordinator", limits=ReassemblyLimits(expiry_s=0.2))
+        c2, c0 = await sessions(stack, mosq, "client-2", "client-0", chunk_size=4096)
+        await c2.send("coordinator", Kind.LATENT, {"h": h})
+        size = len(encode(kind=Kind.LATENT, run=RUN, src="client-2", dst="coordinator", tensors={"h": h}).payload)
+        await taken_off_the_air(emu, chunk_count(size, 4096))
+        up = link(emu.stats(), "client-2", "coordinator")
+        assert up["delivered"] > 0 and up["dropped"]["loss"] > 0  # some chunks made it, not all
+        await asyncio.sleep(0.3)  # past the receiver's expiry
+        await c0.send("coordinator", Kind.CTRL, meta={"cmd": "next"})
+        assert (await co.receive(timeout=5)).header.meta["cmd"] == "next"
+    assert co.stats.rejected == {"chunk_expired": 1}
 
 
 async def test_offline_client_gets_nothing(mosq: MosquittoBroker) -> None:
