@@ -140,7 +140,7 @@ def median(xs: list[float]) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
-    console = Console()
+    console = Console(width=max(Console().width, 120))  # the tables are wide; never truncate figures
     counts = {"64 KiB": args.messages * 8, "1 MiB": args.messages}
     wire = {k: len(encode(kind=Kind.MODEL, run=RUN, src=SENDER, dst=RECEIVER, tensors={"w": t}).payload)
             for k, t in SIZES.items()}  # fmt: skip
