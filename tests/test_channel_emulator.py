@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,8 @@ from conftest import RUN, raw_client
 
 from agents.bus import BusConfig, BusSession
 from broker.auth import PASSWORD_ENV, make_accounts
-from broker.channel import ChannelConfig, ClientOverrides, LinkOverrides
-from broker.channel.emulator import ChannelEmulator, RelayOptions
+from broker.channel import ChannelConfig, ClientOverrides, DirectionOverrides, LinkOverrides
+from broker.channel.emulator import ChannelEmulator, RelayOptions, config_from_dict
 from broker.envelope import FRAME_CHUNK, FRAME_MESSAGE, pack_prefix
 from broker.errors import ChannelError
 from broker.server import MosquittoBroker, find_mosquitto
@@ -269,11 +270,22 @@ async def test_garbage_on_the_air_is_counted_and_traffic_goes_on(mosq: Mosquitto
 
 
 # -- as a process of its own -----------------------------------------------------------------------
-async def test_command_line_emulator_relays_and_reports(mosq: MosquittoBroker) -> None:
+def test_config_survives_a_json_round_trip() -> None:
+    cfg = channel(LinkOverrides(delay_s=0.05, uplink=DirectionOverrides(rate="fixed", rate_bps=1e6)),
+                  clients={"client-1": ClientOverrides(preset="lte", mean_online_s=math.inf)},
+                  shared_uplink={"client-1": "cell-a"}, reliable_kinds=("model",), seed=4)  # fmt: skip
+    assert config_from_dict(json.loads(json.dumps(asdict(cfg)))) == cfg
+    with pytest.raises(ValueError, match="unexpected keyword"):
+        config_from_dict({"presett": "wifi"})
+
+
+async def test_command_line_emulator_relays_and_reports(mosq: MosquittoBroker, tmp_path: Path) -> None:
     addr = mosq.address_for("channel")
     env = os.environ | {PASSWORD_ENV: addr.password or ""}
+    config = tmp_path / "channel.json"
+    config.write_text(json.dumps(asdict(channel(LinkOverrides(delay_s=0.25)))))
     cmd = [sys.executable, "-m", "broker.channel.emulator", "--run-id", RUN, "--broker",
-           f"mqtt://channel@{addr.host}:{addr.port}", "--agents", ",".join(AGENTS), "--preset", "ideal",
+           f"mqtt://channel@{addr.host}:{addr.port}", "--agents", ",".join(AGENTS), "--config", str(config),
            "--time-scale", "0.5", "--seed", "3"]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE)
     try:
@@ -282,7 +294,7 @@ async def test_command_line_emulator_relays_and_reports(mosq: MosquittoBroker) -
         assert line.strip() == b"ready"
         async with session(mosq, "client-1") as c1, session(mosq, "coordinator") as co:
             await c1.send("coordinator", Kind.METRICS, meta={"loss": 0.1})
-            assert (await co.receive(timeout=5)).header.meta["loss"] == 0.1
+            msg = await co.receive(timeout=5)
         proc.send_signal(signal.SIGTERM)
         out = await asyncio.wait_for(proc.stdout.read(), 10)
         assert await asyncio.wait_for(proc.wait(), 10) == 0
@@ -292,6 +304,9 @@ async def test_command_line_emulator_relays_and_reports(mosq: MosquittoBroker) -
             await proc.wait()
     stats = json.loads(out)
     assert link(stats, "client-1", "coordinator")["delivered"] == 1 and stats["time_scale"] == 0.5
+    t_send, t_arrive = msg.header.t_model_send, msg.header.t_model_arrive
+    assert msg.header.meta["loss"] == 0.1 and t_send is not None and t_arrive is not None
+    assert t_arrive - t_send == pytest.approx(0.25)  # one hop of the config's
 
 
 async def test_refused_credentials_raise_a_channel_error(mosq: MosquittoBroker) -> None:

@@ -18,14 +18,14 @@ A lost chunk makes the receiver's reassembly expire, as a lost packet of an unac
 transfer would. Agents are the same code in both channel modes.
 
 Modeled time reaches receivers in the headers: ``msg.header.t_model_send`` is when the emulator
-took the payload off the air (modeled seconds since the emulator started), ``t_model_arrive`` when
-the channel delivered it; for a chunked message the earliest chunk send and the latest chunk
-arrival. That is how a coordinator tells who made a deadline: compare ``t_model_arrive`` with the
-round's start in modeled time, which an in-process coordinator reads from :meth:`modeled_now` and
-one in another process derives from :attr:`epoch_unix` and ``time_scale`` (modeled seconds =
-(time.time() - epoch_unix) / time_scale). A runner that starts the emulator as a process of its own
-picks the epoch itself and passes it to both (``epoch_unix=`` here, ``--epoch-unix`` on the command
-line). There is no per-message lookup in the emulator.
+took the payload off the air (modeled seconds since the epoch: by default the moment the emulator
+subscribed), ``t_model_arrive`` when the channel delivered it; for a chunked message the earliest
+chunk send and the latest chunk arrival. That is how a coordinator tells who made a deadline:
+compare ``t_model_arrive`` with the round's start in modeled time, which an in-process coordinator
+reads from :meth:`modeled_now` and one in another process derives from :attr:`epoch_unix` and
+``time_scale`` (modeled seconds = (time.time() - epoch_unix) / time_scale). A runner that starts
+the emulator as a process of its own picks the epoch itself and passes it to both (``epoch_unix=``
+here, ``--epoch-unix`` on the command line). There is no per-message lookup in the emulator.
 
 Driving: a :class:`~broker.channel.clock.RealtimeDriver` on the asyncio loop runs the model as far
 as the loop's clock (scaled by ``time_scale``) on each arrival and on a timer for the next event,
@@ -37,7 +37,8 @@ with backoff) is broker/channel/relay.py's too. Messages still inside the model 
 exits are lost, as on a radio switched off; :meth:`flush` waits for them first.
 
 Also a process of its own: ``python -m broker.channel.emulator --run-id R --broker mqtt://channel@host:port
---agents coordinator,client-0,client-1 --preset wifi`` (password from $NMOE_BROKER_PASSWORD); it
+--agents coordinator,client-0,client-1 [--config channel.json | --preset wifi]`` (password from
+$NMOE_BROKER_PASSWORD; channel.json is ``dataclasses.asdict`` of the scenario's ChannelConfig); it
 prints ``ready`` once subscribed and its stats as JSON on exit (SIGINT/SIGTERM).
 """
 
@@ -59,7 +60,13 @@ from typing import Any
 
 from broker.auth import PASSWORD_ENV, BrokerAddress
 from broker.channel.clock import RealtimeDriver
-from broker.channel.config import PRESET_NAMES, ChannelConfig
+from broker.channel.config import (
+    PRESET_NAMES,
+    ChannelConfig,
+    ClientOverrides,
+    DirectionOverrides,
+    LinkOverrides,
+)
 from broker.channel.model import ChannelModel, Delivery, Result
 from broker.channel.relay import RelayOptions, RelaySession
 from broker.chunks import read_chunk
@@ -67,7 +74,7 @@ from broker.envelope import FRAME_CHUNK, STAMPS, STAMPS_OFFSET, unpack_prefix
 from broker.errors import ChannelError, NmoeError, WireError
 from broker.topics import Kind, ParsedTopic, Topics
 
-__all__ = ["ChannelEmulator", "RelayOptions", "main"]
+__all__ = ["ChannelEmulator", "RelayOptions", "config_from_dict", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +268,24 @@ class ChannelEmulator:
 
 
 # -- as a process of its own ------------------------------------------------------------------------
+def config_from_dict(data: dict[str, Any]) -> ChannelConfig:
+    """The inverse of ``dataclasses.asdict(cfg)`` (e.g. after a JSON round trip); ValueError if invalid."""
+
+    def link(raw: dict[str, Any], cls: type[LinkOverrides]) -> LinkOverrides:
+        sides = {k: None if raw.get(k) is None else DirectionOverrides(**raw[k]) for k in ("uplink", "downlink")}
+        return cls(**(raw | sides))
+
+    try:
+        fields = dict(data)
+        fields["link"] = link(fields.get("link") or {}, LinkOverrides)
+        fields["clients"] = {k: link(v, ClientOverrides) for k, v in (fields.get("clients") or {}).items()}
+        if "reliable_kinds" in fields:
+            fields["reliable_kinds"] = tuple(fields["reliable_kinds"])
+        return ChannelConfig(**fields)
+    except TypeError as err:  # an unknown key
+        raise ValueError(f"channel config: {err}") from err
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m broker.channel.emulator",
@@ -270,9 +295,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", required=True, help=f"mqtt[s]://channel@host:port (password from ${PASSWORD_ENV})")
     p.add_argument("--agents", required=True, help="comma-separated agent ids, wired ones included")
     p.add_argument("--wired", default="coordinator", help="comma-separated wired agents ('' for none)")
-    p.add_argument("--preset", default="wifi", choices=PRESET_NAMES)
-    p.add_argument("--time-scale", type=float, default=1.0, help="wall seconds per modeled second")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", type=Path, default=None,
+                   help="the channel section as JSON (dataclasses.asdict of a ChannelConfig); default: wifi")
+    p.add_argument("--preset", default=None, choices=PRESET_NAMES, help="overrides the config's preset")
+    p.add_argument("--time-scale", type=float, default=None, help="wall seconds per modeled second (overrides)")
+    p.add_argument("--seed", type=int, default=0, help="the scenario's seed (the config's seed wins if set)")
     p.add_argument("--epoch-unix", type=float, default=None, help="time.time() of modeled time 0 (default: start)")
     p.add_argument("--stats", type=Path, default=None, help="write the stats JSON here (default: stdout)")
     return p
@@ -286,12 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         address = BrokerAddress.parse(args.broker)
         if address.username is None:
             address = replace(address, username="channel")
-        cfg = ChannelConfig(preset=args.preset, time_scale=args.time_scale, seed=args.seed)
+        cfg = config_from_dict(json.loads(args.config.read_text())) if args.config else ChannelConfig()
+        changes = {"preset": args.preset, "time_scale": args.time_scale}
+        cfg = replace(cfg, **{k: v for k, v in changes.items() if v is not None})
         agents = [a for a in args.agents.split(",") if a]
         wired = [a for a in args.wired.split(",") if a]
         emulator = ChannelEmulator(cfg, args.run_id, address, agents, args.seed, wired, epoch_unix=args.epoch_unix)
         stats = asyncio.run(_serve(emulator))
-    except (NmoeError, ValueError) as err:
+    except (NmoeError, ValueError, OSError) as err:
         print(f"channel emulator: {err}", file=sys.stderr)
         return 2
     text = json.dumps(stats, indent=2)
