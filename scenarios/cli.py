@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -51,9 +52,21 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _stop_on_sigterm() -> None:
+    """`kill PID` stops a run like Ctrl-C does: every process it started is stopped by its PID."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console = Console()
+    if args.command in ("run", "agent"):
+        _stop_on_sigterm()
     try:
         return _dispatch(args, console)
     except (NmoeError, DataError) as err:

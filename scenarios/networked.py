@@ -13,6 +13,7 @@ import contextlib
 import multiprocessing
 import multiprocessing.process
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -58,8 +59,20 @@ def write_scenario(scn: Scenario, path: Path) -> Path:
     return path
 
 
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the fork server dies (it does when the run's process dies, even by
+    SIGKILL), so no agent outlives its run. Elsewhere the run's own cleanup is all there is."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def agent_process(argv: list[str], password: str, log_path: str) -> None:
     """Body of one agent process: `nmoe agent ARGV` with its output in its own log file."""
+    _die_with_parent()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -203,10 +216,13 @@ async def agents_running(mode: AgentsMode, scn: Scenario, run_id: str, broker: R
         if group is not None:
             await group.start()
         yield group
-    finally:
+    except BaseException:  # failure, Ctrl-C or kill: stop them now
         if group is not None:
-            await group.wait(15.0)
             await group.stop()
+        raise
+    if group is not None:  # after the coordinator's shutdown they leave on their own
+        await group.wait(15.0)
+        await group.stop()
 
 
 async def _watch(fleet: BusFleet, group: AgentProcesses | AgentTasks | None, progress: Progress,
