@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import multiprocessing
 import multiprocessing.process
 import os
@@ -31,8 +33,7 @@ from agents.coordinator import BusFleet, coordinate
 from agents.protocol import Task
 from agents.strategy import Strategy
 from broker.auth import PASSWORD_ENV, Account, BrokerAddress, ChannelMode, make_accounts
-from broker.channel.emulator import ChannelEmulator
-from broker.errors import NmoeError
+from broker.errors import ChannelError, NmoeError
 from broker.server import Prefer, RunningBroker, launch_broker
 
 from .runner import ProgressObserver, make_progress, run_baselines, set_threads
@@ -243,16 +244,46 @@ async def _watch(fleet: BusFleet, group: AgentProcesses | AgentTasks | None, pro
 
 
 @contextlib.asynccontextmanager
-async def channel_running(scn: Scenario, run_id: str, broker: RunningBroker,
-                          clients: list[str]) -> AsyncIterator[ChannelEmulator | None]:
-    """The wireless channel emulator between the agents, when the scenario asks for one."""
+async def channel_running(scn: Scenario, run_id: str, broker: RunningBroker, clients: list[str],
+                          out_dir: Path) -> AsyncIterator[dict[str, Any] | None]:
+    """The wireless channel emulator between the agents, as its own process, when the scenario asks
+    for one (it relays every byte twice through the broker: on two cores it must not share the
+    coordinator's interpreter). Yields a dict that holds its per-link stats once it has stopped."""
     if scn.channel.model != "emulated":
         yield None
         return
-    seed = scn.channel.seed if scn.channel.seed is not None else scn.seed
-    emulator = ChannelEmulator(scn.channel, run_id, broker.address_for(CHANNEL), [COORDINATOR, *clients], seed)
-    async with emulator:
-        yield emulator
+    config = out_dir / "channel.json"
+    config.write_text(json.dumps(dataclasses.asdict(scn.channel)))
+    stats_file = out_dir / "channel_stats.json"
+    addr = broker.address_for(CHANNEL)
+    cmd = [sys.executable, "-m", "broker.channel.emulator", "--run-id", run_id,
+           "--broker", f"{'mqtts' if addr.tls else 'mqtt'}://{CHANNEL}@{addr.host}:{addr.port}",
+           "--agents", ",".join([COORDINATOR, *clients]), "--wired", COORDINATOR, "--config", str(config),
+           "--seed", str(scn.seed), "--stats", str(stats_file)]
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    log = open(out_dir / "logs" / "channel.log", "wb")  # noqa: SIM115  (closed below)
+    proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                                stderr=log, env={**os.environ, PASSWORD_ENV: addr.password or ""})
+    holder: dict[str, Any] = {}
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30.0)
+        if line.strip() != b"ready":
+            await proc.wait()
+            raise ChannelError(f"the channel emulator did not start (exit {proc.returncode}); "
+                               f"see {out_dir / 'logs' / 'channel.log'}")
+        yield holder
+    finally:
+        if proc.returncode is None:
+            proc.terminate()  # it writes its stats and exits
+            try:
+                await asyncio.wait_for(proc.wait(), 10.0)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+        log.close()
+        if stats_file.exists():
+            holder.update(json.loads(stats_file.read_text()))
 
 
 def _kill(group: AgentProcesses | AgentTasks, agent: str, event: Callable[[str], None]) -> None:
@@ -284,7 +315,7 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
         coord = broker.address_for(COORDINATOR)
         if external is not None:
             coord = external
-        async with channel_running(scn, run_id, broker, ids) as channel, \
+        async with channel_running(scn, run_id, broker, ids, out_dir) as channel, \
                 BusSession(bus_config(scn, run_id, COORDINATOR, coord), watch_status=True) as bus:
             with make_progress(console) as progress:
                 observer = ProgressObserver(progress, out_dir)
@@ -325,7 +356,7 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
                 "timeline": {**timeline, **fleet.timeline,
                              "max_data_s": max(fleet.data_seconds.values(), default=0.0)},
                 "faults_injected": injected,
-                "channel": channel.stats() if channel is not None else None,
+                "channel": channel,  # filled in when the emulator stops, below
                 "joined": sorted(client_name(i) for i in fleet.joined),
             }
     return strategy.outcome, traffic
