@@ -84,13 +84,15 @@ def test_networked_run_reproduces_the_inprocess_run(tmp_path):
 
 def test_a_run_completes_when_a_client_is_killed_mid_round(tmp_path):
     scn = _scenario(tmp_path, TOY, [
-        "stage1.method=fedce", "stage1.rounds=3", "network.min_clients=2", "network.round_timeout_s=60",
-        "network.inference_deadline_s=1",
-        "network.faults=[{client: client-2, op: stage1_fit, round: 1, after_s: 0.2}]",
+        # 8 local epochs: a round's local training takes far longer than the 0.05 s before the kill
+        "stage1.method=fedce", "stage1.rounds=3", "stage1.local_epochs=8", "network.min_clients=2",
+        "network.round_timeout_s=60", "network.inference_deadline_s=1",
+        "network.faults=[{client: client-2, op: stage1_fit, round: 1, after_s: 0.05}]",
     ])
     results = run_networked_scenario(scn, tmp_path / "out", _quiet(), "subprocess")
     with open(tmp_path / "out" / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
+    assert rows[0]["answered"] == "3"
     round1 = next(r for r in rows if r["stage"] == "stage1" and r["round"] == "1")
     assert round1["answered"] == "2" and round1["failures"] in ("client-2:offline", "client-2:missing")
     assert all(r["answered"] == "2" for r in rows[rows.index(round1):])
@@ -134,7 +136,7 @@ def test_a_scenario_on_a_lossy_channel_completes_with_failures_recorded(tmp_path
     """client-2's radio loses 20% of packets and never retransmits: its large messages (weights,
     latents) are lost, the rounds close at their deadline without it, and the channel says why."""
     scn = _scenario(tmp_path, TOY, [
-        "stage1.method=fedce", "network.min_clients=2", "network.join_timeout_s=8", "network.round_timeout_s=4",
+        "stage1.method=fedce", "network.min_clients=2", "network.join_timeout_s=8", "network.round_timeout_s=8",
         "network.stage2_timeout_s=20", "network.eval_timeout_s=20", "network.inference_deadline_s=0.5",
         "channel.model=emulated", "channel.preset=wifi", "channel.time_scale=0.25",
         "channel.clients={client-2: {loss: bernoulli, loss_p: 0.2, max_retries: 0}}",
