@@ -38,6 +38,7 @@ import numpy as np
 
 from broker.auth import CHANNEL_MODES, BrokerAddress, ChannelMode
 from broker.errors import BusError, WireError
+from broker.mqtt import refused_credentials, refused_subscriptions
 from broker.topics import BROADCAST, Kind, Status, Topics, check_agent_id, is_destination, parse_kind
 from broker.wire import (
     CHUNK_OVERHEAD,
@@ -149,7 +150,6 @@ class _Lru:
             self._keys.popitem(last=False)
 
 
-_AUTH_FAILURES = {4, 5, 134, 135}  # CONNACK: bad user name or password / not authorized (3.1.1, 5)
 
 
 class BusSession:
@@ -273,7 +273,7 @@ class BusSession:
                 self._connected.clear()
                 if self._closing:
                     return
-                refused = isinstance(err, aiomqtt.MqttCodeError) and _code(err.rc) in _AUTH_FAILURES
+                refused = refused_credentials(err)
                 if refused and not ever_connected:
                     self._fatal = BusError(f"broker refused the credentials ({err})")
                     return
@@ -291,7 +291,7 @@ class BusSession:
         if self.watch_status:
             filters.append(self.topics.status_filter())
         granted = await self._client.subscribe([(f, self.cfg.qos) for f in filters])
-        refused = [f for f, code in zip(filters, granted, strict=False) if _code(code) >= 0x80]
+        refused = refused_subscriptions(filters, granted)
         if refused:
             raise BusError(f"broker refused subscriptions {refused} for {self.agent_id}")
         await self._client.publish(self.topics.status(self.agent_id), Status.ONLINE.value, qos=1, retain=True)
@@ -541,8 +541,3 @@ def _checked_digest(d: Draft, tensors: Mapping[str, np.ndarray]) -> str:
     check_finite(tensors)
     return d.digest()
 
-
-def _code(code: object) -> int:
-    """A SUBACK result as an int (paho gives ints on 3.1.1 and ReasonCodes on 5)."""
-    value = getattr(code, "value", code)
-    return int(value) if isinstance(value, int) else 0x80

@@ -100,3 +100,17 @@ stage3: {rounds: 3, local_epochs: 3}
     # chance is 0.1; a few rounds on 900 images already gets far above it
     assert results["methods"]["nmoe"]["accuracy"] > 0.5
     assert results["methods"]["fedavg"]["accuracy"] > 0.4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make test installs it)")
+def test_paper_sized_run_shows_the_papers_qualitative_claims(tmp_path):
+    """10 clients x 1000/1000 Fashion-MNIST, non-IID(0.2), FedCE (a few minutes on 2 cores):
+    FedGate beats FedAvg-gate, and NMoE's macro-F1 beats the local classifier's (which in strong
+    non-IID has high accuracy but low F1)."""
+    scn = load_scenario("paper_fedce_noniid", ["stage1.rounds=8", "baselines=[local, fedavg_gate]"])
+    results = run_inprocess(scn, tmp_path / "out", _quiet())
+    m = results["methods"]
+    assert m["nmoe"]["accuracy"] > m["nmoe_fedavg_gate"]["accuracy"]
+    assert m["nmoe"]["f1_macro"] > m["local"]["f1_macro"]
+    assert m["local"]["accuracy"] > 0.7 > m["local"]["f1_macro"]

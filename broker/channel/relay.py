@@ -32,11 +32,11 @@ import aiomqtt
 
 from broker.auth import BrokerAddress
 from broker.errors import ChannelError
+from broker.mqtt import refused_credentials, refused_subscriptions
 from broker.topics import Status, Topics
 
 log = logging.getLogger(__name__)
 
-_AUTH_FAILURES = {4, 5, 134, 135}  # CONNACK: bad user name or password / not authorized (3.1.1, 5)
 
 
 @dataclass(frozen=True)
@@ -296,7 +296,7 @@ class RelaySession:
                 self._connected.clear()
                 if self._closing:
                     return
-                refused = isinstance(err, aiomqtt.MqttCodeError) and _code(err.rc) in _AUTH_FAILURES
+                refused = refused_credentials(err)
                 if refused and not ever_connected:
                     self._fatal = ChannelError(f"broker refused the credentials ({err})")
                     return
@@ -311,13 +311,8 @@ class RelaySession:
     async def _subscribe(self) -> None:
         assert self._client is not None
         granted = await self._client.subscribe(self.topics.tx_filter(), qos=self.options.qos)
-        if any(_code(code) >= 0x80 for code in granted):
+        if refused_subscriptions([self.topics.tx_filter()], granted):
             raise ChannelError(f"broker refused the subscription to {self.topics.tx_filter()}")
         if self.options.announce_status:
             await self._client.publish(self.topics.status(self.username), Status.ONLINE.value, qos=1, retain=True)
 
-
-def _code(code: object) -> int:
-    """A SUBACK/CONNACK result as an int (paho gives ints on 3.1.1 and ReasonCodes on 5)."""
-    value = getattr(code, "value", code)
-    return int(value) if isinstance(value, int) else 0x80
