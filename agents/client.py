@@ -199,7 +199,7 @@ class ClientAgent:
             log.info("task %s round %d", task.op.value, task.round)
             try:
                 reply = await execute(self.learner, task, pool, in_thread)
-            except (ValueError, AssertionError, RuntimeError) as err:  # a task we cannot run: say why
+            except (ValueError, KeyError, TypeError, AssertionError, RuntimeError) as err:  # cannot run it: say why
                 log.error("%s failed: %s", task.op.value, err)
                 await bus.send(COORDINATOR, Kind.METRICS, round=task.round, meta={TASK: task_id, ERROR: str(err)[:500]})
                 continue

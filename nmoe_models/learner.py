@@ -152,6 +152,9 @@ class ClientLearner:
                                     epochs=s1.local_epochs, batch_size=s1.batch_size, optim=s1.optim, lr=lr, gen=gen)
             n = len(self.data.train_x)
         else:
+            d = self.exp.model.latent_dim
+            if rbar is not None and tuple(rbar.shape) != (d, d):
+                raise ValueError(f"Rbar has shape {tuple(rbar.shape)}, expected {(d, d)}")
             x = self.ssl_images
             loss = train_fedsc(self.stage1, x, self.inputs.views, epochs=s1.local_epochs, batch_size=s1.batch_size,
                                optim=s1.optim, lr=lr, q=q, rbar=rbar, mu=s1.fedsc.mu, gen=gen)

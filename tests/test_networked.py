@@ -3,10 +3,12 @@ JOIN that names who is missing, and a client rejoining a run in progress."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import needs_mosquitto
@@ -14,6 +16,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from agents.bus import BusConfig, BusSession
+from agents.client import ClientAgent
 from agents.codec import HELLO, OP, SAMPLES
 from agents.config import NetworkConfig
 from agents.coordinator import BusFleet, JoinFailed
@@ -160,3 +163,24 @@ def test_a_networked_run_on_the_embedded_amqtt_broker(tmp_path):
     assert net["traffic"]["broker"] == "amqtt"
     for i, m in ref["methods"]["nmoe"]["per_client"].items():
         assert net["methods"]["nmoe"]["per_client"][i]["accuracy"] == m["accuracy"]
+
+
+async def test_a_client_answers_a_malformed_task_with_an_error_and_keeps_working(tmp_path):
+    scn = _scenario(tmp_path, TOY, ["clients=1", "stage1.method=fedce"])
+    accounts = make_accounts(["client-0"])
+    async with launch_broker("bad", accounts, prefer="mosquitto") as broker:
+        agent = ClientAgent(scn, scn.network, 0, BusConfig("bad", "client-0", broker.address_for("client-0")))
+        coord = BusConfig("bad", "coordinator", broker.address_for("coordinator"))
+        async with BusSession(coord) as bus:
+            running = asyncio.create_task(agent.run())
+            hello = await bus.receive(timeout=30)
+            assert hello.header.meta["op"] == "hello"
+            wrong = {"features.conv1.weight": np.zeros((3, 3), np.float32)}  # the real one is (16, 1, 3, 3)
+            await bus.send("client-0", Kind.MODEL, wrong, round=0, meta={"op": "stage1_fit", "task": "t-wrong"})
+            error = await bus.receive(timeout=30)
+            assert error.header.meta["task"] == "t-wrong" and "has shape (3, 3)" in error.header.meta["error"]
+            await bus.send("client-0", Kind.CTRL, meta={"op": "no-such-op", "task": "t-odd"})  # dropped, counted
+            await bus.send("client-0", Kind.CTRL, meta={"op": "shutdown", "task": "end"})
+            bye = await bus.receive(timeout=30)
+            await asyncio.wait_for(running, 30)
+    assert bye.header.meta["op"] == "bye" and bye.header.meta["rejected.bad_task"] == 1
