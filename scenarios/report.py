@@ -156,6 +156,7 @@ def plot_losses(path: Path, rounds: list[RoundRecord]) -> Path | None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3)
         ax.set_title(f"{stage}: mean local loss")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
