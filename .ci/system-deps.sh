@@ -7,9 +7,11 @@ have_fmnist() { [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.g
 if have_broker && have_fmnist; then exit 0; fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing mosquitto and dataset-fashion-mnist with apt-get"
-  apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto dataset-fashion-mnist
-  exit 0
+  if apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto dataset-fashion-mnist; then
+    exit 0
+  fi
+  echo "warning: apt-get failed; going on (nmoe falls back to its embedded amqtt broker, and tests that" \
+    "need Fashion-MNIST are skipped)"
 fi
 have_broker || echo "note: no mosquitto binary found; nmoe falls back to its embedded amqtt broker." \
   "Install mosquitto (Debian/Ubuntu: apt-get install mosquitto; macOS: brew install mosquitto) for the real one."

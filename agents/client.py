@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from broker.errors import BusError, WireError
+from broker.errors import BusError, NmoeError, WireError
 from broker.topics import Kind
 from broker.wire import Message, MetaValue, Schema, TensorSpec
 from nmoe_models.config import ExperimentConfig
@@ -40,7 +40,7 @@ from .codec import (
     to_numpy,
 )
 from .config import NetworkConfig
-from .protocol import ExpertAnswer, Op, execute
+from .protocol import ExpertAnswer, execute
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,7 +64,7 @@ class BusPool:
         try:
             reply = await self.bus.request(client_name(expert), Kind.LATENT, {"h": latents.contiguous().numpy()},
                                            deadline_s=self.deadline_s)
-        except (RequestTimeout, BusError):
+        except (RequestTimeout, BusError, WireError):  # no answer in time, or latents we could not send
             return ExpertAnswer(None, self.deadline_s / self.time_scale)
         wall = time.perf_counter() - t0
         logp = reply.tensors.get("logp")
@@ -119,9 +119,12 @@ class ClientAgent:
         async with BusSession(self.bus_cfg, self.schemas()) as bus:
             worker = asyncio.create_task(self._work(bus, queue), name=f"{self.bus_cfg.agent_id}-worker")
             rejoin = asyncio.create_task(self._rejoin(bus), name=f"{self.bus_cfg.agent_id}-rejoin")
-            await self._hello(bus)
             try:
+                await self._hello(bus)
                 async for msg in bus.messages():
+                    if worker.done():  # the worker must never end before shutdown: surface why it did
+                        worker.result()
+                        raise BusError("the task worker stopped")
                     if msg.kind is Kind.LATENT:
                         await self._serve(bus, msg)
                     elif msg.src == COORDINATOR and msg.kind in TASK_KINDS:
@@ -173,17 +176,20 @@ class ClientAgent:
     async def _serve(self, bus: BusSession, msg: Message) -> None:
         """Answer a latent request with this client's expert (once it is trained)."""
         learner = self.learner
-        if learner is None or learner.train_latents is None:
+        if learner is None or not learner.expert_ready:
             return  # no expert yet: the requester's deadline passes and it falls back
         t0 = time.perf_counter()
         logp = learner.expert_logprobs(torch.from_numpy(msg.tensors["h"]))
+        if not bool(torch.isfinite(logp).all()):  # finite but absurd latents (e.g. 1e38) overflow the expert
+            bus.stats.rejected["non_finite_answer"] += 1
+            return
         meta: dict[str, float] = {"service_s": time.perf_counter() - t0}
         h = msg.header
         if h.t_model_send is not None and h.t_model_arrive is not None:
             meta["req_transit_s"] = h.t_model_arrive - h.t_model_send
         try:
             await bus.reply(msg, Kind.LOGITS, {"logp": logp.numpy()}, meta=meta)
-        except BusError as err:
+        except NmoeError as err:  # the requester falls back at its deadline
             log.warning("could not answer %s's latent request: %s", msg.src, err)
 
     async def _work(self, bus: BusSession, queue: asyncio.Queue[Message | None]) -> None:
@@ -199,12 +205,16 @@ class ClientAgent:
             log.info("task %s round %d", task.op.value, task.round)
             try:
                 reply = await execute(self.learner, task, pool, in_thread)
-            except (ValueError, KeyError, TypeError, AssertionError, RuntimeError) as err:  # cannot run it: say why
+                await bus.send(COORDINATOR, reply_kind(task.op), to_numpy(reply.tensors), round=task.round,
+                               stage=task.op.value.split("_")[0], meta=reply_meta(task_id, reply))
+                self.tasks_done += 1
+            except (NmoeError, ValueError, KeyError, TypeError, AssertionError, RuntimeError) as err:
+                # a task we cannot run, or a result we cannot send (e.g. training diverged to NaN): say why
                 log.error("%s failed: %s", task.op.value, err)
-                await bus.send(COORDINATOR, Kind.METRICS, round=task.round, meta={TASK: task_id, ERROR: str(err)[:500]})
-                continue
-            if task.op is Op.SYNC:
-                log.info("synchronized with the run in progress")
-            await bus.send(COORDINATOR, reply_kind(task.op), to_numpy(reply.tensors), round=task.round,
-                           stage=task.op.value.split("_")[0], meta=reply_meta(task_id, reply))
-            self.tasks_done += 1
+                await self._report(bus, task.round, task_id, err)
+
+    async def _report(self, bus: BusSession, round_index: int, task_id: str, err: Exception) -> None:
+        try:
+            await bus.send(COORDINATOR, Kind.METRICS, round=round_index, meta={TASK: task_id, ERROR: str(err)[:500]})
+        except NmoeError as again:  # the broker is gone too: the coordinator records us as missing
+            log.error("could not report the failure either: %s", again)

@@ -6,6 +6,7 @@ seconds when a wireless channel is emulated (the emulator scales them by its tim
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,6 +15,8 @@ def _check(ok: bool, name: str, msg: str) -> None:
     if not ok:
         raise ValueError(f"{name}: {msg}")
 
+
+MAX_CHUNK = 2 * 1024 * 1024  # well under mosquitto.conf's max_packet_size (4 MiB) with headers
 
 TaskOp = Literal["stage1_corr", "stage1_fit", "stage2_fit", "stage3_prepare", "stage3_fit", "evaluate"]
 
@@ -41,7 +44,8 @@ class FaultConfig:
 @dataclass(frozen=True)
 class NetworkConfig:
     join_timeout_s: float = 120.0
-    """How long the coordinator waits for every client to come online before giving up."""
+    """How long the coordinator waits for every client to come online (wall-clock seconds, not
+    scaled by the channel's time_scale: it is about processes starting, not radio)."""
     round_timeout_s: float = 600.0
     """Deadline of one federated round (from the task's send to the last accepted reply)."""
     stage2_timeout_s: float = 600.0
@@ -63,7 +67,9 @@ class NetworkConfig:
 
     def __post_init__(self) -> None:
         for name in ("join_timeout_s", "round_timeout_s", "stage2_timeout_s", "eval_timeout_s", "inference_deadline_s"):
-            _check(getattr(self, name) > 0, name, "must be > 0")
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value > 0, name, f"must be a finite number > 0 (got {value})")
         _check(self.min_clients >= 1, "min_clients", "must be >= 1")
-        _check(4096 <= self.chunk_size <= 64 * 1024 * 1024, "chunk_size", "must be in 4096..67108864 bytes")
+        _check(4096 <= self.chunk_size <= MAX_CHUNK, "chunk_size",
+               f"must be in 4096..{MAX_CHUNK} bytes (mosquitto.conf's max_packet_size is 4 MiB)")
         _check(self.agent_threads >= 1, "agent_threads", "must be >= 1")

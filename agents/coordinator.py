@@ -52,6 +52,7 @@ class JoinFailed(NmoeError):
 
 @dataclass
 class _Collector:
+    task_id: str
     targets: set[int]
     task: Task
     replies: dict[int, Reply] = field(default_factory=dict)
@@ -96,6 +97,7 @@ class BusFleet:
         self._open: dict[str, _Collector] = {}
         self._closed: dict[str, dict[int, str]] = {}  # task id -> its round's failures (a late answer updates them)
         self._joined_event = asyncio.Event()
+        self.join_over = False  # JOIN has decided who takes part
         self._byes = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
 
@@ -126,8 +128,9 @@ class BusFleet:
                 if isinstance(data_s, float):
                     self.data_seconds[client] = data_s
                 await self._hello(client, meta.get(SAMPLES))
-            elif op == BYE:
-                self.client_stats[client] = dict(meta)
+            elif op == BYE:  # its bus counters; anything but plain integers is not a counter
+                self.client_stats[client] = {k: v for k, v in meta.items()
+                                             if isinstance(v, int) and not isinstance(v, bool)}
                 if len(self.client_stats) >= len(self.joined):
                     self._byes.set()
             elif task_id in self._open:
@@ -139,7 +142,10 @@ class BusFleet:
                     failures[client] = "late"  # it answered, after the deadline: a straggler, not a loss
                 self.on_event(f"late answer from {msg.src} to a closed round ({task_id.rsplit('-', 1)[0]})")
             elif task_id.startswith("sync-"):
-                log.info("%s caught up with the run", msg.src)
+                if ERROR in meta:
+                    self.on_event(f"{msg.src} could not catch up with the run: {meta[ERROR]}")
+                else:
+                    log.info("%s caught up with the run", msg.src)
             else:
                 log.warning("ignoring %s from %s for unknown task %r", msg.kind.value, msg.src, task_id[:40])
 
@@ -149,15 +155,23 @@ class BusFleet:
         if len(self.joined) == len(self._clients):
             self.timeline.setdefault("all_joined_at", time.time())
             self._joined_event.set()
-        if self.strategy is not None and self.strategy.stage != "join":
-            self.on_event(f"{client_name(client)} {'rejoined' if rejoin else 'joined late'}; sending the current state")
+        if self.strategy is None or self.strategy.stage == "join":
+            return
+        self.on_event(f"{client_name(client)} {'rejoined' if rejoin else 'joined late'}; sending the current state")
+        try:
             await self._publish(self.strategy.sync_task(), f"sync-{uuid.uuid4().hex[:12]}", [client])
+            for collector in list(self._open.values()):  # a task it may have missed while away: again
+                if client in collector.targets and client not in collector.replies:
+                    await self._publish(collector.task, collector.task_id, [client])
+        except NmoeError as err:  # the pump must go on: the next hello tries again
+            self.on_event(f"could not send {client_name(client)} the current state: {err}")
 
     # -- JOIN --------------------------------------------------------------------------------------
     async def join(self) -> None:
         """Wait for every client's hello; go on with at least min_clients, else fail naming who is missing."""
         try:
             await asyncio.wait_for(self._joined_event.wait(), self.net.join_timeout_s)
+            self.join_over = True
             return
         except asyncio.TimeoutError:
             pass
@@ -168,6 +182,7 @@ class BusFleet:
         text = f"{len(missing)} of {len(self._clients)} clients did not join within {waited:g}s: {named}"
         if len(self.joined) < self.net.min_clients:
             raise JoinFailed(text + f"; min_clients is {self.net.min_clients}")
+        self.join_over = True
         self.on_event(text + "; going on without them")
 
     # -- rounds ------------------------------------------------------------------------------------
@@ -179,9 +194,11 @@ class BusFleet:
         return modeled * self.time_scale
 
     async def run(self, task: Task) -> RoundOutcome:
-        targets = sorted(task.personal) if task.personal else list(self._clients)
+        # clients that never joined are not waited for (JOIN went on without them); they take part
+        # from the task after their hello
+        targets = sorted(task.personal) if task.personal else [i for i in self._clients if i in self.joined]
         task_id = f"{task.op.value}-{task.round}-{uuid.uuid4().hex[:12]}"
-        collector = _Collector(set(targets), task)
+        collector = _Collector(task_id, set(targets), task)
         self._open[task_id] = collector
         try:
             self.timeline.setdefault("first_task_at", time.time())
@@ -196,6 +213,8 @@ class BusFleet:
             if i not in collector.replies and i not in failures:
                 offline = status.get(client_name(i)) == Status.OFFLINE.value
                 failures[i] = "offline" if offline else "missing"
+        if not task.personal:
+            failures |= {i: "never joined" for i in self._clients if i not in self.joined}
         self._closed[task_id] = failures
         return RoundOutcome(dict(collector.replies), failures)
 
@@ -205,6 +224,9 @@ class BusFleet:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline(collector.task.op)
         while not collector.done.is_set() and (left := deadline - loop.time()) > 0:
+            if self._pump is not None and self._pump.done():  # nothing can arrive any more: say why
+                self._pump.result()
+                raise NmoeError("the coordinator stopped reading the bus")
             status = self.bus.status()
             silent = collector.targets - collector.replies.keys() - collector.failures.keys()
             if silent and all(status.get(client_name(i)) == Status.OFFLINE.value for i in silent):
@@ -231,7 +253,11 @@ class BusFleet:
         """Tell every client to stop; wait briefly for their traffic reports."""
         if not self.joined:
             return
-        await self.bus.send(BROADCAST, Kind.CTRL, meta={OP: SHUTDOWN, TASK: f"shutdown-{int(time.time())}"})
+        try:
+            await self.bus.send(BROADCAST, Kind.CTRL, meta={OP: SHUTDOWN, TASK: f"shutdown-{int(time.time())}"})
+        except NmoeError as err:  # the broker is gone: agents notice it themselves
+            self.on_event(f"could not tell the agents to stop: {err}")
+            return
         try:
             await asyncio.wait_for(self._byes.wait(), timeout)
         except asyncio.TimeoutError:

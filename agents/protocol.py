@@ -54,8 +54,8 @@ class Task:
     """Sent to every client (one broadcast)."""
     personal: Mapping[int, Part] = field(default_factory=dict)
     """Client-specific parts (e.g. FedSC's Rbar_{-i}); when set, each client gets a unicast."""
-    expect: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    """Tensors every reply must carry, by name and shape (a reply that does not is rejected)."""
+    expect: Mapping[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
+    """Tensors every reply must carry: name -> (shape, dtype); a reply that does not is rejected."""
     sample_limit: int = 0
     """Largest FedAvg weight (sample count) a reply may claim; 0 for tasks that do not weigh."""
 
@@ -209,14 +209,21 @@ async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batc
     }
 
 
+def expect_like(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What a reply updating ``state`` must carry: the same names, shapes and dtypes."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+
+
 def check_reply(task: Task, reply: Reply) -> None:
     """Refuse a reply that does not carry what the task asked for (raises ValueError naming it)."""
-    for name, shape in task.expect.items():
+    for name, (shape, dtype) in task.expect.items():
         t = reply.tensors.get(name)
         if t is None:
             raise ValueError(f"missing tensor '{name}'")
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if t.dtype != dtype:
+            raise ValueError(f"tensor '{name}' is {t.dtype}, expected {dtype}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"tensor '{name}' is not finite")
     extra = set(reply.tensors) - set(task.expect)

@@ -24,7 +24,7 @@ from nmoe_models.learner import build_gate, build_stage1_model, stage1_shared_ke
 from nmoe_models.moe import SHARED_GATE_PREFIX
 from nmoe_models.privacy import epsilon
 
-from .protocol import Op, Part, Reply, Task
+from .protocol import Op, Part, Reply, Task, expect_like
 
 
 @dataclass(frozen=True)
@@ -148,14 +148,18 @@ class Strategy:
         self.stage = "stage1"
         self.obs.on_stage("stage1", s1.rounds)
         limit = self.exp.partition.train_per_client + self.exp.partition.unlabeled_per_client
-        fit_expect = {k: tuple(v.shape) for k, v in self.global_stage1.items()}
+        fit_expect = expect_like(self.global_stage1)
         d = self.exp.model.latent_dim
         for r in range(s1.rounds):
             if s1.method == "fedsc":
-                corr_task = Task(Op.STAGE1_CORR, r, Part(self.global_stage1), expect={"R": (d, d)}, sample_limit=limit)
+                corr_task = Task(Op.STAGE1_CORR, r, Part(self.global_stage1), expect={"R": ((d, d), torch.float32)},
+                                 sample_limit=limit)
                 corr = await self._step(fleet, corr_task, "stage1")
-                for i, rep in corr.replies.items():
-                    self.corrs[i], self.samples[i] = rep.tensors["R"], rep.samples
+                for i in sorted(corr.replies):
+                    self.corrs[i], self.samples[i] = corr.replies[i].tensors["R"], corr.replies[i].samples
+                for i in sorted({*corr.replies, *corr.failures} - {i for i, why in corr.failures.items()
+                                                                   if why == "never joined"}):
+                    # asked for R_i: count the release even if the answer was lost or late (conservative)
                     self.releases[i] = self.releases.get(i, 0) + 1
                 q = self._q(r)
                 rbars = rbar_minus(self.corrs, q)
@@ -194,10 +198,15 @@ class Strategy:
                                "stage2")
         if not fedce:
             return {}
-        return {
-            i: {"accuracy": rep.metrics["classifier_accuracy"], "f1_macro": rep.metrics["classifier_f1_macro"]}
-            for i, rep in out.replies.items()
-        }
+        scores = {}
+        for i in sorted(out.replies):
+            m = out.replies[i].metrics
+            acc, f1 = m.get("classifier_accuracy"), m.get("classifier_f1_macro")
+            if acc is None or f1 is None or not (0 <= acc <= 1 and 0 <= f1 <= 1):
+                out.failures[i] = "rejected: no valid classifier scores"
+                continue
+            scores[i] = {"accuracy": acc, "f1_macro": f1}
+        return scores
 
     async def stage3(self, fleet: Fleet, variant: str) -> StateDict:
         s3 = self.exp.stage3
@@ -205,7 +214,7 @@ class Strategy:
         self.obs.on_stage(f"stage3:{variant}", s3.rounds)
         init = build_gate(self.exp, -1).state_dict()  # one common starting point for the shared part
         gate = select(init, with_prefix(SHARED_GATE_PREFIX) if variant == "fedgate" else None)
-        expect = {k: tuple(v.shape) for k, v in gate.items()}
+        expect = expect_like(gate)
         for r in range(s3.rounds):
             task = Task(Op.STAGE3_FIT, r, Part(gate, {"variant": variant, "reset": r == 0}), expect=expect,
                         sample_limit=self.exp.partition.train_per_client)
@@ -229,8 +238,8 @@ class Strategy:
         if stage != "stage1":
             tensors |= {f"stage1.{k}": v for k, v in self.global_stage1.items()}
         tensors |= {f"corr.{j}": r for j, r in sorted(self.corrs.items())}
-        meta = {"stage": stage, "round": str(round_index), "samples": json.dumps(self.samples),
-                "releases": json.dumps(self.releases)}
+        meta = {"stage": stage, "round": str(round_index), "samples": json.dumps(self.samples, sort_keys=True),
+                "releases": json.dumps(self.releases, sort_keys=True)}
         self.obs.on_checkpoint(stage, round_index, tensors, meta)
 
     async def _step(self, fleet: Fleet, task: Task, stage: str) -> RoundOutcome:

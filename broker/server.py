@@ -162,7 +162,10 @@ class MosquittoBroker:
                 user=_drop_user(), persistence="true" if self.persistence else "false",
             )  # fmt: skip
         except (OSError, KeyError, ValueError) as err:
-            raise BrokerError(f"cannot render mosquitto config from {self.template}: {err}") from err
+            raise BrokerError(
+                f"cannot render mosquitto config from {self.template}: {err} (the template is the repository's "
+                "top-level mosquitto.conf: install nmoe from a checkout with `pip install -e .`)"
+            ) from err
         self.conf_path.write_text(text)
         for path in (pw, acl, self.conf_path):
             path.chmod(0o600)

@@ -170,7 +170,7 @@ class Stage2Config:
 
     def __post_init__(self) -> None:
         check(self.epochs >= 0, "epochs", "must be >= 0")
-        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.batch_size >= 2, "batch_size", "must be >= 2 (the expert's BatchNorm needs two samples)")
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ class Stage3Config:
     def __post_init__(self) -> None:
         check(self.rounds >= 0, "rounds", "must be >= 0")
         check(self.local_epochs >= 1, "local_epochs", "must be >= 1")
-        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.batch_size >= 2, "batch_size", "must be >= 2 (the gate's BatchNorm needs two samples)")
         check(self.lr > 0, "lr", "must be > 0")
         check(self.muon_lr > 0, "muon_lr", "must be > 0")
         check(self.noise_std >= 0, "noise_std", "must be >= 0")
@@ -218,6 +218,9 @@ class PrivacyConfig:
     """sigma = noise_multiplier * sensitivity, with sensitivity = sqrt(2) * mu / n_i (see privacy.py)."""
     delta: float = 1e-5
     """delta of the reported (epsilon, delta) guarantee."""
+    reproducible_noise: bool = False
+    """Draw the noise from the scenario's seed, so that runs are bit-reproducible. INSECURE: anyone
+    holding the scenario file can regenerate and subtract the noise. Off: fresh OS randomness."""
 
     def __post_init__(self) -> None:
         check(self.noise_multiplier > 0, "noise_multiplier", "must be > 0")

@@ -7,6 +7,7 @@ in-process one: the method is implemented once, here.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -113,6 +114,7 @@ class ClientLearner:
         self.test_latents: torch.Tensor | None = None
         self.expert_outputs: torch.Tensor | None = None  # (n_i, n, C) log-probs of every expert
         self.available: torch.Tensor | None = None  # (n,) bool
+        self.expert_ready = False  # set once Stage 2 has trained H_i: only then is it served
         self.corr_releases = 0
 
     @property
@@ -139,7 +141,7 @@ class ClientLearner:
                               batch_size=max(self.exp.stage1.batch_size, 256), gen=gen)
         if self.exp.privacy.enabled:
             sigma = self.exp.privacy.noise_multiplier * sensitivity(s1.mu, len(x))
-            r = privatize(r, sigma, gen)
+            r = privatize(r, sigma, noise_generator(self.exp, round_index, self.id))
         self.corr_releases += 1
         return r
 
@@ -176,8 +178,11 @@ class ClientLearner:
         if isinstance(self.stage1, Classifier) and s2.init == "head":
             self.expert.load_state_dict(self.stage1.head.state_dict())
         gen = generator(self.exp.seed, "stage2", self.id)
-        return train_head(self.expert, self.train_latents, self.data.train_y, epochs=s2.epochs,
+        self.expert_ready = False
+        loss = train_head(self.expert, self.train_latents, self.data.train_y, epochs=s2.epochs,
                           batch_size=s2.batch_size, optim=s2.optim, gen=gen)
+        self.expert_ready = True
+        return loss
 
     @torch.no_grad()
     def expert_logprobs(self, h: torch.Tensor) -> torch.Tensor:
@@ -224,6 +229,14 @@ class ClientLearner:
     def gate_logits(self, h: torch.Tensor) -> torch.Tensor:
         self.gate.eval()
         return self.gate(h)  # (B, n)
+
+
+def noise_generator(exp: ExperimentConfig, round_index: int, client: int) -> torch.Generator:
+    """Where DP noise comes from: the OS's randomness (nobody can regenerate it), unless the
+    scenario asks for reproducible (and therefore removable) noise."""
+    if exp.privacy.reproducible_noise:
+        return generator(exp.seed, "dp-noise", round_index, client)
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def load_partial(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -35,6 +35,8 @@ from agents.strategy import Strategy
 from broker.auth import PASSWORD_ENV, Account, BrokerAddress, ChannelMode, make_accounts
 from broker.errors import ChannelError, NmoeError
 from broker.server import Prefer, RunningBroker, launch_broker
+from broker.wire import ReassemblyLimits
+from nmoe_models.partition import load_client_data
 
 from .runner import ProgressObserver, make_progress, run_baselines, set_threads
 from .scenario import Scenario
@@ -49,8 +51,13 @@ class AgentsFailed(NmoeError):
 
 def bus_config(scn: Scenario, run_id: str, agent_id: str, address: BrokerAddress) -> BusConfig:
     mode: ChannelMode = "emulated" if scn.channel.model == "emulated" else "direct"
+    # the largest message is Stage 1's model: ResNet20 has ~0.3M float32 parameters per width^2
+    model_bytes = int(4 * 0.3e6 * scn.model.width**2 * 1.25)
+    default = ReassemblyLimits()
+    limits = ReassemblyLimits(max_message_bytes=max(default.max_message_bytes, 2 * model_bytes),
+                              max_pending_bytes=max(default.max_pending_bytes, 4 * model_bytes))
     return BusConfig(run_id, agent_id, address, channel_mode=mode, chunk_size=scn.network.chunk_size,
-                     compression=scn.network.compression)
+                     compression=scn.network.compression, limits=limits)
 
 
 def write_scenario(scn: Scenario, path: Path) -> Path:
@@ -199,8 +206,9 @@ def external_instructions(scn: Scenario, run_id: str, broker: RunningBroker, sce
         lines.append(f"NMOE_BROKER_PASSWORD='{addr.password}' nmoe agent --id {agent} --run-id {run_id} "
                      f"--scenario {scenario_file.name} --broker mqtt://{agent}@<this-host>:{addr.port}")
     path = out_dir / "agents.txt"
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others, not even briefly
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
     return path
 
 
@@ -213,77 +221,104 @@ async def agents_running(mode: AgentsMode, scn: Scenario, run_id: str, broker: R
                                out_dir / "logs")
     elif mode == "inprocess":
         group = AgentTasks(scn, run_id, broker)
+    if group is None:
+        yield None
+        return
     try:
-        if group is not None:
-            await group.start()
+        await group.start()
         yield group
     except BaseException:  # failure, Ctrl-C or kill: stop them now
-        if group is not None:
-            await group.stop()
+        await group.stop()
         raise
-    if group is not None:  # after the coordinator's shutdown they leave on their own
-        await group.wait(15.0)
+    try:
+        await group.wait(15.0)  # after the coordinator's shutdown they leave on their own
+    finally:
         await group.stop()
 
 
-async def _watch(fleet: BusFleet, group: AgentProcesses | AgentTasks | None, progress: Progress,
-                 started: float) -> None:
-    """Keep the 'bus' line of the display current; fail fast when agents die before joining."""
+async def _watch(fleet: BusFleet, group: AgentProcesses | AgentTasks | None, channel: ChannelProcess | None,
+                 progress: Progress, started: float) -> None:
+    """Keep the 'bus' line of the display current; fail fast when agents die before JOIN is over,
+    or when the channel emulator dies (every message would be lost from then on)."""
     task = progress.add_task("bus", total=None, info="")
     while True:
+        if channel is not None:
+            channel.check()
         online = len([a for a in fleet.bus.online() if client_index(a) is not None])
         s = fleet.bus.stats
         moved = (sum(s.sent_bytes.values()) + sum(s.received_bytes.values())) / 1e6
         progress.update(task, info=f"{online}/{len(fleet.clients)} clients online, "
                                    f"{moved:.1f} MB through the coordinator, {time.perf_counter() - started:.0f}s")
-        if group is not None and (failed := group.failed()) and len(fleet.joined) < len(fleet.clients):
+        if group is not None and not fleet.join_over and (failed := group.failed()):
             first = next(iter(failed))
             raise AgentsFailed(f"{len(failed)} agent(s) exited with an error before joining ({', '.join(failed)}); "
                                f"the last lines of {first}'s log:\n{group.log_tail(first)}")
         await asyncio.sleep(0.5)
 
 
-@contextlib.asynccontextmanager
-async def channel_running(scn: Scenario, run_id: str, broker: RunningBroker, clients: list[str],
-                          out_dir: Path) -> AsyncIterator[dict[str, Any] | None]:
-    """The wireless channel emulator between the agents, as its own process, when the scenario asks
-    for one (it relays every byte twice through the broker: on two cores it must not share the
-    coordinator's interpreter). Yields a dict that holds its per-link stats once it has stopped."""
-    if scn.channel.model != "emulated":
-        yield None
-        return
-    config = out_dir / "channel.json"
-    config.write_text(json.dumps(dataclasses.asdict(scn.channel)))
-    stats_file = out_dir / "channel_stats.json"
-    addr = broker.address_for(CHANNEL)
-    cmd = [sys.executable, "-m", "broker.channel.emulator", "--run-id", run_id,
-           "--broker", f"{'mqtts' if addr.tls else 'mqtt'}://{CHANNEL}@{addr.host}:{addr.port}",
-           "--agents", ",".join([COORDINATOR, *clients]), "--wired", COORDINATOR, "--config", str(config),
-           "--seed", str(scn.seed), "--stats", str(stats_file)]
-    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-    log = open(out_dir / "logs" / "channel.log", "wb")  # noqa: SIM115  (closed below)
-    proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                                                stderr=log, env={**os.environ, PASSWORD_ENV: addr.password or ""})
-    holder: dict[str, Any] = {}
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 30.0)
+class ChannelProcess:
+    """The wireless channel emulator between the agents, as its own process (it relays every byte
+    twice through the broker: on two cores it must not share the coordinator's interpreter)."""
+
+    def __init__(self, scn: Scenario, run_id: str, broker: RunningBroker, clients: list[str], out_dir: Path) -> None:
+        self.config = out_dir / "channel.json"
+        self.config.write_text(json.dumps(dataclasses.asdict(scn.channel)))
+        self.stats_file = out_dir / "channel_stats.json"
+        self.log_path = out_dir / "logs" / "channel.log"
+        self.addr = broker.address_for(CHANNEL)
+        scheme = "mqtts" if self.addr.tls else "mqtt"
+        self.cmd = [sys.executable, "-m", "broker.channel.emulator", "--run-id", run_id,
+                    "--broker", f"{scheme}://{CHANNEL}@{self.addr.host}:{self.addr.port}",
+                    "--agents", ",".join([COORDINATOR, *clients]), "--wired", COORDINATOR,
+                    "--config", str(self.config), "--seed", str(scn.seed), "--stats", str(self.stats_file)]
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stats: dict[str, Any] = {}  # per-link figures, once it has stopped
+
+    async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log,
+                env={**os.environ, PASSWORD_ENV: self.addr.password or ""})
+        assert self.proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), 30.0)
+        except asyncio.TimeoutError:
+            line = b""
         if line.strip() != b"ready":
-            await proc.wait()
-            raise ChannelError(f"the channel emulator did not start (exit {proc.returncode}); "
-                               f"see {out_dir / 'logs' / 'channel.log'}")
-        yield holder
-    finally:
-        if proc.returncode is None:
+            raise ChannelError(f"the channel emulator did not start; see {self.log_path}")
+
+    def check(self) -> None:
+        if self.proc is not None and self.proc.returncode is not None:
+            raise ChannelError(f"the channel emulator exited ({self.proc.returncode}) in the middle of the run; "
+                               f"see {self.log_path}")
+
+    async def stop(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
             proc.terminate()  # it writes its stats and exits
             try:
                 await asyncio.wait_for(proc.wait(), 10.0)
             except asyncio.TimeoutError:
                 proc.kill()
                 await proc.wait()
-        log.close()
-        if stats_file.exists():
-            holder.update(json.loads(stats_file.read_text()))
+        if self.stats_file.exists():
+            self.stats.update(json.loads(self.stats_file.read_text()))
+
+
+@contextlib.asynccontextmanager
+async def channel_running(scn: Scenario, run_id: str, broker: RunningBroker, clients: list[str],
+                          out_dir: Path) -> AsyncIterator[ChannelProcess | None]:
+    """The emulator when the scenario asks for one; stopped (by PID) whatever happens."""
+    if scn.channel.model != "emulated":
+        yield None
+        return
+    channel = ChannelProcess(scn, run_id, broker, clients, out_dir)
+    try:
+        await channel.start()
+        yield channel
+    finally:
+        await channel.stop()
 
 
 def _kill(group: AgentProcesses | AgentTasks, agent: str, event: Callable[[str], None]) -> None:
@@ -324,29 +359,36 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
                     progress.console.print(f"[yellow]{text}[/yellow]")
 
                 injected: list[dict[str, Any]] = []
+                timers: list[asyncio.TimerHandle] = []
                 holder: dict[str, AgentProcesses | AgentTasks | None] = {}
 
                 def inject(task: Task) -> None:
                     group_now = holder.get("group")
                     for fault in scn.network.faults:
                         if fault.op == task.op.value and fault.round == task.round and group_now is not None:
-                            asyncio.get_running_loop().call_later(
-                                fault.after_s * scn.channel.time_scale, _kill, group_now, fault.client, event)
+                            timers.append(asyncio.get_running_loop().call_later(
+                                fault.after_s * scn.channel.time_scale, _kill, group_now, fault.client, event))
                             injected.append(to_dict(fault))
 
                 async with BusFleet(bus, scn.clients, scn.network, scn.channel.time_scale, event, inject) as fleet, \
                         agents_running(mode, scn, run_id, broker, scenario_file, out_dir) as group:
                     holder["group"] = group
-                    watcher = asyncio.create_task(_watch(fleet, group, progress, started))
+                    watcher = asyncio.create_task(_watch(fleet, group, channel, progress, started))
                     strategy = Strategy(scn, observer, scn.network.min_clients)
                     work = asyncio.create_task(coordinate(strategy, fleet))
-                    done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-                    for t in (work, watcher):
-                        t.cancel()
-                    await asyncio.gather(work, watcher, return_exceptions=True)
-                    for t in done:
-                        t.result()  # re-raise a failure of either
-                    await fleet.shutdown()
+                    try:
+                        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                        for t in (work, watcher):
+                            t.cancel()
+                        await asyncio.gather(work, watcher, return_exceptions=True)
+                        for t in done:
+                            t.result()  # re-raise a failure of either
+                    finally:
+                        for timer in timers:
+                            timer.cancel()
+                        # agents started by hand never hear of a failure otherwise
+                        await fleet.shutdown(timeout=10.0 if work.done() and not work.cancelled()
+                                             and work.exception() is None else 2.0)
             traffic = {
                 "broker": broker.kind,
                 "agents": mode,
@@ -356,7 +398,7 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
                 "timeline": {**timeline, **fleet.timeline,
                              "max_data_s": max(fleet.data_seconds.values(), default=0.0)},
                 "faults_injected": injected,
-                "channel": channel,  # filled in when the emulator stops, below
+                "channel": channel.stats if channel is not None else None,  # filled in when it stops, below
                 "joined": sorted(client_name(i) for i in fleet.joined),
             }
     return strategy.outcome, traffic
@@ -369,11 +411,10 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
 
     set_threads(scn.threads)
     started = time.perf_counter()
+    # the baselines train here on every client's data: check it is here before hours of training
+    datas = {i: load_client_data(scn, i) for i in range(scn.clients)} if scn.baselines else {}
     outcome, traffic = asyncio.run(run_networked(scn, out_dir, console, mode, broker_url, listen, broker_kind))
     with make_progress(console) as progress:
-        from nmoe_models.partition import load_client_data
-
-        datas = {i: load_client_data(scn, i) for i in range(scn.clients)} if scn.baselines else {}
         clock = time.perf_counter()
         baselines = run_baselines(scn, datas, progress, outcome.methods.get("fedavg")) if scn.baselines else {}
         outcome.stage_seconds["baselines"] = time.perf_counter() - clock

@@ -39,10 +39,11 @@ def method_labels(scn: Scenario) -> dict[str, str]:
 
 def summarize(per_client: PerClient) -> dict[str, Any]:
     """Mean (and spread) over clients of every metric, with the per-client values."""
-    keys = sorted({k for m in per_client.values() for k in m})
+    clients = [per_client[i] for i in sorted(per_client)]  # one order whatever order answers came in
+    keys = sorted({k for m in clients for k in m})
     out: dict[str, Any] = {}
     for k in keys:
-        vals = np.array([m[k] for m in per_client.values() if k in m], dtype=float)
+        vals = np.array([m[k] for m in clients if k in m], dtype=float)
         out[k] = float(vals.mean())
         if k in ("accuracy", "f1_macro"):
             out[f"{k}_std"] = float(vals.std())
@@ -83,9 +84,20 @@ def build_results(scn: Scenario, mode: str, outcome: Outcome, baselines: Mapping
     }
 
 
+def finite(obj: Any) -> Any:
+    """The same data with NaN and infinities as null: results.json stays strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_outputs(out_dir: Path, results: Mapping[str, Any], rounds: list[RoundRecord]) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False, default=_json_default))
+    (out_dir / "results.json").write_text(json.dumps(finite(results), indent=2, allow_nan=False))
     with open(out_dir / "metrics.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["stage", "round", "op", "answered", "failed", "failures", "mean_loss", "seconds"])
@@ -98,12 +110,6 @@ def write_outputs(out_dir: Path, results: Mapping[str, Any], rounds: list[RoundR
     if curve is not None:
         paths.append(curve)
     return paths
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
 def _pyplot() -> Any:

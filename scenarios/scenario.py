@@ -40,8 +40,15 @@ class Scenario(ExperimentConfig):
         check(self.network.min_clients <= self.clients, "network.min_clients",
               f"must be <= clients = {self.clients} (got {self.network.min_clients})")
         for i, fault in enumerate(self.network.faults):
-            check(fault.client in {f"client-{i}" for i in range(self.clients)}, f"network.faults[{i}].client",
+            where = f"network.faults[{i}]"
+            check(fault.client in {f"client-{i}" for i in range(self.clients)}, f"{where}.client",
                   f"{fault.client!r} is not a client of this scenario (client-0 .. client-{self.clients - 1})")
+            check(fault.op != "stage1_corr" or self.stage1.method == "fedsc", f"{where}.op",
+                  "stage1_corr only happens with stage1.method: fedsc")
+            rounds = {"stage1_corr": self.stage1.rounds, "stage1_fit": self.stage1.rounds,
+                      "stage3_fit": self.stage3.rounds}.get(fault.op, 1)
+            check(fault.round < rounds, f"{where}.round",
+                  f"{fault.op} has rounds 0..{rounds - 1} here (got {fault.round}): the fault would never fire")
         for agent in self.channel.clients:
             check(agent in {f"client-{i}" for i in range(self.clients)}, f"channel.clients.{agent}",
                   f"is not a client of this scenario (client-0 .. client-{self.clients - 1})")

@@ -91,3 +91,32 @@ def test_rdp_epsilon_grows_with_rounds_and_shrinks_with_noise():
     assert 0 < e1 < e10
     assert epsilon(4.0, 10, 1e-5) < e10
     assert epsilon(1.0, 0, 1e-5) == 0.0
+
+
+def test_replacing_one_sample_moves_r_by_at_most_the_sensitivity():
+    """The bound the DP noise is calibrated to, checked on R itself rather than on its formula:
+    R over n samples (two views each), one sample replaced by the worst case we can construct."""
+    torch.manual_seed(0)
+    n, d, mu = 50, 8, 4.0
+
+    def r_of(z1, z0):
+        return correlation(clip_norm(z1, mu), clip_norm(z0, mu))[0]
+
+    z1, z0 = torch.randn(n, d) * 3, torch.randn(n, d) * 3
+    worst = 0.0
+    for trial in range(200):
+        a1, a0 = z1.clone(), z0.clone()
+        # replace sample 0 by a random one or by an orthogonal, norm-clipped adversary
+        a1[0], a0[0] = (torch.randn(d) * 10, torch.randn(d) * 10) if trial % 2 else (-z1[0] * 10, -z0[0] * 10)
+        worst = max(worst, float((r_of(a1, a0) - r_of(z1, z0)).norm()))
+    bound = sensitivity(mu, n)
+    assert worst <= bound + 1e-6
+    assert worst > 0.5 * bound  # and the bound is not loose by orders of magnitude
+
+
+def test_rbar_minus_renormalizes_over_the_clients_that_reported():
+    corrs = {0: torch.full((2, 2), 1.0), 2: torch.full((2, 2), 3.0)}  # client 1 never reported
+    q = {0: 0.25, 1: 0.25, 2: 0.5}
+    out = rbar_minus(corrs, q)
+    assert torch.allclose(out[1], torch.full((2, 2), (0.25 * 1 + 0.5 * 3) / 0.75))
+    assert torch.allclose(out[0], torch.full((2, 2), 3.0))  # only client 2 is left: its R_j, not q_2 * R_j

@@ -28,8 +28,6 @@ from scenarios.networked import run_networked_scenario
 from scenarios.runner import run_inprocess
 from scenarios.scenario import load_scenario
 
-pytestmark = needs_mosquitto
-
 TOY = """
 name: nettoy
 seed: 5
@@ -60,13 +58,14 @@ def _losses(out: Path) -> list[tuple[str, str, str]]:
         return [(r["stage"], r["round"], r["mean_loss"]) for r in csv.DictReader(fh) if r["mean_loss"]]
 
 
+@needs_mosquitto
 def test_networked_run_reproduces_the_inprocess_run(tmp_path):
     """Same seed, direct channel, one torch thread everywhere: the same numbers, to the last bit.
 
     Each client computes the same operations on the same float32 inputs (weights travel as exact
     float32 safetensors), and the coordinator reduces in client-id order, not arrival order.
     """
-    scn = _scenario(tmp_path, TOY)
+    scn = _scenario(tmp_path, TOY, ["privacy.reproducible_noise=true"])  # else DP noise is fresh randomness
     ref = run_inprocess(scn, tmp_path / "inprocess", _quiet())
     net = run_networked_scenario(scn, tmp_path / "networked", _quiet(), "subprocess")
     for i, m in ref["methods"]["nmoe"]["per_client"].items():
@@ -85,6 +84,7 @@ def test_networked_run_reproduces_the_inprocess_run(tmp_path):
         "client-0.log", "client-1.log", "client-2.log"]
 
 
+@needs_mosquitto
 def test_a_run_completes_when_a_client_is_killed_mid_round(tmp_path):
     scn = _scenario(tmp_path, TOY, [
         # 8 local epochs: a round's local training takes far longer than the 0.05 s before the kill
@@ -105,6 +105,7 @@ def test_a_run_completes_when_a_client_is_killed_mid_round(tmp_path):
     assert saved["methods"]["nmoe"]["fallback_rate"] == 0.0  # client-2's expert is not routed to at all
 
 
+@needs_mosquitto
 async def test_join_times_out_naming_the_missing_clients():
     net = NetworkConfig(join_timeout_s=1.0, min_clients=2)
     accounts = make_accounts(["client-0", "client-1"])
@@ -117,6 +118,7 @@ async def test_join_times_out_naming_the_missing_clients():
                 await fleet.join()
 
 
+@needs_mosquitto
 async def test_a_client_saying_hello_mid_run_gets_the_current_state(tmp_path):
     scn = _scenario(tmp_path, TOY, ["clients=2"])
     accounts = make_accounts(["client-0", "client-1"])
@@ -135,6 +137,7 @@ async def test_a_client_saying_hello_mid_run_gets_the_current_state(tmp_path):
     assert fleet.joined == {1: 96}
 
 
+@needs_mosquitto
 def test_a_scenario_on_a_lossy_channel_completes_with_failures_recorded(tmp_path):
     """client-2's radio loses 20% of packets and never retransmits: its large messages (weights,
     latents) are lost, the rounds close at their deadline without it, and the channel says why."""
@@ -147,9 +150,10 @@ def test_a_scenario_on_a_lossy_channel_completes_with_failures_recorded(tmp_path
     results = run_networked_scenario(scn, tmp_path / "out", _quiet(), "subprocess")
     fits = [r for r in results["rounds"] if r["op"] == "stage1_fit"]
     assert all(r["answered"] == ["client-0", "client-1"] for r in fits)
-    assert all(r["failures"].get("client-2") in ("missing", "late", "offline") for r in fits)
+    # its hello may be lost too (20% per packet): then it never joined and was not waited for
+    assert all(r["failures"].get("client-2") in ("missing", "late", "offline", "never joined") for r in fits)
     links = results["traffic"]["channel"]["links"]
-    assert links["coordinator->client-2"]["dropped"].get("loss", 0) > 0
+    assert sum(v["dropped"].get("loss", 0) for k, v in links.items() if "client-2" in k) > 0
     assert links["coordinator->client-0"]["dropped"] == {}
     assert links["client-0->coordinator"]["latency_p50_s"] > 0  # modeled wifi latency
     assert set(results["methods"]["nmoe"]["per_client"]) >= {"0", "1"}
@@ -165,6 +169,7 @@ def test_a_networked_run_on_the_embedded_amqtt_broker(tmp_path):
         assert net["methods"]["nmoe"]["per_client"][i]["accuracy"] == m["accuracy"]
 
 
+@needs_mosquitto
 async def test_a_client_answers_a_malformed_task_with_an_error_and_keeps_working(tmp_path):
     scn = _scenario(tmp_path, TOY, ["clients=1", "stage1.method=fedce"])
     accounts = make_accounts(["client-0"])

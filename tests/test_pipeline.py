@@ -114,3 +114,14 @@ def test_paper_sized_run_shows_the_papers_qualitative_claims(tmp_path):
     assert m["nmoe"]["accuracy"] > m["nmoe_fedavg_gate"]["accuracy"]
     assert m["nmoe"]["f1_macro"] > m["local"]["f1_macro"]
     assert m["local"]["accuracy"] > 0.7 > m["local"]["f1_macro"]
+
+
+def test_dp_noise_is_fresh_unless_asked_to_be_reproducible(tmp_path):
+    from nmoe_models.learner import noise_generator
+
+    secure = _scenario(tmp_path, TOY)
+    a, b = (torch.randn(4, generator=noise_generator(secure, 0, 1)) for _ in range(2))
+    assert not torch.equal(a, b)  # nobody holding the scenario file can regenerate it
+    repro = _scenario(tmp_path, TOY, ["privacy.reproducible_noise=true"])
+    a, b = (torch.randn(4, generator=noise_generator(repro, 0, 1)) for _ in range(2))
+    assert torch.equal(a, b)
