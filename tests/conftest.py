@@ -4,9 +4,11 @@ the embedded amqtt broker, and run accounts. Pure wire tests need none of them."
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiomqtt
 import pytest
+from rich.console import Console
 
 from broker.auth import Account, BrokerAddress, make_accounts
 from broker.server import MosquittoBroker, RunningBroker, find_mosquitto, launch_broker
@@ -46,3 +48,34 @@ def raw_client(address: BrokerAddress, name: str = "raw") -> aiomqtt.Client:
         address.host, address.port, username=address.username, password=address.password,
         identifier=f"{name}-{address.username}",
     )  # fmt: skip
+
+
+# -- scenarios at toy size (pipeline and networked tests) ----------------------------------------------
+TOY = """
+name: toy
+seed: 3
+clients: 3
+threads: 1
+data: {name: synthetic, synthetic_train: 2000}
+partition: {kind: noniid, tau: 0.5, train_per_client: 96, test_per_client: 48}
+model: {head_hidden: 16, gate_hidden: 8}
+stage1: {method: fedsc, rounds: 2, batch_size: 32}
+stage2: {epochs: 2}
+stage3: {rounds: 2, local_epochs: 1}
+network: {join_timeout_s: 90, round_timeout_s: 90, inference_deadline_s: 10, agent_threads: 1}
+"""
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+def toy_scenario(tmp_path: Path, overrides: list[str] | None = None, text: str = TOY):  # -> Scenario
+    """A scenario file written to tmp_path and loaded the way `nmoe run` loads one."""
+    from scenarios.scenario import load_scenario
+
+    path = tmp_path / "scenario.yaml"
+    path.write_text(text)
+    return load_scenario(str(path), overrides or [])
+
+
+def quiet() -> Console:
+    """A console for runs whose display no one reads."""
+    return Console(file=open("/dev/null", "w"), width=120)  # noqa: SIM115

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import needs_mosquitto
-from rich.console import Console
+from conftest import needs_mosquitto, quiet, toy_scenario
 from safetensors.torch import load_file
 
 from agents.bus import BusConfig, BusSession
@@ -26,31 +25,6 @@ from broker.server import launch_broker
 from broker.topics import Kind
 from scenarios.networked import run_networked_scenario
 from scenarios.runner import run_inprocess
-from scenarios.scenario import load_scenario
-
-TOY = """
-name: nettoy
-seed: 5
-clients: 3
-threads: 1
-data: {name: synthetic, synthetic_train: 2000}
-partition: {kind: noniid, tau: 0.5, train_per_client: 96, test_per_client: 48}
-model: {head_hidden: 16, gate_hidden: 8}
-stage1: {method: fedsc, rounds: 2, batch_size: 32}
-stage2: {epochs: 2}
-stage3: {rounds: 2, local_epochs: 1}
-network: {join_timeout_s: 90, round_timeout_s: 90, inference_deadline_s: 10, agent_threads: 1}
-"""
-
-
-def _scenario(tmp_path: Path, text: str, overrides: list[str] | None = None):
-    path = tmp_path / "scenario.yaml"
-    path.write_text(text)
-    return load_scenario(str(path), overrides or [])
-
-
-def _quiet() -> Console:
-    return Console(file=open("/dev/null", "w"), width=120)  # noqa: SIM115
 
 
 def _losses(out: Path) -> list[tuple[str, str, str]]:
@@ -65,9 +39,9 @@ def test_networked_run_reproduces_the_inprocess_run(tmp_path):
     Each client computes the same operations on the same float32 inputs (weights travel as exact
     float32 safetensors), and the coordinator reduces in client-id order, not arrival order.
     """
-    scn = _scenario(tmp_path, TOY, ["privacy.reproducible_noise=true"])  # else DP noise is fresh randomness
-    ref = run_inprocess(scn, tmp_path / "inprocess", _quiet())
-    net = run_networked_scenario(scn, tmp_path / "networked", _quiet(), "subprocess")
+    scn = toy_scenario(tmp_path, ["privacy.reproducible_noise=true"])  # else DP noise is fresh randomness
+    ref = run_inprocess(scn, tmp_path / "inprocess", quiet())
+    net = run_networked_scenario(scn, tmp_path / "networked", quiet(), "subprocess")
     for i, m in ref["methods"]["nmoe"]["per_client"].items():
         got = net["methods"]["nmoe"]["per_client"][i]
         assert (got["accuracy"], got["f1_macro"]) == (m["accuracy"], m["f1_macro"])
@@ -86,13 +60,13 @@ def test_networked_run_reproduces_the_inprocess_run(tmp_path):
 
 @needs_mosquitto
 def test_a_run_completes_when_a_client_is_killed_mid_round(tmp_path):
-    scn = _scenario(tmp_path, TOY, [
+    scn = toy_scenario(tmp_path, [
         # 8 local epochs: a round's local training takes far longer than the 0.05 s before the kill
         "stage1.method=fedce", "stage1.rounds=3", "stage1.local_epochs=8", "network.min_clients=2",
         "network.round_timeout_s=60", "network.inference_deadline_s=1",
         "network.faults=[{client: client-2, op: stage1_fit, round: 1, after_s: 0.05}]",
     ])
-    results = run_networked_scenario(scn, tmp_path / "out", _quiet(), "subprocess")
+    results = run_networked_scenario(scn, tmp_path / "out", quiet(), "subprocess")
     with open(tmp_path / "out" / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert rows[0]["answered"] == "3"
@@ -120,7 +94,7 @@ async def test_join_times_out_naming_the_missing_clients():
 
 @needs_mosquitto
 async def test_a_client_saying_hello_mid_run_gets_the_current_state(tmp_path):
-    scn = _scenario(tmp_path, TOY, ["clients=2"])
+    scn = toy_scenario(tmp_path, ["clients=2"])
     accounts = make_accounts(["client-0", "client-1"])
     async with launch_broker("rj", accounts, prefer="mosquitto") as broker:
         coord = BusConfig("rj", "coordinator", broker.address_for("coordinator"))
@@ -141,13 +115,13 @@ async def test_a_client_saying_hello_mid_run_gets_the_current_state(tmp_path):
 def test_a_scenario_on_a_lossy_channel_completes_with_failures_recorded(tmp_path):
     """client-2's radio loses 20% of packets and never retransmits: its large messages (weights,
     latents) are lost, the rounds close at their deadline without it, and the channel says why."""
-    scn = _scenario(tmp_path, TOY, [
+    scn = toy_scenario(tmp_path, [
         "stage1.method=fedce", "network.min_clients=2", "network.join_timeout_s=8", "network.round_timeout_s=8",
         "network.stage2_timeout_s=20", "network.eval_timeout_s=20", "network.inference_deadline_s=0.5",
         "channel.model=emulated", "channel.preset=wifi", "channel.time_scale=0.25",
         "channel.clients={client-2: {loss: bernoulli, loss_p: 0.2, max_retries: 0}}",
     ])
-    results = run_networked_scenario(scn, tmp_path / "out", _quiet(), "subprocess")
+    results = run_networked_scenario(scn, tmp_path / "out", quiet(), "subprocess")
     fits = [r for r in results["rounds"] if r["op"] == "stage1_fit"]
     assert all(r["answered"] == ["client-0", "client-1"] for r in fits)
     # its hello may be lost too (20% per packet): then it never joined and was not waited for
@@ -161,9 +135,9 @@ def test_a_scenario_on_a_lossy_channel_completes_with_failures_recorded(tmp_path
 
 def test_a_networked_run_on_the_embedded_amqtt_broker(tmp_path):
     """Where mosquitto is not installed the run falls back to amqtt; the method is unchanged."""
-    scn = _scenario(tmp_path, TOY, ["stage1.method=fedce", "stage1.rounds=1", "stage3.rounds=1"])
-    ref = run_inprocess(scn, tmp_path / "inprocess", _quiet())
-    net = run_networked_scenario(scn, tmp_path / "out", _quiet(), "inprocess", broker_kind="amqtt")
+    scn = toy_scenario(tmp_path, ["stage1.method=fedce", "stage1.rounds=1", "stage3.rounds=1"])
+    ref = run_inprocess(scn, tmp_path / "inprocess", quiet())
+    net = run_networked_scenario(scn, tmp_path / "out", quiet(), "inprocess", broker_kind="amqtt")
     assert net["traffic"]["broker"] == "amqtt"
     for i, m in ref["methods"]["nmoe"]["per_client"].items():
         assert net["methods"]["nmoe"]["per_client"][i]["accuracy"] == m["accuracy"]
@@ -171,7 +145,7 @@ def test_a_networked_run_on_the_embedded_amqtt_broker(tmp_path):
 
 @needs_mosquitto
 async def test_a_client_answers_a_malformed_task_with_an_error_and_keeps_working(tmp_path):
-    scn = _scenario(tmp_path, TOY, ["clients=1", "stage1.method=fedce"])
+    scn = toy_scenario(tmp_path, ["clients=1", "stage1.method=fedce"])
     accounts = make_accounts(["client-0"])
     async with launch_broker("bad", accounts, prefer="mosquitto") as broker:
         agent = ClientAgent(scn, scn.network, 0, BusConfig("bad", "client-0", broker.address_for("client-0")))

@@ -1,46 +1,19 @@
 """The in-process pipeline end to end: outputs, determinism, and that the method learns."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
+from conftest import FMNIST, quiet, toy_scenario
 from safetensors.torch import load_file
 
 from scenarios.runner import run_inprocess
 from scenarios.scenario import load_scenario
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-
-TOY = """
-name: toy
-seed: 3
-clients: 3
-threads: 1
-data: {name: synthetic, synthetic_train: 2000}
-partition: {kind: noniid, tau: 0.5, train_per_client: 96, test_per_client: 48}
-model: {head_hidden: 16, gate_hidden: 8}
-stage1: {method: fedsc, rounds: 2, batch_size: 32}
-stage2: {epochs: 2}
-stage3: {rounds: 2, local_epochs: 1}
-baselines: [local, fedavg, centralized, fedavg_gate]
-"""
-
-
-def _scenario(tmp_path: Path, text: str, overrides: list[str] | None = None):
-    path = tmp_path / "scenario.yaml"
-    path.write_text(text)
-    return load_scenario(str(path), overrides or [])
-
-
-def _quiet() -> Console:
-    return Console(file=open("/dev/null", "w"), width=120)  # noqa: SIM115
-
 
 def test_inprocess_run_writes_every_output(tmp_path):
-    scn = _scenario(tmp_path, TOY)
-    results = run_inprocess(scn, tmp_path / "out", _quiet())
+    scn = toy_scenario(tmp_path, ["baselines=[local, fedavg, centralized, fedavg_gate]"])
+    results = run_inprocess(scn, tmp_path / "out", quiet())
     out = tmp_path / "out"
     for name in ("results.json", "metrics.csv", "methods.png", "training.png", "checkpoint.safetensors"):
         assert (out / name).stat().st_size > 0, name
@@ -70,14 +43,14 @@ def test_inprocess_run_writes_every_output(tmp_path):
 
 
 def test_inprocess_run_is_deterministic(tmp_path):
-    scn = _scenario(tmp_path, TOY, ["baselines=[]", "stage1.method=fedce"])
-    a = run_inprocess(scn, tmp_path / "a", _quiet())
-    b = run_inprocess(scn, tmp_path / "b", _quiet())
+    scn = toy_scenario(tmp_path, ["baselines=[]", "stage1.method=fedce"])
+    a = run_inprocess(scn, tmp_path / "a", quiet())
+    b = run_inprocess(scn, tmp_path / "b", quiet())
     assert _scores(a) == _scores(b)
     sa, sb = load_file(tmp_path / "a" / "checkpoint.safetensors"), load_file(tmp_path / "b" / "checkpoint.safetensors")
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    c = run_inprocess(_scenario(tmp_path, TOY, ["baselines=[]", "stage1.method=fedce", "seed=4"]),
-                      tmp_path / "c", _quiet())
+    c = run_inprocess(toy_scenario(tmp_path, ["baselines=[]", "stage1.method=fedce", "seed=4"]),
+                      tmp_path / "c", quiet())
     assert _scores(c) != _scores(a)
 
 
@@ -87,7 +60,7 @@ def _scores(results):
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make test installs it)")
 def test_nmoe_learns_fashion_mnist(tmp_path):
-    scn = _scenario(tmp_path, """
+    scn = toy_scenario(tmp_path, text="""
 name: learn
 clients: 3
 threads: 2
@@ -96,7 +69,7 @@ stage1: {method: fedce, rounds: 3, local_epochs: 3, batch_size: 32}
 stage2: {epochs: 10}
 stage3: {rounds: 3, local_epochs: 3}
 """)
-    results = run_inprocess(scn, tmp_path / "out", _quiet())
+    results = run_inprocess(scn, tmp_path / "out", quiet())
     # chance is 0.1; a few rounds on 900 images already gets far above it
     assert results["methods"]["nmoe"]["accuracy"] > 0.5
     assert results["methods"]["fedavg"]["accuracy"] > 0.4
@@ -109,7 +82,7 @@ def test_paper_sized_run_shows_the_papers_qualitative_claims(tmp_path):
     FedGate beats FedAvg-gate, and NMoE's macro-F1 beats the local classifier's (which in strong
     non-IID has high accuracy but low F1)."""
     scn = load_scenario("paper_fedce_noniid", ["stage1.rounds=8", "baselines=[local, fedavg_gate]"])
-    results = run_inprocess(scn, tmp_path / "out", _quiet())
+    results = run_inprocess(scn, tmp_path / "out", quiet())
     m = results["methods"]
     assert m["nmoe"]["accuracy"] > m["nmoe_fedavg_gate"]["accuracy"]
     assert m["nmoe"]["f1_macro"] > m["local"]["f1_macro"]
@@ -119,9 +92,9 @@ def test_paper_sized_run_shows_the_papers_qualitative_claims(tmp_path):
 def test_dp_noise_is_fresh_unless_asked_to_be_reproducible(tmp_path):
     from nmoe_models.learner import noise_generator
 
-    secure = _scenario(tmp_path, TOY)
+    secure = toy_scenario(tmp_path)
     a, b = (torch.randn(4, generator=noise_generator(secure, 0, 1)) for _ in range(2))
     assert not torch.equal(a, b)  # nobody holding the scenario file can regenerate it
-    repro = _scenario(tmp_path, TOY, ["privacy.reproducible_noise=true"])
+    repro = toy_scenario(tmp_path, ["privacy.reproducible_noise=true"])
     a, b = (torch.randn(4, generator=noise_generator(repro, 0, 1)) for _ in range(2))
     assert torch.equal(a, b)

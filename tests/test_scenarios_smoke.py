@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from rich.console import Console
+from conftest import FMNIST, quiet
 from test_data import write_cifar
 
 from scenarios.networked import run_networked_scenario
@@ -14,7 +14,6 @@ from scenarios.runner import run_inprocess
 from scenarios.scenario import PACKAGED, load_scenario
 
 SHIPPED = sorted(PACKAGED.glob("*.yaml"))
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
 def toy(path: Path, tmp_path: Path) -> list[str]:
@@ -34,14 +33,10 @@ def toy(path: Path, tmp_path: Path) -> list[str]:
     return sets
 
 
-def _quiet() -> Console:
-    return Console(file=open("/dev/null", "w"), width=120)  # noqa: SIM115
-
-
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_shipped_scenario_runs_at_toy_size(path, tmp_path):
     scn = load_scenario(str(path), toy(path, tmp_path))
-    results = run_inprocess(scn, tmp_path / "out", _quiet())
+    results = run_inprocess(scn, tmp_path / "out", quiet())
     assert set(results["methods"]["nmoe"]["per_client"]) == {"0", "1", "2"}
     assert (tmp_path / "out" / "methods.png").exists()
 
@@ -50,6 +45,6 @@ def test_shipped_scenario_runs_at_toy_size(path, tmp_path):
                          ids=lambda p: p.stem)
 def test_shipped_channel_scenario_runs_networked_at_toy_size(path, tmp_path):
     scn = load_scenario(str(path), toy(path, tmp_path))
-    results = run_networked_scenario(scn, tmp_path / "out", _quiet(), "inprocess")
+    results = run_networked_scenario(scn, tmp_path / "out", quiet(), "inprocess")
     assert set(results["methods"]["nmoe"]["per_client"]) == {"0", "1", "2"}
     assert results["traffic"]["channel"]["totals"]["delivered"] > 0
