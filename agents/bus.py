@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import socket
 import ssl
 import time
@@ -38,7 +37,7 @@ import numpy as np
 
 from broker.auth import CHANNEL_MODES, BrokerAddress, ChannelMode
 from broker.errors import BusError, WireError
-from broker.mqtt import refused_credentials, refused_subscriptions
+from broker.mqtt import refused_subscriptions, stay_connected
 from broker.topics import BROADCAST, Kind, Status, Topics, check_agent_id, is_destination, parse_kind
 from broker.wire import (
     CHUNK_OVERHEAD,
@@ -255,38 +254,16 @@ class BusSession:
     async def _run(self) -> None:
         """The connection loop: connect, subscribe, announce, read; reconnect with backoff."""
         assert self._client is not None
-        backoff = self.cfg.reconnect_initial_s
-        ever_connected = False
-        while not self._closing:
-            try:
-                async with self._client:
-                    await self._on_connect()
-                    if ever_connected:
-                        self.stats.reconnects += 1
-                        log.info("%s reconnected to %s", self.agent_id, self.cfg.address.redacted())
-                    ever_connected = True
-                    backoff = self.cfg.reconnect_initial_s
-                    self._connected.set()
-                    async for message in self._client.messages:
-                        self._on_message(message)
-            except aiomqtt.MqttError as err:
-                self._connected.clear()
-                if self._closing:
-                    return
-                refused = refused_credentials(err)
-                if refused and not ever_connected:
-                    self._fatal = BusError(f"broker refused the credentials ({err})")
-                    return
-                log.warning("%s lost the broker (%s); retrying in %.2fs", self.agent_id, err, backoff)
-            except BusError as err:  # e.g. a refused subscription: configuration, not weather
-                self._fatal = err
-                self._connected.clear()
-                return
-            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-            backoff = min(backoff * 2, self.cfg.reconnect_max_s)
+        self._fatal = await stay_connected(
+            self._client, who=self.agent_id, address=self.cfg.address, on_connect=self._on_connect,
+            on_message=self._on_message, connected=self._connected, closing=lambda: self._closing,
+            initial_s=self.cfg.reconnect_initial_s, max_s=self.cfg.reconnect_max_s, config_error=BusError,
+        )  # fmt: skip
 
-    async def _on_connect(self) -> None:
+    async def _on_connect(self, reconnected: bool) -> None:
         assert self._client is not None
+        if reconnected:
+            self.stats.reconnects += 1
         filters = list(self.topics.inbox_filters(self.agent_id))
         if self.watch_status:
             filters.append(self.topics.status_filter())

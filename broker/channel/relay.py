@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import socket
 import ssl
 from collections import Counter, deque
@@ -32,7 +31,7 @@ import aiomqtt
 
 from broker.auth import BrokerAddress
 from broker.errors import ChannelError
-from broker.mqtt import refused_credentials, refused_subscriptions
+from broker.mqtt import refused_subscriptions, stay_connected
 from broker.topics import Status, Topics
 
 log = logging.getLogger(__name__)
@@ -274,39 +273,23 @@ class RelaySession:
     async def _run(self) -> None:
         """The connection loop: connect, subscribe, read; reconnect with backoff."""
         assert self._client is not None
-        opts = self.options
-        backoff = opts.reconnect_initial_s
-        ever_connected = False
-        while not self._closing:
-            try:
-                async with self._client:
-                    await self._subscribe()
-                    if ever_connected:
-                        self.counts["reconnects"] += 1
-                        log.info("channel emulator reconnected to %s", self.address.redacted())
-                    else:
-                        self._on_subscribed()
-                    ever_connected = True
-                    backoff = opts.reconnect_initial_s
-                    self._connected.set()
-                    async for message in self._client.messages:
-                        payload = message.payload
-                        self._on_message(message.topic.value, payload if isinstance(payload, bytes) else b"")
-            except aiomqtt.MqttError as err:
-                self._connected.clear()
-                if self._closing:
-                    return
-                refused = refused_credentials(err)
-                if refused and not ever_connected:
-                    self._fatal = ChannelError(f"broker refused the credentials ({err})")
-                    return
-                log.warning("channel emulator lost the broker (%s); retrying in %.2fs", err, backoff)
-            except ChannelError as err:  # a refused subscription: configuration, not weather
-                self._fatal = err
-                self._connected.clear()
-                return
-            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-            backoff = min(backoff * 2, opts.reconnect_max_s)
+        self._fatal = await stay_connected(
+            self._client, who="channel emulator", address=self.address, on_connect=self._connect,
+            on_message=self._read, connected=self._connected, closing=lambda: self._closing,
+            initial_s=self.options.reconnect_initial_s, max_s=self.options.reconnect_max_s,
+            config_error=ChannelError,
+        )  # fmt: skip
+
+    async def _connect(self, reconnected: bool) -> None:
+        await self._subscribe()
+        if reconnected:
+            self.counts["reconnects"] += 1
+        else:
+            self._on_subscribed()
+
+    def _read(self, message: aiomqtt.Message) -> None:
+        payload = message.payload
+        self._on_message(message.topic.value, payload if isinstance(payload, bytes) else b"")
 
     async def _subscribe(self) -> None:
         assert self._client is not None
