@@ -82,6 +82,20 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[
     opt.step()
 
 
+def run_epochs(n: int, *, epochs: int, batch_size: int, gen: torch.Generator,
+               step: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """Shuffled mini-batch epochs over n samples; ``step(idx)`` takes one optimizer step on those
+    rows and returns its loss. Returns the mean loss of the last epoch."""
+    last = 0.0
+    for _ in range(epochs):
+        total, seen = 0.0, 0
+        for idx in batches(n, batch_size, gen, drop_last=True):
+            total += float(step(idx).detach()) * len(idx)
+            seen += len(idx)
+        last = total / max(seen, 1)
+    return last
+
+
 def train_classifier(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, prep: Transform, *, epochs: int, batch_size: int,
     optim: OptimConfig, lr: float, gen: torch.Generator,
@@ -93,16 +107,13 @@ def train_classifier(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, optim, lr)
-    last = 0.0
-    for _ in range(epochs):
-        total, seen = 0.0, 0
-        for idx in batches(len(x), batch_size, gen, drop_last=True):
-            loss = F.cross_entropy(model(prep(x[idx], gen)), y[idx])
-            optimizer_step(opt, loss, params, optim.grad_clip)
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-        last = total / max(seen, 1)
-    return last
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(model(prep(x[idx], gen)), y[idx])
+        optimizer_step(opt, loss, params, optim.grad_clip)
+        return loss
+
+    return run_epochs(len(x), epochs=epochs, batch_size=batch_size, gen=gen, step=step)
 
 
 def train_fedsc(
@@ -114,19 +125,16 @@ def train_fedsc(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, optim, lr)
-    last = 0.0
-    for _ in range(epochs):
-        total, seen = 0.0, 0
-        for idx in batches(len(x), batch_size, gen, drop_last=True):
-            v1, v0 = views(x[idx], gen)
-            z = clip_norm(model(torch.cat([v1, v0])), mu)  # one pass over both views: (2B, d)
-            z1, z0 = z.chunk(2)
-            loss = fedsc_loss(z1, z0, q, rbar)
-            optimizer_step(opt, loss, params, optim.grad_clip)
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-        last = total / max(seen, 1)
-    return last
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        v1, v0 = views(x[idx], gen)
+        z = clip_norm(model(torch.cat([v1, v0])), mu)  # one pass over both views: (2B, d)
+        z1, z0 = z.chunk(2)
+        loss = fedsc_loss(z1, z0, q, rbar)
+        optimizer_step(opt, loss, params, optim.grad_clip)
+        return loss
+
+    return run_epochs(len(x), epochs=epochs, batch_size=batch_size, gen=gen, step=step)
 
 
 @torch.no_grad()
@@ -168,16 +176,13 @@ def train_head(
     head.train()
     params = list(head.parameters())
     opt = make_optimizer(params, optim)
-    last = 0.0
-    for _ in range(epochs):
-        total, seen = 0.0, 0
-        for idx in batches(len(h), batch_size, gen, drop_last=True):
-            loss = F.cross_entropy(head(h[idx]), y[idx])
-            optimizer_step(opt, loss, params, optim.grad_clip)
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-        last = total / max(seen, 1)
-    return last
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(head(h[idx]), y[idx])
+        optimizer_step(opt, loss, params, optim.grad_clip)
+        return loss
+
+    return run_epochs(len(h), epochs=epochs, batch_size=batch_size, gen=gen, step=step)
 
 
 class GateOptimizer:
@@ -225,17 +230,13 @@ def train_gate(
     """
     gate.train()
     n = expert_logprobs.shape[1]
-    k = cfg.train_top_k or n
     mask = torch.where(available, 0.0, float("-inf"))  # (n,)
-    last = 0.0
-    for _ in range(cfg.local_epochs):
-        total, seen = 0.0, 0
-        for idx in batches(len(h), cfg.batch_size, gen, drop_last=True):
-            logits = gate(h[idx]) + mask
-            w = topk_weights(logits, min(k, int(available.sum())), cfg.noise_std, gen)
-            loss = mixture_nll(w, expert_logprobs[idx], y[idx])
-            opt.step(loss)
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-        last = total / max(seen, 1)
-    return last
+    k = min(cfg.train_top_k or n, int(available.sum()))
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        w = topk_weights(gate(h[idx]) + mask, k, cfg.noise_std, gen)
+        loss = mixture_nll(w, expert_logprobs[idx], y[idx])
+        opt.step(loss)
+        return loss
+
+    return run_epochs(len(h), epochs=cfg.local_epochs, batch_size=cfg.batch_size, gen=gen, step=step)
