@@ -36,7 +36,7 @@ import aiomqtt
 import numpy as np
 
 from broker.auth import CHANNEL_MODES, BrokerAddress, ChannelMode
-from broker.errors import BusError, WireError
+from nmoe.errors import BusError, WireError
 from broker.mqtt import refused_subscriptions, stay_connected
 from broker.topics import BROADCAST, Kind, Status, Topics, check_agent_id, is_destination, parse_kind
 from broker.wire import (

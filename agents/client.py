@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from broker.errors import BusError, NmoeError, WireError
+from nmoe.errors import BusError, NmoeError, WireError
 from broker.topics import Kind
 from broker.wire import Message, MetaValue, Schema, TensorSpec
 from nmoe_models.config import ExperimentConfig

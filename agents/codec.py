@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from broker.errors import WireError
+from nmoe.errors import WireError
 from broker.topics import Kind
 from broker.wire import Message
 

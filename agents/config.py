@@ -10,10 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-
-def _check(ok: bool, name: str, msg: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: {msg}")
+from nmoe.errors import check
 
 
 MAX_CHUNK = 2 * 1024 * 1024  # well under mosquitto.conf's max_packet_size (4 MiB) with headers
@@ -37,8 +34,8 @@ class FaultConfig:
     """kill: SIGKILL the agent's process (no goodbye: its last will marks it offline)."""
 
     def __post_init__(self) -> None:
-        _check(self.round >= 0, "round", "must be >= 0")
-        _check(self.after_s >= 0, "after_s", "must be >= 0")
+        check(self.round >= 0, "round", "must be >= 0")
+        check(self.after_s >= 0, "after_s", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -68,8 +65,8 @@ class NetworkConfig:
     def __post_init__(self) -> None:
         for name in ("join_timeout_s", "round_timeout_s", "stage2_timeout_s", "eval_timeout_s", "inference_deadline_s"):
             value = getattr(self, name)
-            _check(math.isfinite(value) and value > 0, name, f"must be a finite number > 0 (got {value})")
-        _check(self.min_clients >= 1, "min_clients", "must be >= 1")
-        _check(4096 <= self.chunk_size <= MAX_CHUNK, "chunk_size",
+            check(math.isfinite(value) and value > 0, name, f"must be a finite number > 0 (got {value})")
+        check(self.min_clients >= 1, "min_clients", "must be >= 1")
+        check(4096 <= self.chunk_size <= MAX_CHUNK, "chunk_size",
                f"must be in 4096..{MAX_CHUNK} bytes (mosquitto.conf's max_packet_size is 4 MiB)")
-        _check(self.agent_threads >= 1, "agent_threads", "must be >= 1")
+        check(self.agent_threads >= 1, "agent_threads", "must be >= 1")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.errors import NmoeError, WireError
+from nmoe.errors import NmoeError, WireError
 from broker.topics import BROADCAST, Kind, Status
 from broker.wire import Message
 

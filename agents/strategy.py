@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from broker.errors import NmoeError
+from nmoe.errors import NmoeError
 from nmoe_models.config import ExperimentConfig
 from nmoe_models.fedavg import StateDict, fedavg, select, with_prefix
 from nmoe_models.fedsc import q_weights, rbar_minus, scheduled_q

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from broker.errors import BrokerError
+from nmoe.errors import BrokerError
 from broker.topics import Topics, check_agent_id
 
 ChannelMode = Literal["direct", "emulated"]

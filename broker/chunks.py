@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from broker.envelope import FRAME_CHUNK, HEADER_LEN, MESSAGE_OVERHEAD, PREFIX, pack_prefix, unpack_prefix
-from broker.errors import WireError
+from nmoe.errors import WireError
 
 CHUNK = struct.Struct("<IIQ")  # index, total, total_len
 CHUNK_OVERHEAD = PREFIX.size + CHUNK.size

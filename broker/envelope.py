@@ -31,7 +31,7 @@ from typing import Literal
 
 import numpy as np
 
-from broker.errors import WireError
+from nmoe.errors import WireError
 from broker.header import PROTOCOL_VERSION, Header, MetaValue
 from broker.tensors import Schema, check_finite, decode_body, encode_body
 from broker.topics import BROADCAST, Kind, ParsedTopic, parse_kind

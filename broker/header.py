@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from broker.errors import WireError
+from nmoe.errors import WireError
 from broker.tensors import COMPRESSIONS
 from broker.topics import Kind, is_agent_id, is_destination, is_run_id
 

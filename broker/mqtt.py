@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import aiomqtt
 
 from broker.auth import BrokerAddress
-from broker.errors import NmoeError
+from nmoe.errors import NmoeError
 
 log = logging.getLogger(__name__)
 

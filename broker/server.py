@@ -34,7 +34,7 @@ from broker.auth import (
     render_acl_file,
     render_password_file,
 )
-from broker.errors import BrokerError
+from nmoe.errors import BrokerError
 from broker.topics import Topics
 
 log = logging.getLogger(__name__)

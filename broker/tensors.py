@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from broker.errors import WireError
+from nmoe.errors import WireError
 
 Compression = Literal["none", "fp16", "int8"]
 COMPRESSIONS: tuple[str, ...] = ("none", "fp16", "int8")

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from broker.errors import WireError
+from nmoe.errors import WireError
 
 ROOT = "nmoe"
 BROADCAST = "all"

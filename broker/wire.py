@@ -52,7 +52,7 @@ from broker.envelope import (
     restamp,
     unpack_prefix,
 )
-from broker.errors import WireError
+from nmoe.errors import WireError
 from broker.header import MAX_META_BYTES, PROTOCOL_VERSION, Header, MetaValue
 from broker.tensors import ANY, COMPRESSIONS, Schema, TensorSpec, check_finite
 from broker.topics import Direction, Kind, ParsedTopic, Topics

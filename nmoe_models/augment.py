@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import normalize, to_float
-from .errors import DataError
+from nmoe.errors import DataError
 
 __all__ = [
     "SSLRecipe",

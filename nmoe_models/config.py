@@ -1,7 +1,7 @@
 """The learning configuration: typed, frozen, validated on construction.
 
 Every field is documented where it is declared. Scenario files (scenarios/) are loaded into these
-dataclasses once, at the edge; invalid values raise ``ValueError("<field>: <what is allowed>")`` and
+dataclasses once, at the edge; invalid values raise ``ConfigError("<field>: <what is allowed>")`` and
 the loader prefixes the key path. Defaults follow PAPER_NOTES.md.
 """
 
@@ -10,14 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from nmoe.errors import check
+
 DatasetName = Literal["fashion_mnist", "cifar10", "synthetic"]
 Baseline = Literal["local", "fedavg", "centralized", "fedavg_gate"]
-
-
-def check(ok: bool, name: str, msg: str) -> None:
-    """Raise the ValueError the scenario loader turns into '<key path>: <msg>'."""
-    if not ok:
-        raise ValueError(f"{name}: {msg}")
 
 
 @dataclass(frozen=True)

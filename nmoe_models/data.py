@@ -34,7 +34,7 @@ except ImportError:  # numpy < 2
     from numpy.core import numeric as _np_numeric  # type: ignore[no-redef]
 
 from .config import DataConfig
-from .errors import DataError
+from nmoe.errors import DataError
 
 __all__ = [
     "DatasetInfo",

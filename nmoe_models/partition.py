@@ -25,7 +25,7 @@ import torch
 
 from .config import ExperimentConfig, PartitionConfig
 from .data import load_dataset
-from .errors import DataError
+from nmoe.errors import DataError
 
 __all__ = [
     "ClientData",

@@ -9,8 +9,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from broker.errors import ConfigError, NmoeError
-from nmoe_models.errors import DataError
+from nmoe.errors import ConfigError, NmoeError
 
 from .scenario import PACKAGED, load_scenario
 
@@ -69,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _stop_on_sigterm()
     try:
         return _dispatch(args, console)
-    except (NmoeError, DataError) as err:
+    except NmoeError as err:
         console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
         return 2
     except KeyboardInterrupt:

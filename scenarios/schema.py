@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from broker.errors import ConfigError
+from nmoe.errors import ConfigError
 
 T = TypeVar("T")
 

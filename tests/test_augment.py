@@ -19,7 +19,7 @@ from nmoe_models.augment import (
     two_views,
 )
 from nmoe_models.data import DATASET_STATS, to_float
-from nmoe_models.errors import DataError
+from nmoe.errors import DataError
 
 
 def gen(seed: int = 0) -> torch.Generator:

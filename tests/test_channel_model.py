@@ -26,7 +26,7 @@ from broker.channel import (
 from broker.channel.config import KINDS, PRESET_NAMES, ClientOverrides, LinkOverrides
 from broker.channel.loss import GilbertElliottLoss, stream
 from broker.channel.processes import BlockRayleighRate
-from broker.errors import ChannelError, ConfigError
+from nmoe.errors import ChannelError, ConfigError
 from scenarios.schema import build
 
 AGENTS = ["coordinator", "client-0", "client-1", "client-2"]

@@ -25,7 +25,7 @@ from nmoe_models.data import (
     restricted_unpickle,
     to_float,
 )
-from nmoe_models.errors import DataError
+from nmoe.errors import DataError
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

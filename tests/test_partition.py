@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nmoe_models.config import DataConfig, ExperimentConfig, PartitionConfig
-from nmoe_models.errors import DataError
+from nmoe.errors import DataError
 from nmoe_models.partition import (
     ClientData,
     all_client_indices,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.errors import ConfigError
+from nmoe.errors import ConfigError
 from scenarios.cli import main
 from scenarios.scenario import PACKAGED, load_scenario
 

@@ -25,7 +25,7 @@ from broker.auth import (
     verify_password,
 )
 from broker.envelope import FRAME_MESSAGE, HEADER_LEN, pack_prefix
-from broker.errors import BrokerError, WireError
+from nmoe.errors import BrokerError, WireError
 from broker.topics import Kind, ParsedTopic, Topics
 from broker.wire import (
     CHUNK_OVERHEAD,

@@ -8,7 +8,7 @@ Three layers, each a frozen dataclass validated on construction:
   *partial* settings (:class:`LinkOverrides`, :class:`ClientOverrides`; ``None`` means inherit),
   resolved onto a preset by :func:`broker.channel.presets.resolve_profile`.
 
-Invalid values raise ``ValueError("<field>: <what is allowed>")``; the scenario loader prefixes the
+Invalid values raise ``ConfigError("<field>: <what is allowed>")``; the scenario loader prefixes the
 key path. Units are SI throughout: seconds, bits per second, hertz, bytes; SNRs in dB.
 """
 
@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
+from nmoe.errors import check
+
 ChannelMode = Literal["direct", "emulated"]
 PresetName = Literal["ideal", "wifi", "lte", "edge-poor"]
 RateModel = Literal["unlimited", "fixed", "shannon"]
@@ -27,12 +29,6 @@ LossModel = Literal["none", "bernoulli", "gilbert_elliott"]
 PRESET_NAMES: tuple[str, ...] = get_args(PresetName)
 KINDS: tuple[str, ...] = ("model", "update", "corr", "latent", "logits", "ctrl", "metrics")
 """Message kinds of the topic scheme (mirrors broker.topics.Kind; a test keeps the two equal)."""
-
-
-def check(ok: bool, name: str, msg: str) -> None:
-    """Raise the ValueError the scenario loader turns into '<key path>: <msg>'."""
-    if not ok:
-        raise ValueError(f"{name}: {msg}")
 
 
 def _finite(x: float) -> bool:

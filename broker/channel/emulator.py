@@ -71,7 +71,7 @@ from broker.channel.model import ChannelModel, Delivery, Result
 from broker.channel.relay import RelayOptions, RelaySession
 from broker.chunks import read_chunk
 from broker.envelope import FRAME_CHUNK, STAMPS, STAMPS_OFFSET, unpack_prefix
-from broker.errors import ChannelError, NmoeError, WireError
+from nmoe.errors import ChannelError, NmoeError, WireError
 from broker.topics import Kind, ParsedTopic, Topics
 
 __all__ = ["ChannelEmulator", "RelayOptions", "config_from_dict", "main"]

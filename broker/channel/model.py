@@ -39,7 +39,7 @@ from broker.channel.loss import make_loss, stream
 from broker.channel.medium import Medium
 from broker.channel.presets import resolve_profile
 from broker.channel.processes import OnOff, make_availability, make_rate
-from broker.errors import ChannelError
+from nmoe.errors import ChannelError
 
 BROADCAST = "all"
 """Destination meaning every agent but the sender (as broker.topics.BROADCAST)."""

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import aiomqtt
 
 from broker.auth import BrokerAddress
-from broker.errors import ChannelError
+from nmoe.errors import ChannelError
 from broker.mqtt import refused_subscriptions, stay_connected
 from broker.topics import Status, Topics
 
