@@ -40,8 +40,8 @@ bench: setup
 	$(PY) bench/round_overhead.py --quick
 
 lint: setup
-	$(VENV)/bin/ruff check broker agents nmoe_models scenarios tests bench
-	$(VENV)/bin/mypy broker agents
+	$(VENV)/bin/ruff check nmoe broker agents nmoe_models scenarios tests bench
+	$(VENV)/bin/mypy nmoe broker agents
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -36,7 +36,6 @@ import aiomqtt
 import numpy as np
 
 from broker.auth import CHANNEL_MODES, BrokerAddress, ChannelMode
-from nmoe.errors import BusError, WireError
 from broker.mqtt import refused_subscriptions, stay_connected
 from broker.topics import BROADCAST, Kind, Status, Topics, check_agent_id, is_destination, parse_kind
 from broker.wire import (
@@ -57,6 +56,7 @@ from broker.wire import (
     new_message_id,
     split,
 )
+from nmoe.errors import BusError, WireError
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from typing import TypeVar
 
 import torch
 
-from nmoe.errors import BusError, NmoeError, WireError
 from broker.topics import Kind
 from broker.wire import Message, MetaValue, Schema, TensorSpec
+from nmoe.errors import BusError, NmoeError, WireError
 from nmoe_models.config import ExperimentConfig
 from nmoe_models.learner import ClientLearner
 from nmoe_models.partition import load_client_data

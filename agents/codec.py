@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from nmoe.errors import WireError
 from broker.topics import Kind
 from broker.wire import Message
+from nmoe.errors import WireError
 
 from .protocol import Op, Part, Reply, Task
 

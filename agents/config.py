@@ -12,7 +12,6 @@ from typing import Literal
 
 from nmoe.errors import check
 
-
 MAX_CHUNK = 2 * 1024 * 1024  # well under mosquitto.conf's max_packet_size (4 MiB) with headers
 
 TaskOp = Literal["stage1_corr", "stage1_fit", "stage2_fit", "stage3_prepare", "stage3_fit", "evaluate"]

@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from nmoe.errors import NmoeError, WireError
 from broker.topics import BROADCAST, Kind, Status
 from broker.wire import Message
+from nmoe.errors import NmoeError, WireError
 
 from .bus import BusSession
 from .codec import (

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from nmoe.errors import BrokerError
 from broker.topics import Topics, check_agent_id
+from nmoe.errors import BrokerError
 
 ChannelMode = Literal["direct", "emulated"]
 CHANNEL_MODES: tuple[str, ...] = ("direct", "emulated")

@@ -31,10 +31,10 @@ from typing import Literal
 
 import numpy as np
 
-from nmoe.errors import WireError
 from broker.header import PROTOCOL_VERSION, Header, MetaValue
 from broker.tensors import Schema, check_finite, decode_body, encode_body
 from broker.topics import BROADCAST, Kind, ParsedTopic, parse_kind
+from nmoe.errors import WireError
 
 MAGIC = b"NMOE"
 FRAME_MESSAGE = ord("M")

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from nmoe.errors import WireError
 from broker.tensors import COMPRESSIONS
 from broker.topics import Kind, is_agent_id, is_destination, is_run_id
+from nmoe.errors import WireError
 
 PROTOCOL_VERSION = 1
 MAX_META_BYTES = 8 * 1024

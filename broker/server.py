@@ -34,8 +34,8 @@ from broker.auth import (
     render_acl_file,
     render_password_file,
 )
-from nmoe.errors import BrokerError
 from broker.topics import Topics
+from nmoe.errors import BrokerError
 
 log = logging.getLogger(__name__)
 

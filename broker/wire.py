@@ -52,10 +52,10 @@ from broker.envelope import (
     restamp,
     unpack_prefix,
 )
-from nmoe.errors import WireError
 from broker.header import MAX_META_BYTES, PROTOCOL_VERSION, Header, MetaValue
 from broker.tensors import ANY, COMPRESSIONS, Schema, TensorSpec, check_finite
 from broker.topics import Direction, Kind, ParsedTopic, Topics
+from nmoe.errors import WireError
 
 __all__ = [
     "ANY", "CHUNK_OVERHEAD", "COMPRESSIONS", "MAX_META_BYTES", "MIN_CHUNK_SIZE", "PROTOCOL_VERSION",

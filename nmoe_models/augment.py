@@ -24,8 +24,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .data import normalize, to_float
 from nmoe.errors import DataError
+
+from .data import normalize, to_float
 
 __all__ = [
     "SSLRecipe",

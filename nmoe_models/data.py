@@ -33,8 +33,9 @@ except ImportError:  # numpy < 2
     from numpy.core import multiarray as _np_multiarray  # type: ignore[no-redef]
     from numpy.core import numeric as _np_numeric  # type: ignore[no-redef]
 
-from .config import DataConfig
 from nmoe.errors import DataError
+
+from .config import DataConfig
 
 __all__ = [
     "DatasetInfo",

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nmoe.errors import DataError
+
 from .config import ExperimentConfig, PartitionConfig
 from .data import load_dataset
-from nmoe.errors import DataError
 
 __all__ = [
     "ClientData",

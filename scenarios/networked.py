@@ -33,9 +33,9 @@ from agents.coordinator import BusFleet, coordinate
 from agents.protocol import Task
 from agents.strategy import Strategy
 from broker.auth import PASSWORD_ENV, Account, BrokerAddress, ChannelMode, make_accounts
-from nmoe.errors import ChannelError, NmoeError
 from broker.server import Prefer, RunningBroker, launch_broker
 from broker.wire import ReassemblyLimits
+from nmoe.errors import ChannelError, NmoeError
 from nmoe_models.partition import load_client_data
 
 from .runner import ProgressObserver, make_progress, run_baselines, set_threads

@@ -11,8 +11,7 @@ import yaml
 
 from agents.config import NetworkConfig
 from broker.channel import ChannelConfig
-from nmoe.errors import ConfigError
-from nmoe.errors import check
+from nmoe.errors import ConfigError, check
 from nmoe_models.config import ExperimentConfig
 
 from .schema import apply_overrides, build

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
+from nmoe.errors import DataError
 from nmoe_models.augment import (
     RECIPES,
     WEAK_PADDING,
@@ -19,7 +20,6 @@ from nmoe_models.augment import (
     two_views,
 )
 from nmoe_models.data import DATASET_STATS, to_float
-from nmoe.errors import DataError
 
 
 def gen(seed: int = 0) -> torch.Generator:

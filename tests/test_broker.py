@@ -15,8 +15,8 @@ from conftest import RUN, needs_mosquitto, raw_client
 
 import broker.server as server
 from broker.auth import Account, BrokerAddress, make_accounts
-from nmoe.errors import BrokerError
 from broker.server import MosquittoBroker, RunningBroker, launch_broker, port_open
+from nmoe.errors import BrokerError
 
 
 def alive(pid: int) -> bool:

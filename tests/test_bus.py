@@ -16,10 +16,10 @@ from conftest import RUN, needs_mosquitto, raw_client
 
 from agents.bus import BusConfig, BusSession, RequestTimeout
 from broker.auth import BrokerAddress, make_accounts
-from nmoe.errors import BusError
 from broker.server import MosquittoBroker, launch_broker
 from broker.topics import Kind, Topics
 from broker.wire import ReassemblyLimits, Schema, TensorSpec, encode, peek, read_chunk, restamp, split
+from nmoe.errors import BusError
 
 T = Topics(RUN)
 ROOT = Path(__file__).resolve().parent.parent

@@ -30,10 +30,10 @@ from broker.auth import PASSWORD_ENV, make_accounts
 from broker.channel import ChannelConfig, ClientOverrides, DirectionOverrides, LinkOverrides
 from broker.channel.emulator import ChannelEmulator, RelayOptions, config_from_dict
 from broker.envelope import FRAME_CHUNK, FRAME_MESSAGE, pack_prefix
-from nmoe.errors import ChannelError
 from broker.server import MosquittoBroker, find_mosquitto
 from broker.topics import Kind, Topics
 from broker.wire import Message, ReassemblyLimits, chunk_count, encode
+from nmoe.errors import ChannelError
 
 T = Topics(RUN)
 AGENTS = ["coordinator", "client-0", "client-1", "client-2"]

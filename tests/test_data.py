@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from nmoe.errors import DataError
 from nmoe_models import data
 from nmoe_models.config import DataConfig
 from nmoe_models.data import (
@@ -25,7 +26,6 @@ from nmoe_models.data import (
     restricted_unpickle,
     to_float,
 )
-from nmoe.errors import DataError
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

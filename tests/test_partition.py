@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from nmoe_models.config import DataConfig, ExperimentConfig, PartitionConfig
 from nmoe.errors import DataError
+from nmoe_models.config import DataConfig, ExperimentConfig, PartitionConfig
 from nmoe_models.partition import (
     ClientData,
     all_client_indices,

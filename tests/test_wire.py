@@ -25,7 +25,6 @@ from broker.auth import (
     verify_password,
 )
 from broker.envelope import FRAME_MESSAGE, HEADER_LEN, pack_prefix
-from nmoe.errors import BrokerError, WireError
 from broker.topics import Kind, ParsedTopic, Topics
 from broker.wire import (
     CHUNK_OVERHEAD,
@@ -42,6 +41,7 @@ from broker.wire import (
     restamp,
     split,
 )
+from nmoe.errors import BrokerError, WireError
 
 RUN = "t1"
 T = Topics(RUN)

@@ -71,8 +71,8 @@ from broker.channel.model import ChannelModel, Delivery, Result
 from broker.channel.relay import RelayOptions, RelaySession
 from broker.chunks import read_chunk
 from broker.envelope import FRAME_CHUNK, STAMPS, STAMPS_OFFSET, unpack_prefix
-from nmoe.errors import ChannelError, NmoeError, WireError
 from broker.topics import Kind, ParsedTopic, Topics
+from nmoe.errors import ChannelError, NmoeError, WireError
 
 __all__ = ["ChannelEmulator", "RelayOptions", "config_from_dict", "main"]
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import aiomqtt
 
 from broker.auth import BrokerAddress
-from nmoe.errors import ChannelError
 from broker.mqtt import refused_subscriptions, stay_connected
 from broker.topics import Status, Topics
+from nmoe.errors import ChannelError
 
 log = logging.getLogger(__name__)
 
