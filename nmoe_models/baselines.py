@@ -30,7 +30,7 @@ from .train import (
     train_classifier,
 )
 
-Progress = Callable[[int, int], None]
+OnEpoch = Callable[[int, int], None]
 
 
 def _epochs(exp: ExperimentConfig) -> int:
@@ -52,7 +52,7 @@ def local_classifier(exp: ExperimentConfig, data: ClientData) -> Scores:
 
 
 def centralized_moe(
-    exp: ExperimentConfig, union: ClientData, tests: Mapping[int, ClientData], progress: Progress | None = None
+    exp: ExperimentConfig, union: ClientData, tests: Mapping[int, ClientData], progress: OnEpoch | None = None
 ) -> dict[int, Scores]:
     """Train one MoE on ``union`` end to end; score top-k routing on every client's test set."""
     s1, m = exp.stage1, exp.model

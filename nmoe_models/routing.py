@@ -25,7 +25,7 @@ class RoutePlan:
 
 
 @dataclass(frozen=True)
-class Assembled:
+class Mixture:
     probs: torch.Tensor
     """(B, C) mixture probabilities."""
     fallback_rows: int
@@ -43,7 +43,7 @@ def plan(gate_logits: torch.Tensor, k: int) -> RoutePlan:
 
 def assemble(
     route: RoutePlan, replies: Mapping[int, torch.Tensor], local_logprobs: torch.Tensor | None = None
-) -> Assembled:
+) -> Mixture:
     """Mix the replies (expert j -> (len(rows[j]), C) log-probabilities) into (B, C) probabilities.
 
     ``local_logprobs`` (B, C) is the local expert on every row; it is needed only when some row
@@ -69,7 +69,7 @@ def assemble(
         if local_logprobs is None:
             raise ValueError(f"assemble: {int(none.sum())} rows got no reply; pass the local expert's output")
         probs[none] = local_logprobs[none].exp()
-    return Assembled(probs, int(lost.sum()), int(none.sum()))
+    return Mixture(probs, int(lost.sum()), int(none.sum()))
 
 
 def missing_rows(route: RoutePlan, replies: Mapping[int, torch.Tensor]) -> torch.Tensor:

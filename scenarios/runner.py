@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from safetensors.torch import save_file
 
 from agents.inprocess import InProcessFleet
+from agents.messages import Op
 from agents.strategy import RoundRecord, Strategy
 from nmoe_models.baselines import centralized_moe, local_classifier
 from nmoe_models.learner import ClientLearner
@@ -46,6 +46,9 @@ def make_progress(console: Console) -> Progress:
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
 
 
+ROUND_ENDS = frozenset({Op.STAGE1_FIT, Op.STAGE2_FIT, Op.STAGE3_FIT, Op.EVALUATE})  # a round's last step
+
+
 class ProgressObserver:
     """Shows stages and rounds as they finish; keeps the coordinator's latest checkpoint on disk."""
 
@@ -62,15 +65,14 @@ class ProgressObserver:
         task = self.tasks.get(record.stage)
         if task is None:
             return
-        done_ops = ("stage1_fit", "stage2_fit", "stage3_fit", "evaluate")
         info = f"{len(record.answered)} answered"
         if record.failures:
             info += f", [red]{len(record.failures)} failed[/red]"
         if record.loss == record.loss:  # not NaN
             info += f", loss {record.loss:.4f}"
-        self.progress.update(task, advance=1 if record.op in done_ops else 0, info=info)
+        self.progress.update(task, advance=1 if record.op in ROUND_ENDS else 0, info=info)
         if not self.progress.console.is_terminal:  # a log file gets one line per step instead of bars
-            self.progress.console.print(f"{self.label}{record.stage} round {record.round} {record.op}: {info} "
+            self.progress.console.print(f"{self.label}{record.stage} round {record.round} {record.op.value}: {info} "
                                         f"({record.seconds:.1f}s)", markup=True, highlight=False)
 
     def on_checkpoint(self, stage: str, round_index: int, tensors: Mapping[str, torch.Tensor],
@@ -132,17 +134,13 @@ def run_inprocess(scn: Scenario, out_dir: Path, console: Console) -> dict[str, A
         datas = load_all(scn, progress)
         learners = {i: ClientLearner(scn, d) for i, d in datas.items()}
         strategy = Strategy(scn, ProgressObserver(progress, out_dir))
-        outcome = asyncio.run(strategy.run(InProcessFleet(learners)))
+        summary = asyncio.run(strategy.run(InProcessFleet(learners)))
         clock = time.perf_counter()
-        baselines = run_baselines(scn, datas, progress, outcome.methods.get("fedavg"))
-        outcome.stage_seconds["baselines"] = time.perf_counter() - clock
-    results = build_results(scn, "inprocess", outcome, baselines, {}, time.perf_counter() - started)
-    paths = write_outputs(out_dir, results, outcome.rounds)
+        baselines = run_baselines(scn, datas, progress, summary.methods.get("fedavg"))
+        summary.stage_seconds["baselines"] = time.perf_counter() - clock
+    results = build_results(scn, "inprocess", summary, baselines, {}, time.perf_counter() - started)
+    paths = write_outputs(out_dir, results, summary.rounds)
     print_summary(console, results)
     console.print("outputs: " + ", ".join(str(p) for p in paths))
     return results
 
-
-def read_results(out_dir: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((out_dir / "results.json").read_text())
-    return data
