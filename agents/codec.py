@@ -11,8 +11,11 @@ that does not fit the op, or a message of the wrong family for its receiver is a
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
 import math
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,22 +30,16 @@ from nmoe.errors import ProtocolError
 from .messages import (
     BYE_COUNTERS,
     BYE_TOTALS,
+    TASK_TYPES,
     Bye,
     Control,
     Correlation,
-    Evaluate,
     Hello,
     Metrics,
     Op,
     Refusal,
     Reply,
     Shutdown,
-    Stage1Corr,
-    Stage1Fit,
-    Stage2Fit,
-    Stage3Fit,
-    Stage3Prepare,
-    Sync,
     Task,
     Update,
 )
@@ -93,34 +90,50 @@ def to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.require(v, requirements=["C", "W"])) for k, v in arrays.items()}  # keeps 0-d
 
 
-# -- encoding ----------------------------------------------------------------------------------------
+# -- tasks: generic over the task dataclasses' fields -----------------------------------------------
+# A task's fields travel by their type: a state dict (``Tensors``) as its tensors, a tensor field as
+# one tensor named after the field, ``round`` in the header, every other field (int, float, bool, a
+# Literal of strings) in the meta under its own name. So a new task class needs no code here.
+TASKS_BY_OP: dict[str, type[Task]] = {cls.op.value: cls for cls in TASK_TYPES}
+
+
+def _task_fields(cls: type[Task]) -> list[tuple[str, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f.name, hints[f.name]) for f in dataclasses.fields(cls) if f.name != "round"]
+
+
+def _is_state(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Mapping, collections.abc.Mapping)
+
+
+def _is_tensor(tp: Any) -> bool:
+    return tp is torch.Tensor or (not _is_state(tp) and torch.Tensor in typing.get_args(tp))
+
+
 def encode_task(task: Task, task_id: str) -> Wire:
     meta: Meta = {OP: task.op.value, TASK: task_id}
-    tensors: Mapping[str, torch.Tensor] = {}
-    match task:
-        case Sync(state=state, stage=stage):
-            tensors, meta["stage"] = state, stage
-        case Stage1Corr(state=state):
-            tensors = state
-        case Stage1Fit(state=state, rbar=rbar, q=q):
-            tensors, meta["q"] = ({**state, RBAR: rbar} if rbar is not None else state), q
-        case Stage2Fit(state=state, score_classifier=score):
-            tensors, meta["score_classifier"] = state, score
-        case Stage3Prepare():
-            pass
-        case Stage3Fit(gate=gate, variant=variant, reset=reset):
-            tensors, meta["variant"], meta["reset"] = gate, variant, reset
-        case Evaluate(gate=gate, top_k=k, batch_size=b):
-            tensors, meta["top_k"], meta["batch_size"] = gate, k, b
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tp in _task_fields(type(task)):
+        value = getattr(task, name)
+        if _is_state(tp):
+            tensors |= value
+        elif _is_tensor(tp):
+            if value is not None:
+                tensors[name] = value
+        else:
+            meta[name] = value
     return Wire(task_kind(task), to_numpy(tensors), meta, task.round, task.op.stage.value)
 
 
 def task_kind(task: Task) -> Kind:
-    if isinstance(task, Stage1Fit) and task.rbar is not None:
+    """``corr`` when the task carries a tensor of its own (FedSC's Rbar_{-i}), ``model`` when it
+    carries a state dict, ``ctrl`` when it carries no tensors."""
+    fields = _task_fields(type(task))
+    if any(_is_tensor(tp) and getattr(task, name) is not None for name, tp in fields):
         return Kind.CORR
-    if isinstance(task, Stage3Prepare) or (isinstance(task, Stage1Fit) and not task.state):
-        return Kind.CTRL
-    return Kind.MODEL
+    if any(_is_state(tp) and getattr(task, name) for name, tp in fields):
+        return Kind.MODEL
+    return Kind.CTRL
 
 
 def encode_reply(reply: Reply, task_id: str, op: Op, round_index: int) -> Wire:
@@ -204,36 +217,38 @@ def task_id_of(meta: Mapping[str, Any]) -> str:
 
 def decode_task(wire: Wire) -> tuple[str, Task]:
     """(task id, task) from a coordinator's message."""
-    op_text = op_of(wire.meta)
-    try:
-        op = Op(op_text)
-    except ValueError:
-        raise ProtocolError("unknown_op", f"{op_text[:40]!r} is not a task") from None
+    op = op_of(wire.meta)
+    cls = TASKS_BY_OP.get(op)
+    if cls is None:
+        raise ProtocolError("unknown_op", f"{op[:40]!r} is not a task")
     task_id = task_id_of(wire.meta)
     f = _Fields(wire.meta, "bad_task")
-    state = to_torch(wire.tensors)
+    tensors = to_torch(wire.tensors)
+    kwargs: dict[str, Any] = {}
+    state_field = None
+    for name, tp in _task_fields(cls):
+        if _is_state(tp):
+            state_field = name
+        elif _is_tensor(tp):
+            kwargs[name] = tensors.pop(name, None)
+        elif tp is bool:
+            kwargs[name] = f.bool(name)
+        elif tp is int:
+            kwargs[name] = f.int(name)
+        elif tp is float:
+            kwargs[name] = f.float(name)
+        else:  # a Literal of strings
+            kwargs[name] = f.str(name, typing.get_args(tp))
+    if state_field is not None:
+        kwargs[state_field] = tensors
+    elif tensors:
+        raise f.bad(f"{op} carries no tensors, got {sorted(tensors)[:3]}")
     try:
-        task: Task
-        if op is Op.SYNC:
-            task = Sync(state, f.int("stage", 1))
-        elif op is Op.STAGE1_CORR:
-            task = Stage1Corr(wire.round, state)
-        elif op is Op.STAGE1_FIT:
-            rbar = state.pop(RBAR, None)
-            task = Stage1Fit(wire.round, state, rbar, f.float("q"))
-        elif op is Op.STAGE2_FIT:
-            task = Stage2Fit(state, f.bool("score_classifier"), wire.round)
-        elif op is Op.STAGE3_PREPARE:
-            task = Stage3Prepare(wire.round)
-        elif op is Op.STAGE3_FIT:
-            variant = f.str("variant", ("fedgate", "fedavg"))
-            task = Stage3Fit(wire.round, state, "fedgate" if variant == "fedgate" else "fedavg", f.bool("reset"))
-        else:
-            task = Evaluate(state, f.int("top_k", 1), f.int("batch_size", 1), wire.round)
+        task = cls(round=wire.round, **kwargs)
     except ValueError as err:  # a field out of range (the message classes validate themselves)
         raise f.bad(str(err)) from err
     if task_kind(task) is not wire.kind:
-        raise ProtocolError("wrong_kind", f"{op.value} sent as {wire.kind.value}, expected {task_kind(task).value}")
+        raise ProtocolError("wrong_kind", f"{op} sent as {wire.kind.value}, expected {task_kind(task).value}")
     return task_id, task
 
 

@@ -141,7 +141,7 @@ class Strategy:
             self.summary.methods["fedavg"] = classifier
         self.summary.stage_seconds["stage2"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        await self._step(fleet, Step(ReplySpec(Metrics), Stage3Prepare()), "stage3")
+        await self._step(fleet, Step(ReplySpec(Metrics), Stage3Prepare()))
         self.summary.stage_seconds["stage3_prepare"] = time.perf_counter() - clock
         for variant in self.gate_variants():
             clock = time.perf_counter()
@@ -164,7 +164,7 @@ class Strategy:
     async def stage1(self, fleet: Fleet) -> None:
         s1 = self.exp.stage1
         self.stage = Stage.STAGE1
-        self.obs.on_stage("stage1", s1.rounds)
+        self.obs.on_stage(Stage.STAGE1.value, s1.rounds)
         limit = self.exp.partition.train_per_client + self.exp.partition.unlabeled_per_client
         fit_spec = ReplySpec(Update, expect_like(self.global_stage1), limit)
         d = self.exp.model.latent_dim
@@ -172,7 +172,7 @@ class Strategy:
             step: Step
             if s1.method == "fedsc":
                 corr_spec = ReplySpec(Correlation, {"R": ((d, d), torch.float32)}, limit)
-                corr = await self._step(fleet, Step(corr_spec, Stage1Corr(r, self.global_stage1)), "stage1")
+                corr = await self._step(fleet, Step(corr_spec, Stage1Corr(r, self.global_stage1)))
                 for i, reply in corr.replies.items():
                     assert isinstance(reply, Correlation)  # the spec's kind
                     self.corrs[i], self.samples[i] = reply.r, reply.samples
@@ -185,9 +185,9 @@ class Strategy:
                 step = Step(fit_spec, personal=personal)
             else:
                 step = Step(fit_spec, Stage1Fit(r, self.global_stage1))
-            fit = await self._step(fleet, step, "stage1")
+            fit = await self._step(fleet, step)
             self.global_stage1 = aggregate(fit.replies)
-            self._checkpoint("stage1", r, self.global_stage1)
+            self._checkpoint(Stage.STAGE1.value, r, self.global_stage1)
         if s1.method == "fedsc" and self.exp.privacy.enabled and self.releases:
             p = self.exp.privacy
             worst = max(self.releases.values())
@@ -209,11 +209,11 @@ class Strategy:
         """Experts: every client loads the final F and trains H_i; FedCE also scores its classifier
         (a reply without valid scores is rejected like any reply that is not what was asked)."""
         self.stage = Stage.STAGE2
-        self.obs.on_stage("stage2", 1)
+        self.obs.on_stage(Stage.STAGE2.value, 1)
         fedce = self.exp.stage1.method == "fedce"
         scores = {"classifier_accuracy": (0.0, 1.0), "classifier_f1_macro": (0.0, 1.0)} if fedce else {}
         spec = ReplySpec(Metrics, metrics=scores)
-        out = await self._step(fleet, Step(spec, Stage2Fit(self.global_stage1, score_classifier=fedce)), "stage2")
+        out = await self._step(fleet, Step(spec, Stage2Fit(self.global_stage1, score_classifier=fedce)))
         if not fedce:
             return {}
         per_client = {}
@@ -226,20 +226,21 @@ class Strategy:
     async def stage3(self, fleet: Fleet, variant: GateVariant) -> StateDict:
         s3 = self.exp.stage3
         self.stage = Stage.STAGE3
-        self.obs.on_stage(f"stage3:{variant}", s3.rounds)
+        label = f"{Stage.STAGE3.value}:{variant}"
+        self.obs.on_stage(label, s3.rounds)
         init = build_gate(self.exp, -1).state_dict()  # one common starting point for the shared part
         gate = select(init, with_prefix(SHARED_GATE_PREFIX) if variant == "fedgate" else None)
         spec = ReplySpec(Update, expect_like(gate), self.exp.partition.train_per_client)
         for r in range(s3.rounds):
-            fit = await self._step(fleet, Step(spec, Stage3Fit(r, gate, variant, reset=r == 0)), f"stage3:{variant}")
+            fit = await self._step(fleet, Step(spec, Stage3Fit(r, gate, variant, reset=r == 0)), label)
             gate = aggregate(fit.replies)
-            self._checkpoint(f"stage3:{variant}", r, gate)
+            self._checkpoint(label, r, gate)
         return gate
 
     async def evaluate(self, fleet: Fleet, gate: StateDict) -> dict[int, dict[str, float]]:
         self.stage = Stage.EVAL
         ev = self.exp.eval
-        out = await self._step(fleet, Step(ReplySpec(Metrics), Evaluate(gate, ev.top_k, ev.batch_size)), "eval")
+        out = await self._step(fleet, Step(ReplySpec(Metrics), Evaluate(gate, ev.top_k, ev.batch_size)))
         return {i: dict(rep.values) for i, rep in out.replies.items() if isinstance(rep, Metrics)}
 
     def _checkpoint(self, stage: str, round_index: int, global_state: Mapping[str, torch.Tensor]) -> None:
@@ -247,14 +248,16 @@ class Strategy:
         the final feature extractor once Stage 1 is over (``stage1.*``), FedSC's latest R_j
         (``corr.<j>``), and per-client sample counts and DP releases in the metadata."""
         tensors = {f"global.{k}": v for k, v in global_state.items()}
-        if stage != "stage1":
+        if stage != Stage.STAGE1.value:
             tensors |= {f"stage1.{k}": v for k, v in self.global_stage1.items()}
         tensors |= {f"corr.{j}": r for j, r in sorted(self.corrs.items())}
         meta = {"stage": stage, "round": str(round_index), "samples": json.dumps(self.samples, sort_keys=True),
                 "releases": json.dumps(self.releases, sort_keys=True)}
         self.obs.on_checkpoint(stage, round_index, tensors, meta)
 
-    async def _step(self, fleet: Fleet, step: Step, stage: str) -> RoundOutcome:
+    async def _step(self, fleet: Fleet, step: Step, label: str | None = None) -> RoundOutcome:
+        """Run one step, record it (``label``: the stage, by default the op's), fail below min_clients."""
+        stage = label or step.op.stage.value
         clock = time.perf_counter()
         out = await fleet.run(step)
         losses = [loss for reply in out.replies.values() if (loss := reply_loss(reply)) is not None]

@@ -65,7 +65,7 @@ class Faults:
 
     def on_task(self, task: Task) -> None:
         for fault in self.scn.network.faults:
-            if fault.op == task.op.value and fault.round == task.round:
+            if fault.op is task.op and fault.round == task.round:
                 self.timers.append(asyncio.get_running_loop().call_later(
                     fault.after_s * self.scn.channel.time_scale, self._kill, fault.client))
                 self.injected.append(to_dict(fault))

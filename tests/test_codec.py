@@ -60,24 +60,25 @@ def same(a: object, b: object) -> bool:
 
 
 TASKS = [
-    Sync(W, 3),
-    Stage1Corr(2, W),
-    Stage1Fit(1, W),
-    Stage1Fit(4, rbar=torch.eye(3), q=0.25),
-    Stage1Fit(4, q=0.5),  # FedSC when no Rbar could be formed yet: a ctrl message
-    Stage2Fit(W, score_classifier=True),
-    Stage3Prepare(),
-    Stage3Fit(3, W, "fedavg", reset=True),
-    Evaluate(W, top_k=2, batch_size=64),
+    (Sync(W, 3), Kind.MODEL),
+    (Stage1Corr(2, W), Kind.MODEL),
+    (Stage1Fit(1, W), Kind.MODEL),
+    (Stage1Fit(4, rbar=torch.eye(3), q=0.25), Kind.CORR),
+    (Stage1Fit(4, q=0.5), Kind.CTRL),  # FedSC when no Rbar could be formed yet
+    (Stage2Fit(W, score_classifier=True), Kind.MODEL),
+    (Stage3Prepare(), Kind.CTRL),
+    (Stage3Fit(3, W, "fedavg", reset=True), Kind.MODEL),
+    (Evaluate(W, top_k=2, batch_size=64), Kind.MODEL),
 ]
 
 
-@pytest.mark.parametrize("task", TASKS, ids=lambda t: f"{t.op.value}-{type(t).__name__}")
-def test_every_task_survives_the_wire(task):
+@pytest.mark.parametrize(("task", "kind"), TASKS, ids=lambda t: f"{t.op.value}-{type(t).__name__}"
+                         if hasattr(t, "op") else str(t))
+def test_every_task_survives_the_wire(task, kind):
     wire = encode_task(task, "task-1")
     task_id, back = decode_task(over_the_wire(wire))
     assert task_id == "task-1" and same(task, back)
-    assert wire.stage == task.op.stage.value
+    assert wire.kind is kind and wire.stage == task.op.stage.value
 
 
 REPLIES = [
