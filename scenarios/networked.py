@@ -35,7 +35,7 @@ from agents.strategy import Strategy
 from broker.auth import PASSWORD_ENV, Account, BrokerAddress, ChannelMode, make_accounts
 from broker.server import Prefer, RunningBroker, launch_broker
 from broker.wire import ReassemblyLimits
-from nmoe.errors import ChannelError, NmoeError
+from nmoe.errors import ChannelError, ConfigError, NmoeError
 from nmoe_models.partition import load_client_data
 
 from .runner import ProgressObserver, make_progress, run_baselines, set_threads
@@ -335,7 +335,9 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
     accounts: list[Account] = make_accounts(ids)
     external = BrokerAddress.parse(broker_url) if broker_url else None
     if external is not None:  # an external broker knows its own accounts: everyone uses the URL's
-        accounts = [Account(a.username, external.password or "", a.role) for a in accounts]
+        if external.password is None:
+            raise ConfigError(f"--broker {external.redacted()}: no password (see cli.check_external_broker)")
+        accounts = [Account(a.username, external.password, a.role) for a in accounts]
     scenario_file = write_scenario(scn, out_dir / "scenario.yaml")
     channel_mode: ChannelMode = "emulated" if scn.channel.model == "emulated" else "direct"
     started = time.perf_counter()
