@@ -38,9 +38,15 @@ def _bad(detail: str) -> WireError:
 def _opt_time(value: object, name: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise _bad(f"{name} must be a finite number or None")
-    return float(value)
+    try:
+        number = float(value)  # OverflowError for a JSON integer of 309 digits or more
+    except OverflowError:
+        raise _bad(f"{name} is out of range") from None
+    if not math.isfinite(number):
+        raise _bad(f"{name} must be a finite number or None")
+    return number
 
 
 def _check_meta(meta: object) -> Mapping[str, MetaValue]:
