@@ -25,7 +25,6 @@ import contextlib
 import logging
 import math
 import socket
-import ssl
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -37,6 +36,7 @@ import numpy as np
 
 from broker.auth import CHANNEL_MODES, BrokerAddress, ChannelMode
 from broker.mqtt import refused_subscriptions, stay_connected
+from broker.tls import client_context
 from broker.topics import BROADCAST, Kind, Status, Topics, check_agent_id, is_destination, parse_kind
 from broker.wire import (
     CHUNK_OVERHEAD,
@@ -204,7 +204,7 @@ class BusSession:
             keepalive=self.cfg.keepalive_s,
             timeout=self.cfg.connect_timeout_s,
             max_inflight_messages=self.cfg.max_inflight,
-            tls_context=ssl.create_default_context() if addr.tls else None,
+            tls_context=client_context(addr.ca_file) if addr.tls else None,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],  # small replies go out at once
             logger=logging.getLogger(f"{__name__}.mqtt"),
         )

@@ -62,6 +62,10 @@ class NetworkConfig:
     """Compression of float tensors on the wire (none keeps runs bit-identical to in-process)."""
     agent_threads: int = 1
     """torch threads per client agent process (several agents share the machine's cores), 1..1024."""
+    tls: bool = False
+    """Encrypt the bus: the run's mosquitto gets a TLS-only listener with a CA and server certificate
+    generated for the run (broker/tls.py), and every agent verifies it against that CA. With
+    --broker, the URL must be mqtts:// (add ?ca=PATH to trust a CA of your own)."""
     faults: tuple[FaultConfig, ...] = ()
     """Faults to inject (stress tests, at most 1000), e.g. [{client: client-2, op: stage1_fit, round: 1}]."""
 

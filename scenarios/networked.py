@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import multiprocessing.process
 import os
+import shutil
 import signal
 import sys
 import time
@@ -114,9 +115,8 @@ class AgentProcesses:
         ctx.set_forkserver_preload(self.PRELOAD)
         for agent in self.ids:
             addr = self.broker.address_for(agent)
-            scheme = "mqtts" if addr.tls else "mqtt"
             argv = ["agent", "--id", agent, "--scenario", str(self.scenario_file), "--run-id", self.run_id,
-                    "--broker", f"{scheme}://{agent}@{addr.host}:{addr.port}"]
+                    "--broker", addr.url()]
             proc = ctx.Process(target=agent_process, name=agent,
                                args=(argv, addr.password or "", str(self.log_dir / f"{agent}.log")))
             await asyncio.to_thread(proc.start)  # the first start launches the fork server
@@ -200,11 +200,17 @@ def external_instructions(scn: Scenario, run_id: str, broker: RunningBroker, sce
                           out_dir: Path) -> Path:
     """Write each board's command line (with its password) to a file only the owner can read."""
     lines = ["# Start one agent per edge board (copy the scenario file there first)."]
+    ca = ""
+    if broker.ca_file is not None:  # the run's own CA: public, copied beside the scenario for the boards
+        shutil.copyfile(broker.ca_file, out_dir / "ca.crt")
+        lines.append("# The broker speaks TLS only: copy ca.crt there too (the agents trust only it).")
+        ca = "?ca=ca.crt"
     for i in range(scn.clients):
         agent = client_name(i)
         addr = broker.address_for(agent)
+        scheme = "mqtts" if addr.tls else "mqtt"
         lines.append(f"NMOE_BROKER_PASSWORD='{addr.password}' nmoe agent --id {agent} --run-id {run_id} "
-                     f"--scenario {scenario_file.name} --broker mqtt://{agent}@<this-host>:{addr.port}")
+                     f"--scenario {scenario_file.name} --broker '{scheme}://{agent}@<this-host>:{addr.port}{ca}'")
     path = out_dir / "agents.txt"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others, not even briefly
     with os.fdopen(fd, "w") as fh:
@@ -266,9 +272,8 @@ class ChannelProcess:
         self.stats_file = out_dir / "channel_stats.json"
         self.log_path = out_dir / "logs" / "channel.log"
         self.addr = broker.address_for(CHANNEL)
-        scheme = "mqtts" if self.addr.tls else "mqtt"
         self.cmd = [sys.executable, "-m", "broker.channel.emulator", "--run-id", run_id,
-                    "--broker", f"{scheme}://{CHANNEL}@{self.addr.host}:{self.addr.port}",
+                    "--broker", self.addr.url(),
                     "--agents", ",".join([COORDINATOR, *clients]), "--wired", COORDINATOR,
                     "--config", str(self.config), "--seed", str(scn.seed), "--stats", str(self.stats_file)]
         self.proc: asyncio.subprocess.Process | None = None
@@ -343,7 +348,7 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
     started = time.perf_counter()
     timeline = {"started_at": time.time()}
     async with launch_broker(run_id, accounts, channel_mode=channel_mode, prefer=broker_kind, external=external,
-                             host=listen) as broker:
+                             host=listen, tls=scn.network.tls) as broker:
         timeline["broker_ready_at"] = time.time()
         console.print(f"broker: {broker.kind} on {broker.host}:{broker.port}; agents: {mode}")
         if mode == "external":

@@ -22,7 +22,6 @@ import contextlib
 import logging
 import math
 import socket
-import ssl
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import aiomqtt
 
 from broker.auth import BrokerAddress
 from broker.mqtt import refused_subscriptions, stay_connected
+from broker.tls import client_context
 from broker.topics import Status, Topics
 from nmoe.errors import ChannelError
 
@@ -199,7 +199,7 @@ class RelaySession:
             identifier=opts.identifier or f"nmoe-{self.topics.run_id}-{self.username}",
             will=will, clean_session=False, keepalive=opts.keepalive_s, timeout=opts.connect_timeout_s,
             max_inflight_messages=opts.max_inflight,
-            tls_context=ssl.create_default_context() if addr.tls else None,
+            tls_context=client_context(addr.ca_file) if addr.tls else None,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             logger=logging.getLogger(f"{__name__}.mqtt"),
         )  # fmt: skip
