@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
+import torch
+
 from nmoe.errors import RejectedReply
 
 from .messages import Op, Refusal, Reply, ReplySpec, Task, check_reply
@@ -31,6 +33,8 @@ class Step:
     spec: ReplySpec
     common: Task | None = None
     personal: Mapping[int, Task] = field(default_factory=dict)
+    reference: Mapping[str, torch.Tensor] | None = None
+    """The state the clients' updates start from (robust aggregation measures them against it)."""
 
     def __post_init__(self) -> None:
         if (self.common is None) == (not self.personal):
