@@ -126,6 +126,10 @@ class BusFleet:
         sync = self.sync()
         if sync is None:  # still joining: JOIN itself sends nothing
             return
+        refused = self.members.needs_sync(client, hello)
+        if refused is not None:
+            self.bus.stats.rejected[refused] += 1
+            return
         self.on_event(f"{client_name(client)} {'rejoined' if rejoin else 'joined late'}; sending the current state")
         try:
             task_id = f"sync-{uuid.uuid4().hex[:12]}"

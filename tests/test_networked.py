@@ -117,6 +117,39 @@ async def test_a_client_saying_hello_mid_run_gets_the_current_state(tmp_path):
 
 
 @needs_mosquitto
+async def test_repeated_hellos_cost_one_sync_per_change_of_the_clients_state(tmp_path):
+    """Twenty hellos from one client used to make the coordinator send twenty syncs (about 6,000x
+    amplification); now a hello earns a sync only for a new session, and not too often."""
+    scn = toy_scenario(tmp_path, ["clients=2"])
+    accounts = make_accounts(["client-0", "client-1"])
+    async with launch_broker("amp", accounts, prefer="mosquitto") as broker:
+        coord = BusConfig("amp", "coordinator", broker.address_for("coordinator"))
+        client = BusConfig("amp", "client-1", broker.address_for("client-1"))
+        strategy = Strategy(scn)
+        strategy.stage = Stage.STAGE2
+        async with BusSession(coord, watch_status=True) as bus, \
+                BusFleet(bus, 2, scn.network, sync=strategy.sync_task) as fleet, BusSession(client) as agent:
+            fleet.members.sync_interval_s = 0.5
+            hello = encode_control(Hello(96, 0.5, session=0))
+            for _ in range(20):
+                await agent.send("coordinator", hello.kind, meta=hello.meta)
+            first = await agent.receive(timeout=10)
+            with pytest.raises(asyncio.TimeoutError):
+                await agent.receive(timeout=1.0)  # nothing more for the 19 repeats
+            assert bus.stats.rejected["hello_repeat"] == 19
+            again = encode_control(Hello(96, 0.5, session=1))  # it reconnected: one more sync
+            await agent.send("coordinator", again.kind, meta=again.meta)
+            second = await agent.receive(timeout=10)
+            await agent.send("coordinator", encode_control(Hello(96, 0.5, session=2)).kind,
+                             meta=encode_control(Hello(96, 0.5, session=2)).meta)  # too soon after the last
+            with pytest.raises(asyncio.TimeoutError):
+                await agent.receive(timeout=0.3)
+            assert bus.stats.rejected["hello_rate_limited"] == 1
+            assert bus.stats.sent_messages["model"] == 2
+    assert isinstance(decode_task(_wire(first))[1], Sync) and isinstance(decode_task(_wire(second))[1], Sync)
+
+
+@needs_mosquitto
 def test_a_scenario_on_a_lossy_channel_completes_with_failures_recorded(tmp_path):
     """client-2's radio loses 20% of packets and never retransmits: its large messages (weights,
     latents) are lost, the rounds close at their deadline without it, and the channel says why."""
