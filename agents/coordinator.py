@@ -190,7 +190,8 @@ class BusFleet:
         (the deadline closes the round: failures are data)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline(collector.step.op)
-        while not collector.done.is_set() and (left := deadline - loop.time()) > 0:
+        grace = self.net.rejected_grace_s * self.time_scale
+        while not collector.settled(grace) and (left := deadline - loop.time()) > 0:
             if self._pump is not None and self._pump.done():  # nothing can arrive any more: say why
                 self._pump.result()
                 raise NmoeError("the coordinator stopped reading the bus")
