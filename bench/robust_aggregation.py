@@ -31,7 +31,7 @@ def main() -> None:
     if args.quick:
         scn = toy_scenario(Path("/tmp"), ["clients=4", "stage1.method=fedce", "stage1.rounds=3", "eval.top_k=2"])
     else:
-        scn = load_scenario("quickstart", ["baselines=[]"])
+        scn = load_scenario("quickstart", ["baselines=[]", "privacy.reproducible_noise=true"])
     off = dataclasses.replace(scn, aggregation=dataclasses.replace(scn.aggregation, outlier_factor=0.0,
                                                                    reject_reversed=False))
     bad = scn.clients - 1
@@ -43,9 +43,12 @@ def main() -> None:
         clock = time.perf_counter()
         fleet = InProcessFleet if attack is None else (lambda ls, a=attack: Malicious(ls, bad, a))
         try:
-            acc, _ = run(cfg, fleet)
+            acc, strategy = run(cfg, fleet)
             figures[name] = sum(acc[i] for i in honest) / len(honest)
-            print(f"{name:<20} honest clients' accuracy {figures[name]:.4f}  ({time.perf_counter() - clock:.0f}s)")
+            rejected = sum(why.startswith("rejected: outlier") for r in strategy.summary.rounds
+                           for why in r.failures.values())
+            print(f"{name:<20} honest clients' accuracy {figures[name]:.4f}, {rejected} updates rejected as "
+                  f"outliers ({time.perf_counter() - clock:.0f}s)")
         except NmoeError as err:  # an unscreened attack can end the run: that is a result too
             figures[name] = float("nan")
             print(f"{name:<20} run failed: {str(err)[:160]}")

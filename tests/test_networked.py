@@ -23,7 +23,7 @@ from agents.strategy import Strategy
 from broker.auth import make_accounts
 from broker.server import launch_broker
 from broker.topics import Kind
-from scenarios.networked import run_networked_scenario
+from scenarios.networked import add_channel_rejections, run_networked_scenario
 from scenarios.runner import run_inprocess
 
 
@@ -203,3 +203,10 @@ async def test_a_client_answers_a_malformed_task_with_an_error_and_keeps_working
             bye = decode_control(_wire(await bus.receive(timeout=30)))
             await asyncio.wait_for(running, 30)
     assert isinstance(bye, Bye) and bye.counters["rejected"]["unknown_op"] == 1
+
+
+def test_the_channel_emulators_rejections_count_with_the_agents():
+    rejected = {"bad_header": 2}
+    add_channel_rejections(rejected, {"rejected": {"bad_magic": 3, "unknown_agent": 1}, "links": {}})
+    add_channel_rejections(rejected, {"links": {}})  # an emulator that refused nothing
+    assert rejected == {"bad_header": 2, "channel.bad_magic": 3, "channel.unknown_agent": 1}
