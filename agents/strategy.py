@@ -12,7 +12,8 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from types import MappingProxyType
+from typing import Any, Protocol
 
 import torch
 
@@ -133,6 +134,7 @@ class Strategy:
         self.releases: dict[int, int] = {}
         self.stage = Stage.JOIN
         self.summary = RunSummary()
+        self._stage1_from = 0  # the first Stage 1 round to run (later when resuming)
 
     def sync_task(self) -> Sync | None:
         """What a client joining mid-run needs (the current feature extractor and how far to catch
@@ -188,7 +190,7 @@ class Strategy:
         limit = self.exp.partition.train_per_client + self.exp.partition.unlabeled_per_client
         fit_spec = ReplySpec(Update, expect_like(self.global_stage1), limit)
         d = self.exp.model.latent_dim
-        for r in range(s1.rounds):
+        for r in range(self._stage1_from, s1.rounds):
             step: Step
             if s1.method == "fedsc":
                 corr_spec = ReplySpec(Correlation, {"R": ((d, d), torch.float32)}, limit)
@@ -208,7 +210,10 @@ class Strategy:
             fit = await self._step(fleet, step)
             self.global_stage1 = self._aggregate(fit.replies, self.global_stage1)
             self._checkpoint(Stage.STAGE1.value, r, self.global_stage1)
-        if s1.method == "fedsc" and self.exp.privacy.enabled and self.releases:
+        self._account_privacy()
+
+    def _account_privacy(self) -> None:
+        if self.exp.stage1.method == "fedsc" and self.exp.privacy.enabled and self.releases:
             p = self.exp.privacy
             worst = max(self.releases.values())
             self.summary.privacy = {
@@ -272,8 +277,34 @@ class Strategy:
             tensors |= {f"stage1.{k}": v for k, v in self.global_stage1.items()}
         tensors |= {f"corr.{j}": r for j, r in sorted(self.corrs.items())}
         meta = {"stage": stage, "round": str(round_index), "samples": json.dumps(self.samples, sort_keys=True),
-                "releases": json.dumps(self.releases, sort_keys=True)}
+                "releases": json.dumps(self.releases, sort_keys=True),
+                "rounds": json.dumps(records_to_data(self.summary.rounds))}
         self.obs.on_checkpoint(stage, round_index, tensors, meta)
+
+    def resume(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> str:
+        """Continue from a checkpoint of this run (``_checkpoint``'s tensors and metadata). From a
+        Stage 1 checkpoint the run goes on at the next Stage 1 round; from a later one (F is final)
+        it goes on at Stage 2, since the clients' experts and gates went down with them. Returns
+        where it goes on, in words. The caller makes sure the checkpoint is this scenario's."""
+        def prefixed(prefix: str) -> StateDict:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        stage, done = meta["stage"], int(meta["round"])
+        self.samples = {int(i): int(n) for i, n in json.loads(meta["samples"]).items()}
+        self.releases = {int(i): int(n) for i, n in json.loads(meta["releases"]).items()}
+        self.corrs = {int(j): t for j, t in prefixed("corr.").items()}
+        records = records_from_data(json.loads(meta["rounds"]))
+        if stage == Stage.STAGE1.value:
+            self.global_stage1 = prefixed("global.")
+            self._stage1_from = done + 1
+            self.summary.rounds = records
+            if self._stage1_from < self.exp.stage1.rounds:
+                return f"Stage 1 round {self._stage1_from}"
+        else:
+            self.global_stage1 = prefixed("stage1.")
+            self._stage1_from = self.exp.stage1.rounds
+            self.summary.rounds = [r for r in records if r.stage == Stage.STAGE1.value]
+        return "Stage 2"
 
     async def _step(self, fleet: Fleet, step: Step, label: str | None = None) -> RoundOutcome:
         """Run one step, record it (``label``: the stage, by default the op's), fail below min_clients."""
@@ -319,6 +350,20 @@ class Strategy:
         if agg.method == "median":
             return coordinate_median(states)
         return trimmed_mean(states, agg.trim)
+
+
+def records_to_data(records: Sequence[RoundRecord]) -> list[dict[str, object]]:
+    """Round records as plain data (checkpoints and the stage cache keep them)."""
+    return [{"stage": r.stage, "round": r.round, "op": r.op.value, "answered": list(r.answered),
+             "failures": {str(i): why for i, why in r.failures.items()}, "loss": r.loss, "seconds": r.seconds}
+            for r in records]
+
+
+def records_from_data(rows: Sequence[Mapping[str, Any]]) -> list[RoundRecord]:
+    return [RoundRecord(str(r["stage"]), int(r["round"]), Op(r["op"]), tuple(int(i) for i in r["answered"]),
+                        MappingProxyType({int(i): str(why) for i, why in r["failures"].items()}),
+                        float(r["loss"]), float(r["seconds"]))
+            for r in rows]
 
 
 def aggregate(replies: Mapping[int, Reply]) -> StateDict:

@@ -28,8 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from agents.inprocess import InProcessFleet
-from agents.messages import Op, Stage
-from agents.strategy import RoundRecord, Strategy
+from agents.messages import Stage
+from agents.strategy import RoundRecord, Strategy, records_from_data, records_to_data
 
 from .schema import to_dict
 
@@ -135,18 +135,6 @@ class StageCache:
         _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, default=str)))
 
 
-def _records(records: list[RoundRecord]) -> list[dict[str, Any]]:
-    return [{"stage": r.stage, "round": r.round, "op": r.op.value, "answered": list(r.answered),
-             "failures": {str(i): why for i, why in r.failures.items()}, "loss": r.loss, "seconds": r.seconds}
-            for r in records]
-
-
-def _unrecords(rows: list[dict[str, Any]]) -> list[RoundRecord]:
-    return [RoundRecord(r["stage"], r["round"], Op(r["op"]), tuple(r["answered"]),
-                        {int(i): why for i, why in r["failures"].items()}, float(r["loss"]), float(r["seconds"]))
-            for r in rows]
-
-
 class CachedStages:
     """The ``StageStore`` of an in-process run: restores or saves Stage 1 and Stage 2 of the
     strategy and of every learner of ``fleet``."""
@@ -181,7 +169,7 @@ class CachedStages:
         else:
             raise ValueError(f"no cache for {name}")
         strategy.stage = stage
-        strategy.summary.rounds.extend(_unrecords(results["rounds"]))
+        strategy.summary.rounds.extend(records_from_data(results["rounds"]))
         return True
 
     def save(self, stage: Stage, strategy: Strategy, records: list[RoundRecord]) -> None:
@@ -197,7 +185,7 @@ class CachedStages:
             tensors = {f"client{i}.{k}": v for i, learner in learners.items()
                        for k, v in learner.expert.state_dict().items()}
             results = {"classifier": "fedavg" in strategy.summary.methods}
-        results["rounds"] = _records(records)
+        results["rounds"] = records_to_data(records)
         self.cache.save(stage.value, strategy.exp, tensors, results)
 
 
