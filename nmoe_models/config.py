@@ -192,7 +192,8 @@ class Stage3Config:
     noise_std: float = 1.0
     """Std of the Gaussian noise added to gate logits while training (noisy top-k)."""
     train_top_k: int = 0
-    """Experts mixed in the training loss (0: all, dense); inference uses eval.top_k."""
+    """Experts mixed in the training loss (0: all, dense; else 2 or more); inference uses eval.top_k.
+    1 is refused: a softmax over one expert is the constant 1, so the gate would get no gradient."""
     reset_optimizer: bool = False
     """Reset optimizer state every round (default keeps it: the decision layer is local)."""
 
@@ -203,7 +204,10 @@ class Stage3Config:
         check(self.lr > 0, "lr", "must be > 0")
         check(self.muon_lr > 0, "muon_lr", "must be > 0")
         check(self.noise_std >= 0, "noise_std", "must be >= 0")
-        check(self.train_top_k >= 0, "train_top_k", "must be >= 0")
+        check(self.train_top_k >= 0, "train_top_k", f"must be 0 (all experts) or >= 2 (got {self.train_top_k})")
+        check(self.train_top_k != 1, "train_top_k",
+              "1 gives the gate zero gradient (a softmax over one expert is constant); "
+              "use 0 (all experts, dense) or 2..clients")
 
 
 @dataclass(frozen=True)

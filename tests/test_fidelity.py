@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import math
 
+import pytest
+import torch
 from conftest import toy_scenario
 
+from nmoe.errors import ConfigError
 from nmoe_models.baselines import train_centralized
+from nmoe_models.config import ExperimentConfig
+from nmoe_models.moe import mixture_nll, topk_weights
 from nmoe_models.partition import load_union
+from scenarios.schema import build
 
 
 def test_centralized_moe_keeps_one_optimizer_for_the_whole_training(tmp_path):
@@ -24,3 +30,23 @@ def test_centralized_moe_keeps_one_optimizer_for_the_whole_training(tmp_path):
     last_lr = scn.stage1.optim.lr * 0.5 * (1 + math.cos(math.pi * 2 / 3))
     assert math.isclose(opt.param_groups[0]["lr"], last_lr)
     assert not model.training
+
+
+@pytest.mark.parametrize(("k", "moves"), [(1, False), (2, True), (0, True)])
+def test_the_gate_gets_a_gradient_only_when_it_mixes_two_or_more_experts(k, moves):
+    # Prepare: gate logits over 4 experts, each expert confident in a different class
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 4, generator=gen, requires_grad=True)
+    expert_logprobs = torch.log_softmax(3 * torch.randn(8, 4, 5, generator=gen), dim=2)
+    labels = torch.randint(0, 5, (8,), generator=gen)
+    # Execute
+    loss = mixture_nll(topk_weights(logits, k or 4), expert_logprobs, labels)
+    loss.backward()
+    # Assert: this is why stage3.train_top_k: 1 is refused
+    assert logits.grad is not None
+    assert bool(logits.grad.abs().sum() > 1e-6) == moves
+    if k == 1:
+        with pytest.raises(ConfigError, match="stage3.train_top_k: 1 gives the gate zero gradient.*use 0"):
+            build(ExperimentConfig, {"stage3": {"train_top_k": 1}})
+    else:
+        assert build(ExperimentConfig, {"stage3": {"train_top_k": k}}).stage3.train_top_k == k
