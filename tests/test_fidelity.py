@@ -11,6 +11,7 @@ from conftest import toy_scenario
 from nmoe.errors import ConfigError
 from nmoe_models.baselines import train_centralized
 from nmoe_models.config import ExperimentConfig
+from nmoe_models.fedsc import correlation, fedsc_loss
 from nmoe_models.moe import mixture_nll, topk_weights
 from nmoe_models.partition import load_union
 from scenarios.schema import build
@@ -50,3 +51,23 @@ def test_the_gate_gets_a_gradient_only_when_it_mixes_two_or_more_experts(k, move
             build(ExperimentConfig, {"stage3": {"train_top_k": 1}})
     else:
         assert build(ExperimentConfig, {"stage3": {"train_top_k": k}}).stage3.train_top_k == k
+
+
+def test_fedsc_loss_without_rbar_keeps_the_full_repulsion_term():
+    # Prepare: a batch of view pairs and the reference schedule's q in a late round
+    gen = torch.Generator().manual_seed(1)
+    z1, z0 = torch.randn(16, 6, generator=gen), torch.randn(16, 6, generator=gen)
+    q = 0.2
+    r, tr_plus = correlation(z1, z0)
+    # Execute
+    loss = fedsc_loss(z1, z0, q, None)
+    # Assert: -Tr(R+) + 1/2 ||R||^2, not the q/2 ||R||^2 that dropped (1 - q) of the repulsion
+    assert math.isclose(float(loss), float(-tr_plus + 0.5 * (r * r).sum()), rel_tol=1e-6)
+    assert not math.isclose(float(loss), float(-tr_plus + 0.5 * q * (r * r).sum()), rel_tol=1e-3)
+    # and its gradient is Eq. 3's with Rbar = this client's own R (the others taken to look like it)
+    a = z1.clone().requires_grad_()
+    fedsc_loss(a, z0, q, None).backward()
+    b = z1.clone().requires_grad_()
+    fedsc_loss(b, z0, q, correlation(z1, z0)[0]).backward()
+    assert a.grad is not None and b.grad is not None
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
