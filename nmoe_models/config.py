@@ -129,6 +129,14 @@ class FedSCConfig:
 
 
 @dataclass(frozen=True)
+class FedCEConfig:
+    share: Literal["all", "extractor"] = "all"
+    """What FedCE averages: the whole classifier, F and head ('all', plain FedAvg), or only F
+    ('extractor': the paper's Eq. 1, each client keeping a personal head, which then seeds its
+    Stage 2 expert under stage2.init: head)."""
+
+
+@dataclass(frozen=True)
 class Stage1Config:
     method: Literal["fedce", "fedsc"] = "fedsc"
     """How the shared feature extractor F is trained."""
@@ -141,11 +149,15 @@ class Stage1Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Local optimizer (state resets each round, as in FedAvg)."""
     augment: Literal["none", "weak", "strong"] = "weak"
-    """FedCE's augmentation: none, weak (pad-and-crop + flip) or strong (one SSL view)."""
+    """Augmentation of the supervised training (FedCE, and the local, FedAvg and centralized
+    baselines): none, weak (pad-and-crop + flip) or strong (one SSL view: resized crop, colour
+    jitter, flip, grayscale; the paper's Fig. 5 compares FedSC against FedCE with strong)."""
     bn: Literal["avg", "local"] = "avg"
     """BatchNorm under FedAvg: average statistics by name ('avg') or keep them local (FedBN)."""
     fedsc: FedSCConfig = field(default_factory=FedSCConfig)
     """FedSC settings (method: fedsc)."""
+    fedce: FedCEConfig = field(default_factory=FedCEConfig)
+    """FedCE settings (method: fedce)."""
 
     def __post_init__(self) -> None:
         check(self.rounds >= 0, "rounds", "must be >= 0")

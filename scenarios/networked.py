@@ -38,7 +38,7 @@ from broker.wire import ReassemblyLimits
 from nmoe.errors import ChannelError, NmoeError
 from nmoe_models.partition import load_client_data
 
-from .runner import ProgressObserver, make_progress, run_baselines, set_threads
+from .runner import ProgressObserver, make_progress, run_baselines, set_threads, stage1_classifier
 from .scenario import Scenario
 from .schema import to_dict
 
@@ -416,7 +416,8 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
     outcome, traffic = asyncio.run(run_networked(scn, out_dir, console, mode, broker_url, listen, broker_kind))
     with make_progress(console) as progress:
         clock = time.perf_counter()
-        baselines = run_baselines(scn, datas, progress, outcome.methods.get("fedavg")) if scn.baselines else {}
+        classifier = stage1_classifier(scn, outcome)
+        baselines = run_baselines(scn, datas, progress, classifier) if scn.baselines else {}
         outcome.stage_seconds["baselines"] = time.perf_counter() - clock
     results = build_results(scn, "networked", outcome, baselines, {"traffic": summarize_traffic(traffic)},
                             time.perf_counter() - started)

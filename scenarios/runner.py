@@ -18,8 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from safetensors.torch import save_file
 
 from agents.inprocess import InProcessFleet
-from agents.strategy import RoundRecord, Strategy
+from agents.strategy import Outcome, RoundRecord, Strategy
 from nmoe_models.baselines import centralized_moe, local_classifier
+from nmoe_models.config import FedCEConfig
 from nmoe_models.learner import ClientLearner
 from nmoe_models.partition import ClientData, load_client_data, load_union
 
@@ -105,7 +106,7 @@ def run_baselines(scn: Scenario, datas: Mapping[int, ClientData], progress: Prog
             progress.advance(task)
         out["local"] = local
     if "fedavg" in scn.baselines and classifier is None:
-        fedce = dataclasses.replace(scn, stage1=dataclasses.replace(scn.stage1, method="fedce"))
+        fedce = dataclasses.replace(scn, stage1=dataclasses.replace(scn.stage1, method="fedce", fedce=FedCEConfig()))
         learners = {i: ClientLearner(fedce, d) for i, d in datas.items()}
         strategy = Strategy(fedce, ProgressObserver(progress, None, "baseline: FedAvg classifier "))
         fleet = InProcessFleet(learners)
@@ -124,6 +125,17 @@ def run_baselines(scn: Scenario, datas: Mapping[int, ClientData], progress: Prog
     return out
 
 
+def stage1_classifier(scn: Scenario, outcome: Outcome) -> PerClient | None:
+    """The Stage 1 classifier's scores when they are the FedAvg baseline's (FedCE sharing the
+    whole model). FedCE with ``stage1.fedce.share: extractor`` ends with personal heads: its
+    scores move to ``fedce_personal`` and the FedAvg baseline, when asked for, is trained apart."""
+    scores = outcome.methods.get("fedavg")
+    if scores is None or scn.stage1.fedce.share == "all":
+        return scores
+    outcome.methods["fedce_personal"] = outcome.methods.pop("fedavg")
+    return None
+
+
 def run_inprocess(scn: Scenario, out_dir: Path, console: Console) -> dict[str, Any]:
     """The whole method and its baselines in this process."""
     set_threads(scn.threads)
@@ -134,7 +146,7 @@ def run_inprocess(scn: Scenario, out_dir: Path, console: Console) -> dict[str, A
         strategy = Strategy(scn, ProgressObserver(progress, out_dir))
         outcome = asyncio.run(strategy.run(InProcessFleet(learners)))
         clock = time.perf_counter()
-        baselines = run_baselines(scn, datas, progress, outcome.methods.get("fedavg"))
+        baselines = run_baselines(scn, datas, progress, stage1_classifier(scn, outcome))
         outcome.stage_seconds["baselines"] = time.perf_counter() - clock
     results = build_results(scn, "inprocess", outcome, baselines, {}, time.perf_counter() - started)
     paths = write_outputs(out_dir, results, outcome.rounds)

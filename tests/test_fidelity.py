@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
 import torch
-from conftest import toy_scenario
+from conftest import quiet, toy_scenario
 
+from agents.inprocess import InProcessFleet
+from agents.strategy import Strategy
 from nmoe.errors import ConfigError
 from nmoe_models.baselines import train_centralized
 from nmoe_models.config import ExperimentConfig
 from nmoe_models.fedsc import correlation, fedsc_loss
+from nmoe_models.learner import ClientLearner, build_stage1_model, stage1_shared_keys
 from nmoe_models.moe import mixture_nll, topk_weights
-from nmoe_models.partition import load_union
+from nmoe_models.partition import load_client_data, load_union
+from scenarios.runner import run_inprocess
 from scenarios.schema import build
 
 
@@ -71,3 +76,35 @@ def test_fedsc_loss_without_rbar_keeps_the_full_repulsion_term():
     fedsc_loss(b, z0, q, correlation(z1, z0)[0]).backward()
     assert a.grad is not None and b.grad is not None
     assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+def test_fedce_share_extractor_averages_f_and_keeps_personal_heads(tmp_path):
+    # Prepare: FedCE as Eq. 1 writes it, beside today's whole-model FedAvg
+    scn = toy_scenario(tmp_path, ["stage1.method=fedce", "stage1.fedce.share=extractor", "stage1.rounds=1",
+                                  "baselines=[fedavg]"])
+    default = toy_scenario(tmp_path, ["stage1.method=fedce"])
+    model = build_stage1_model(scn)
+    keys = stage1_shared_keys(scn, model)
+    assert keys and all(k.startswith("features.") for k in keys)
+    assert stage1_shared_keys(default, model) == list(model.state_dict())  # default: everything
+    learners = {i: ClientLearner(scn, load_client_data(scn, i)) for i in range(scn.clients)}
+    # Execute: one FedCE round, then Stage 2 (which loads the averaged F)
+    strategy = Strategy(scn)
+    fleet = InProcessFleet(learners)
+
+    async def stages() -> dict[int, dict[str, float]]:
+        await strategy.stage1(fleet)
+        return await strategy.stage2(fleet)
+
+    classifier = asyncio.run(stages())
+    # Assert: F is the same everywhere, the heads are each client's own
+    f0, f1 = learners[0].stage1.features.state_dict(), learners[1].stage1.features.state_dict()
+    assert all(torch.equal(f0[k], f1[k]) for k in f0)
+    h0, h1 = learners[0].stage1.state_dict(), learners[1].stage1.state_dict()
+    assert not torch.equal(h0["head.1.weight"], h1["head.1.weight"])
+    assert set(classifier) == {0, 1, 2}
+    # and the run reports them as personal-head classifiers, with the FedAvg baseline trained apart
+    results = run_inprocess(scn, tmp_path / "out", quiet())
+    assert {"fedce_personal", "fedavg", "nmoe"} <= results["methods"].keys()
+    assert results["methods"]["fedce_personal"]["label"] == "FedCE classifier (personal heads)"
+    assert results["config"]["stage1"]["fedce"]["share"] == "extractor"
