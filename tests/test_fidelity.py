@@ -12,6 +12,7 @@ from conftest import quiet, toy_scenario
 from agents.inprocess import InProcessFleet
 from agents.strategy import Strategy
 from nmoe.errors import ConfigError
+from nmoe_models.augment import ssl_view, supervised_augment
 from nmoe_models.baselines import train_centralized
 from nmoe_models.config import ExperimentConfig
 from nmoe_models.fedsc import correlation, fedsc_loss
@@ -108,3 +109,16 @@ def test_fedce_share_extractor_averages_f_and_keeps_personal_heads(tmp_path):
     assert {"fedce_personal", "fedavg", "nmoe"} <= results["methods"].keys()
     assert results["methods"]["fedce_personal"]["label"] == "FedCE classifier (personal heads)"
     assert results["config"]["stage1"]["fedce"]["share"] == "extractor"
+
+
+def test_fedce_can_train_with_strong_augmentation(tmp_path):
+    # Prepare: Fig. 5's comparison point, FedCE with strong augmentation
+    scn = toy_scenario(tmp_path, ["stage1.method=fedce", "stage1.augment=strong"])
+    learner = ClientLearner(scn, load_client_data(scn, 0))
+    x = learner.data.train_x[:8]
+    # Execute
+    got = learner.inputs.augment(x, torch.Generator().manual_seed(5))
+    # Assert: FedCE's training inputs are one SSL view (crop, jitter, flip, grayscale), not weak
+    assert torch.equal(got, ssl_view(x, scn.data.name, torch.Generator().manual_seed(5)))
+    weak = supervised_augment(x, scn.data.name, "weak", torch.Generator().manual_seed(5))
+    assert not torch.equal(got, weak)
