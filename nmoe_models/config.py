@@ -119,6 +119,11 @@ class FedSCConfig:
     """Final q of the 'schedule' option."""
     corr_passes: int = 1
     """Augmented passes over the local set when computing the shared R_i."""
+    corr_bn: Literal["batch", "running"] = "batch"
+    """BatchNorm while computing the shared R_i: 'batch' normalizes by each batch's statistics
+    (train mode, batches of stage1.batch_size, running statistics untouched), as the local loss
+    computes its R_i, so Tr(R_i Rbar_{-i}) compares like with like; 'running' uses eval mode
+    with the FedAvg-averaged running statistics (the behaviour before, kept to reproduce it)."""
     projector: bool = True
     """Train with a projector MLP (latent -> 2x -> latent) that is dropped after Stage 1."""
 

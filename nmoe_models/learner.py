@@ -148,8 +148,10 @@ class ClientLearner:
         s1 = self.exp.stage1.fedsc
         gen = generator(self.exp.seed, "corr", round_index, self.id)
         x = self.ssl_images
+        # batch statistics: the same batches the local loss sees; eval mode: larger batches are faster
+        bs = self.exp.stage1.batch_size if s1.corr_bn == "batch" else max(self.exp.stage1.batch_size, 256)
         r = fedsc_correlation(self.stage1, x, self.inputs.views, mu=s1.mu, passes=s1.corr_passes,
-                              batch_size=max(self.exp.stage1.batch_size, 256), gen=gen)
+                              batch_size=bs, gen=gen, bn=s1.corr_bn)
         if self.exp.privacy.enabled:
             sigma = self.exp.privacy.noise_multiplier * sensitivity(s1.mu, len(x))
             r = privatize(r, sigma, noise_generator(self.exp, round_index, self.id))

@@ -15,10 +15,11 @@ from nmoe.errors import ConfigError
 from nmoe_models.augment import ssl_view, supervised_augment
 from nmoe_models.baselines import train_centralized
 from nmoe_models.config import ExperimentConfig
-from nmoe_models.fedsc import correlation, fedsc_loss
+from nmoe_models.fedsc import clip_norm, correlation, fedsc_loss
 from nmoe_models.learner import ClientLearner, build_stage1_model, stage1_shared_keys
 from nmoe_models.moe import mixture_nll, topk_weights
 from nmoe_models.partition import load_client_data, load_union
+from nmoe_models.train import fedsc_correlation
 from scenarios.runner import run_inprocess
 from scenarios.schema import build
 
@@ -122,3 +123,44 @@ def test_fedce_can_train_with_strong_augmentation(tmp_path):
     assert torch.equal(got, ssl_view(x, scn.data.name, torch.Generator().manual_seed(5)))
     weak = supervised_augment(x, scn.data.name, "weak", torch.Generator().manual_seed(5))
     assert not torch.equal(got, weak)
+
+
+def test_fedsc_shares_r_computed_as_the_local_loss_computes_it(tmp_path):
+    # Prepare: a FedSC model whose running BatchNorm statistics are far from any batch's (as after
+    # averaging clients with different data), and one batch of local images
+    scn = toy_scenario(tmp_path, ["model.channels_last=false"])
+    learner = ClientLearner(scn, load_client_data(scn, 0))
+    model, views = learner.stage1, learner.inputs.views
+    for name, buf in model.named_buffers():
+        if name.endswith("running_mean"):
+            buf.fill_(3.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = learner.data.train_x[:32]
+    # Execute: the shared R (default corr_bn: batch) and the R the local loss sees on the same views
+    shared = fedsc_correlation(model, x, views, mu=4.0, passes=1, batch_size=32, gen=torch.Generator().manual_seed(2))
+    after = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    with torch.no_grad():
+        v1, v0 = views(x, torch.Generator().manual_seed(2))
+        z1, z0 = clip_norm(model(torch.cat([v1, v0])), 4.0).chunk(2)
+    local, _ = correlation(z1, z0)
+    old = fedsc_correlation(model, x, views, mu=4.0, passes=1, batch_size=32, gen=torch.Generator().manual_seed(2),
+                            bn="running")
+    # Assert: the same matrix, the running statistics untouched; eval mode gives another one
+    assert torch.allclose(shared, local, atol=1e-5)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.allclose(old, local, atol=1e-3)
+
+
+def test_fedsc_correlation_batches_are_never_smaller_than_the_batch_size(tmp_path):
+    scn = toy_scenario(tmp_path, ["model.channels_last=false"])
+    learner = ClientLearner(scn, load_client_data(scn, 0))
+    seen: list[int] = []
+
+    def views(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(len(x))
+        return learner.inputs.views(x, gen)
+
+    fedsc_correlation(learner.stage1, learner.data.train_x[:70], views, mu=4.0, passes=1, batch_size=32,
+                      gen=torch.Generator().manual_seed(0))
+    assert seen == [35, 35]  # 70 = 32 + 32 + 6 would leave a batch of 6 with its own statistics
