@@ -98,6 +98,6 @@ def centralized_moe(
     with torch.no_grad():
         for i, data in sorted(tests.items()):
             h = apply_batched(model.features, data.test_x, inputs.prep)
-            probs = combine(topk_weights(model.gate(h), exp.eval.top_k), model.expert_logprobs(h))
+            probs = combine(topk_weights(model.gate(h), exp.eval.top_k), model.expert_logprobs(h), exp.eval.combine)
             out[i] = score(probs.argmax(1), data.test_y, data.num_classes)
     return out

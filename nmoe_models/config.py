@@ -248,6 +248,10 @@ class PrivacyConfig:
 class EvalConfig:
     top_k: int = 1
     """Experts each test sample is routed to (paper: 1)."""
+    combine: Literal["probs", "logits"] = "probs"
+    """How the chosen experts' answers are mixed: 'probs', y = sum_j G_j softmax(H_j) (the mixture
+    the gate is trained for), or 'logits', y = softmax(sum_j G_j H_j) as the paper writes y'. Both
+    are the same prediction under top-1 routing."""
     batch_size: int = 256
     """Inference batch size."""
 

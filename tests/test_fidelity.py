@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from conftest import quiet, toy_scenario
 
 from agents.inprocess import InProcessFleet
+from agents.protocol import Op, Task, serverless_eval
 from agents.strategy import Strategy
 from nmoe.errors import ConfigError
 from nmoe_models.augment import ssl_view, supervised_augment
@@ -17,25 +19,27 @@ from nmoe_models.baselines import train_centralized
 from nmoe_models.config import ExperimentConfig
 from nmoe_models.fedsc import clip_norm, correlation, fedsc_loss
 from nmoe_models.learner import ClientLearner, build_stage1_model, stage1_shared_keys
-from nmoe_models.moe import mixture_nll, topk_weights
+from nmoe_models.metrics import score
+from nmoe_models.moe import combine, mixture_nll, topk_weights
 from nmoe_models.partition import load_client_data, load_union
+from nmoe_models.routing import assemble, plan
 from nmoe_models.train import fedsc_correlation
 from scenarios.runner import run_inprocess
 from scenarios.schema import build
 
 
 def test_centralized_moe_keeps_one_optimizer_for_the_whole_training(tmp_path):
-    # Prepare: 3 epochs of the toy union, cosine schedule
-    scn = toy_scenario(tmp_path, ["stage1.rounds=3", "stage1.optim.cosine=true", "model.channels_last=false"])
+    # Prepare: 2 epochs of the toy union, cosine schedule
+    scn = toy_scenario(tmp_path, ["stage1.rounds=2", "stage1.optim.cosine=true", "model.channels_last=false"])
     union = load_union(scn)
     steps_per_epoch = len(union.train_x) // scn.stage1.batch_size
     # Execute
     model, opt = train_centralized(scn, union)
     # Assert: Adam counted every step of every epoch (a fresh optimizer per epoch counts one epoch's)
     steps = {int(state["step"]) for state in opt.state.values()}
-    assert steps == {3 * steps_per_epoch}
+    assert steps == {2 * steps_per_epoch}
     assert len(opt.state) == len(list(model.parameters()))
-    last_lr = scn.stage1.optim.lr * 0.5 * (1 + math.cos(math.pi * 2 / 3))
+    last_lr = scn.stage1.optim.lr * 0.5 * (1 + math.cos(math.pi * 1 / 2))
     assert math.isclose(opt.param_groups[0]["lr"], last_lr)
     assert not model.training
 
@@ -164,3 +168,55 @@ def test_fedsc_correlation_batches_are_never_smaller_than_the_batch_size(tmp_pat
     fedsc_correlation(learner.stage1, learner.data.train_x[:70], views, mu=4.0, passes=1, batch_size=32,
                       gen=torch.Generator().manual_seed(0))
     assert seen == [35, 35]  # 70 = 32 + 32 + 6 would leave a batch of 6 with its own statistics
+
+
+def test_logit_combination_is_the_papers_weighted_sum_of_expert_logits():
+    # Prepare: two experts that disagree; expert 0 is sure of class 0, expert 1 leans to class 1
+    # but rules class 0 out: probabilities pick class 0, the paper's logit sum picks class 1
+    raw = torch.tensor([[[10.0, 0.0, 0.0], [-20.0, 3.0, 0.0]]])  # (B=1, n=2, C=3) expert logits H_j
+    lp = torch.log_softmax(raw, dim=2)
+    route = plan(torch.zeros(1, 2), k=2)  # equal weights 1/2
+    replies = {j: lp[rows, j] for j, rows in route.rows.items()}
+    # Execute
+    by_logits = assemble(route, replies, combine="logits")
+    by_probs = assemble(route, replies)
+    # Assert: softmax(sum_j w_j H_j) from log-probabilities on the wire, whatever the logsumexp
+    expected = torch.softmax(torch.einsum("bn,bnc->bc", route.weights, raw), dim=1)
+    assert torch.allclose(by_logits.probs, expected, atol=1e-6)
+    assert torch.allclose(combine(route.weights, lp, "logits"), expected, atol=1e-6)
+    assert (int(by_logits.probs.argmax()), int(by_probs.probs.argmax())) == (1, 0)
+    # a lost reply renormalizes over the expert that answered: its own prediction
+    alone = assemble(route, {0: replies[0]}, combine="logits")
+    assert torch.allclose(alone.probs, lp[:, 0].exp(), atol=1e-6) and alone.fallback_rows == 1
+
+
+def test_serverless_eval_combines_as_eval_combine_says(tmp_path):
+    # Prepare: experts and gates trained at toy size (F at its seeded init is enough for them)
+    scn = toy_scenario(tmp_path, ["stage1.rounds=0", "partition.kind=iid", "partition.train_per_client=400",
+                                  "stage2.epochs=30", "stage2.optim.lr=0.01", "stage3.rounds=1", "eval.top_k=2"])
+    learners = {i: ClientLearner(scn, load_client_data(scn, i)) for i in range(scn.clients)}
+    fleet = InProcessFleet(learners)
+
+    async def train() -> None:
+        strategy = Strategy(scn)
+        await strategy.stage2(fleet)
+        await strategy._step(fleet, Task(Op.STAGE3_PREPARE), "stage3")
+        await strategy.stage3(fleet, "fedgate")
+
+    asyncio.run(train())
+    me = learners[1]
+    h = me.test_latents
+    assert h is not None
+    w = topk_weights(me.gate_logits(h), 2)
+    with torch.no_grad():
+        raw = torch.stack([learners[j].expert.eval()(h) for j in range(scn.clients)], dim=1)  # (B, n, C)
+    by = {"logits": torch.einsum("bn,bnc->bc", w, raw).argmax(1),
+          "probs": torch.einsum("bn,bnc->bc", w, torch.softmax(raw, dim=2)).argmax(1)}
+    assert not torch.equal(by["logits"], by["probs"])  # the two rules disagree on some samples here
+    for mode in ("probs", "logits"):
+        # Execute: the client reads eval.combine from its own config
+        me.exp = dataclasses.replace(scn, eval=dataclasses.replace(scn.eval, combine=mode))
+        metrics = asyncio.run(serverless_eval(me, fleet.pool, k=2, batch_size=16))
+        # Assert: the scores of the mixture computed directly from every expert's raw logits
+        expected = score(by[mode], me.data.test_y, me.classes)
+        assert (metrics["accuracy"], metrics["f1_macro"]) == (expected.accuracy, expected.f1_macro), mode
