@@ -9,6 +9,7 @@ import pytest
 
 from nmoe.errors import ConfigError
 from scenarios.cli import main
+from scenarios.scenario import PACKAGED
 from scenarios.sweep import load_sweep
 from scenarios.sweep_report import ci95
 
@@ -112,3 +113,9 @@ def test_a_tiny_sweep_runs_resumes_records_failures_and_reports(tmp_path, capsys
     assert main(["sweep", str(path), "--out", str(out), "--report"]) == 0
     assert (out / "summary.csv").is_file()
     assert (out / "partition.train_per_client=48" / "seed-0" / "results.json").stat().st_mtime_ns == kept
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGED / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_sweeps_validate(path, tmp_path):
+    sweep = load_sweep(path, str(tmp_path / "out"))
+    assert sweep.runs and sweep.name == path.stem
