@@ -21,11 +21,8 @@ for :meth:`BusSession.messages`. Rejections are counted in ``stats.rejected`` an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
-import socket
-import ssl
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -36,7 +33,7 @@ import aiomqtt
 import numpy as np
 
 from broker.auth import CHANNEL_MODES, BrokerAddress, ChannelMode
-from broker.mqtt import refused_subscriptions, stay_connected
+from broker.mqtt import Connection, ConnectionOptions
 from broker.topics import BROADCAST, Kind, Status, Topics, check_agent_id, is_destination, parse_kind
 from broker.wire import (
     CHUNK_OVERHEAD,
@@ -175,11 +172,21 @@ class BusSession:
         self._expired_requests = _Lru(cfg.late_reply_window)
         self._status: dict[str, str] = {}
         self._status_changed = asyncio.Event()  # replaced by a fresh one after each change
-        self._connected = asyncio.Event()
+        filters = list(self.topics.inbox_filters(self.agent_id))
+        if watch_status:
+            filters.append(self.topics.status_filter())
+        self._conn = Connection(
+            cfg.address,
+            ConnectionOptions(
+                identifier=f"nmoe-{cfg.run_id}-{self.agent_id}", status_topic=self.topics.status(self.agent_id),
+                clean_session=True, keepalive_s=cfg.keepalive_s, connect_timeout_s=cfg.connect_timeout_s,
+                reconnect_initial_s=cfg.reconnect_initial_s, reconnect_max_s=cfg.reconnect_max_s,
+                max_inflight=cfg.max_inflight,
+            ),
+            who=self.agent_id, subscriptions=[(f, cfg.qos) for f in filters], on_message=self._on_message,
+            on_connect=self._on_connect, error=BusError,
+        )  # fmt: skip
         self._closing = False
-        self._fatal: BaseException | None = None
-        self._client: aiomqtt.Client | None = None
-        self._runner: asyncio.Task[None] | None = None
 
     @property
     def agent_id(self) -> str:
@@ -187,91 +194,33 @@ class BusSession:
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self._conn.connected
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def _make_client(self) -> aiomqtt.Client:
-        addr = self.cfg.address
-        status = self.topics.status(self.agent_id)
-        client = aiomqtt.Client(
-            addr.host,
-            addr.port,
-            username=addr.username,
-            password=addr.password,
-            identifier=f"nmoe-{self.cfg.run_id}-{self.agent_id}",
-            will=aiomqtt.Will(status, Status.OFFLINE.value.encode(), qos=1, retain=True),
-            clean_session=True,
-            keepalive=self.cfg.keepalive_s,
-            timeout=self.cfg.connect_timeout_s,
-            max_inflight_messages=self.cfg.max_inflight,
-            tls_context=ssl.create_default_context() if addr.tls else None,
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],  # small replies go out at once
-            logger=logging.getLogger(f"{__name__}.mqtt"),
-        )
-        client.pending_calls_threshold = 1 << 30  # chunked sends keep many publishes in flight
-        return client
-
     async def __aenter__(self) -> BusSession:
-        self._client = self._make_client()
-        self._runner = asyncio.create_task(self._run(), name=f"bus-{self.agent_id}")
-        connected = asyncio.create_task(self._connected.wait())
         try:
-            wait = self.cfg.connect_timeout_s
-            await asyncio.wait({connected, self._runner}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            connected.cancel()
-        if not self._connected.is_set():
-            await self._shutdown()
-            where = self.cfg.address.redacted()
-            if self._fatal is not None:
-                raise BusError(f"{self.agent_id} cannot connect to {where}: {self._fatal}") from None
-            wait = self.cfg.connect_timeout_s
-            raise BusError(f"{self.agent_id} could not connect to {where} within {wait}s")
+            await self._conn.__aenter__()
+        except BusError:
+            self._close_inbox()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._client is not None and self._connected.is_set():
-            with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
-                await self._client.publish(
-                    self.topics.status(self.agent_id), Status.OFFLINE.value, qos=1, retain=True, timeout=2.0
-                )
-        await self._shutdown()
-
-    async def _shutdown(self) -> None:
         self._closing = True
-        if self._runner is not None and not self._runner.done():
-            self._runner.cancel()
-        if self._runner is not None:
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self._runner
-        self._connected.clear()
+        await self._conn.close()
+        self._close_inbox()
+
+    def _close_inbox(self) -> None:
+        self._closing = True
         self._pipeline.close()
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(BusError("bus session closed"))
         self._inbox.put_nowait(None)
 
-    async def _run(self) -> None:
-        """The connection loop: connect, subscribe, announce, read; reconnect with backoff."""
-        assert self._client is not None
-        self._fatal = await stay_connected(
-            self._client, who=self.agent_id, address=self.cfg.address, on_connect=self._on_connect,
-            on_message=self._on_message, connected=self._connected, closing=lambda: self._closing,
-            initial_s=self.cfg.reconnect_initial_s, max_s=self.cfg.reconnect_max_s, config_error=BusError,
-        )  # fmt: skip
-
     async def _on_connect(self, reconnected: bool) -> None:
-        assert self._client is not None
         if reconnected:
             self.stats.reconnects += 1
-        filters = list(self.topics.inbox_filters(self.agent_id))
-        if self.watch_status:
-            filters.append(self.topics.status_filter())
-        granted = await self._client.subscribe([(f, self.cfg.qos) for f in filters])
-        refused = refused_subscriptions(filters, granted)
-        if refused:
-            raise BusError(f"broker refused subscriptions {refused} for {self.agent_id}")
-        await self._client.publish(self.topics.status(self.agent_id), Status.ONLINE.value, qos=1, retain=True)
 
     # -- receiving -------------------------------------------------------------------------------
     def _on_message(self, message: aiomqtt.Message) -> None:
@@ -391,7 +340,7 @@ class BusSession:
         msg_id: str | None = None,
     ) -> str:
         """Send one message to an agent or to ``all``; returns its message id once the broker has it."""
-        if self._closing or self._client is None:
+        if self._closing or not self._conn.is_open:
             raise BusError("bus session is not open")
         if not is_destination(dst) or dst == self.agent_id:
             raise BusError(f"cannot send to {dst!r}")
@@ -433,16 +382,15 @@ class BusSession:
 
     async def _publish(self, topic: str, frames: list[bytes], deadline: float) -> None:
         """Publish frames until the broker acknowledged all, across reconnections, or time out."""
-        assert self._client is not None
-        client = self._client
+        client = self._conn.client
         loop = asyncio.get_running_loop()
         pending = frames
         while pending:
             try:
                 if deadline <= loop.time():
                     raise asyncio.TimeoutError
-                if not self._connected.is_set():
-                    await asyncio.wait_for(self._connected.wait(), deadline - loop.time())
+                if not self._conn.connected:
+                    await asyncio.wait_for(self._conn.connected_event.wait(), deadline - loop.time())
                 results = await asyncio.wait_for(
                     asyncio.gather(
                         *(client.publish(topic, f, qos=self.cfg.qos, timeout=math.inf) for f in pending),

@@ -17,29 +17,30 @@ from typing import TypeVar
 import torch
 
 from broker.topics import Kind
-from broker.wire import Message, MetaValue, Schema, TensorSpec
-from nmoe.errors import BusError, NmoeError, WireError
+from broker.wire import Message, Schema, TensorSpec
+from nmoe.errors import BusError, NmoeError, ProtocolError
 from nmoe_models.config import ExperimentConfig
 from nmoe_models.learner import ClientLearner
 from nmoe_models.partition import load_client_data
 
 from .bus import BusConfig, BusSession, RequestTimeout
 from .codec import (
-    BYE,
     COORDINATOR,
-    ERROR,
-    HELLO,
-    OP,
-    SAMPLES,
-    SHUTDOWN,
-    TASK,
+    LATENTS,
+    LOGPROBS,
+    Wire,
     client_name,
+    decode_control,
+    decode_expert_answer,
     decode_task,
-    reply_kind,
-    reply_meta,
-    to_numpy,
+    encode_control,
+    encode_expert_answer,
+    encode_expert_query,
+    encode_reply,
+    is_control,
 )
 from .config import NetworkConfig
+from .messages import BYE_COUNTERS, BYE_TOTALS, Bye, Hello, Op, Refusal, Shutdown
 from .protocol import ExpertAnswer, execute
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,11 @@ TASK_KINDS = (Kind.MODEL, Kind.CORR, Kind.CTRL)
 
 async def in_thread(fn: Callable[[], T]) -> T:
     return await asyncio.to_thread(fn)
+
+
+def wire_of(msg: Message) -> Wire:
+    h = msg.header
+    return Wire(msg.kind, dict(msg.tensors), dict(h.meta), h.round, h.stage)
 
 
 class BusPool:
@@ -61,33 +67,31 @@ class BusPool:
 
     async def query(self, expert: int, latents: torch.Tensor) -> ExpertAnswer:
         t0 = time.perf_counter()
+        query = encode_expert_query(latents)
         try:
-            reply = await self.bus.request(client_name(expert), Kind.LATENT, {"h": latents.contiguous().numpy()},
-                                           deadline_s=self.deadline_s)
-        except (RequestTimeout, BusError, WireError):  # no answer in time, or latents we could not send
+            reply = await self.bus.request(client_name(expert), query.kind, query.tensors, deadline_s=self.deadline_s)
+        except (RequestTimeout, BusError, ProtocolError):  # no answer in time, or latents we could not send
             return ExpertAnswer(None, self.deadline_s / self.time_scale)
         wall = time.perf_counter() - t0
-        logp = reply.tensors.get("logp")
-        if logp is None or logp.shape[0] != latents.shape[0]:
+        try:
+            answer = decode_expert_answer(reply.tensors, reply.header.meta)
+        except ProtocolError as err:
+            self.bus.stats.rejected[err.reason] += 1
+            return ExpertAnswer(None, wall / self.time_scale)
+        if answer.logprobs.shape[0] != latents.shape[0]:
             self.bus.stats.rejected["bad_reply"] += 1
             return ExpertAnswer(None, wall / self.time_scale)
-        return ExpertAnswer(torch.from_numpy(logp), modeled_latency(reply, wall, self.time_scale))
+        h = reply.header
+        latency = wall
+        if h.t_model_send is not None and h.t_model_arrive is not None and answer.req_transit_s is not None:
+            # modeled seconds: request transit (reported back by the expert) + service + reply transit
+            service = (answer.service_s or 0.0) / self.time_scale
+            latency = answer.req_transit_s + service + (h.t_model_arrive - h.t_model_send)
+        return ExpertAnswer(torch.from_numpy(answer.logprobs), latency)
 
     def wire_bytes(self) -> int:
         s = self.bus.stats
         return int(s.sent_bytes[Kind.LATENT.value] + s.received_bytes[Kind.LOGITS.value])
-
-
-def modeled_latency(reply: Message, wall_s: float, time_scale: float) -> float:
-    """Request-to-reply time in the run's clock: modeled seconds when the channel stamped both
-    directions (request transit, reported back by the server, + service + reply transit)."""
-    h = reply.header
-    req = h.meta.get("req_transit_s")
-    svc = h.meta.get("service_s")
-    if h.t_model_send is None or h.t_model_arrive is None or not isinstance(req, float):
-        return wall_s
-    service = float(svc) / time_scale if isinstance(svc, float) else 0.0
-    return req + service + (h.t_model_arrive - h.t_model_send)
 
 
 class ClientAgent:
@@ -99,14 +103,13 @@ class ClientAgent:
         self.bus_cfg = bus_cfg
         self.time_scale = time_scale
         self.learner: ClientLearner | None = None
-        self.tasks_done = 0
         self.data_s = 0.0  # loading the partition and building the models
 
     def schemas(self) -> Mapping[Kind | str, Schema]:
         d, c = self.exp.model.latent_dim, self.learner.classes if self.learner else 10
         return {
-            Kind.LATENT: Schema({"h": TensorSpec("float32", (None, d))}),
-            Kind.LOGITS: Schema({"logp": TensorSpec("float32", (None, c))}),
+            Kind.LATENT: Schema({LATENTS: TensorSpec("float32", (None, d))}),
+            Kind.LOGITS: Schema({LOGPROBS: TensorSpec("float32", (None, c))}),
         }
 
     async def run(self) -> None:
@@ -128,13 +131,10 @@ class ClientAgent:
                     if msg.kind is Kind.LATENT:
                         await self._serve(bus, msg)
                     elif msg.src == COORDINATOR and msg.kind in TASK_KINDS:
-                        if msg.header.meta.get(OP) == SHUTDOWN:
-                            await self._bye(bus, msg)
+                        if not is_control(msg.header.meta):
+                            queue.put_nowait(msg)
+                        elif await self._control(bus, msg):
                             break
-                        if msg.header.meta.get(OP) == HELLO:  # the coordinator asks us to announce again
-                            await self._hello(bus)
-                            continue
-                        queue.put_nowait(msg)
                     else:
                         log.debug("ignoring %s from %s", msg.kind.value, msg.src)
             finally:
@@ -143,10 +143,25 @@ class ClientAgent:
                     task.cancel()
                 await asyncio.gather(worker, rejoin, return_exceptions=True)
 
+    async def _control(self, bus: BusSession, msg: Message) -> bool:
+        """A control message from the coordinator; True when it ends the run (shutdown)."""
+        try:
+            message = decode_control(wire_of(msg))
+        except ProtocolError as err:
+            bus.stats.rejected[err.reason] += 1
+            return False
+        if not isinstance(message, Shutdown):
+            bus.stats.rejected["unknown_op"] += 1  # hello and bye go to the coordinator, not from it
+            return False
+        await self._send(bus, encode_control(self._bye(bus)))
+        return True
+
+    async def _send(self, bus: BusSession, wire: Wire) -> None:
+        await bus.send(COORDINATOR, wire.kind, wire.tensors, round=wire.round, stage=wire.stage, meta=wire.meta)
+
     async def _hello(self, bus: BusSession) -> None:
         assert self.learner is not None
-        await bus.send(COORDINATOR, Kind.CTRL,
-                       meta={OP: HELLO, SAMPLES: self.learner.data.num_train, "data_s": self.data_s})
+        await self._send(bus, encode_control(Hello(self.learner.data.num_train, self.data_s)))
 
     async def _rejoin(self, bus: BusSession) -> None:
         """After the session reconnects (the broker or the network went away), say hello again:
@@ -163,15 +178,11 @@ class ClientAgent:
                 except BusError as err:  # gone again: the next reconnection says hello
                     log.warning("could not announce myself after reconnecting: %s", err)
 
-    async def _bye(self, bus: BusSession, msg: Message) -> None:
+    @staticmethod
+    def _bye(bus: BusSession) -> Bye:
         stats = bus.stats.as_dict()
-        meta: dict[str, MetaValue] = {OP: BYE, TASK: str(msg.header.meta.get(TASK, ""))}
-        for key in ("sent_bytes", "received_bytes", "sent_messages", "received_messages", "rejected"):
-            for kind, value in stats[key].items():
-                meta[f"{key}.{kind}"] = int(value)
-        for key in ("duplicates", "late_replies", "reconnects", "compression_saved_bytes"):
-            meta[key] = int(stats[key])
-        await bus.send(COORDINATOR, Kind.METRICS, meta=meta)
+        counters = {name: {k: int(v) for k, v in stats[name].items()} for name in BYE_COUNTERS}
+        return Bye(counters, {name: int(stats[name]) for name in BYE_TOTALS})
 
     async def _serve(self, bus: BusSession, msg: Message) -> None:
         """Answer a latent request with this client's expert (once it is trained)."""
@@ -179,16 +190,16 @@ class ClientAgent:
         if learner is None or not learner.expert_ready:
             return  # no expert yet: the requester's deadline passes and it falls back
         t0 = time.perf_counter()
-        logp = learner.expert_logprobs(torch.from_numpy(msg.tensors["h"]))
+        logp = learner.expert_logprobs(torch.from_numpy(msg.tensors[LATENTS]))
         if not bool(torch.isfinite(logp).all()):  # finite but absurd latents (e.g. 1e38) overflow the expert
             bus.stats.rejected["non_finite_answer"] += 1
             return
-        meta: dict[str, float] = {"service_s": time.perf_counter() - t0}
         h = msg.header
-        if h.t_model_send is not None and h.t_model_arrive is not None:
-            meta["req_transit_s"] = h.t_model_arrive - h.t_model_send
+        transit = h.t_model_arrive - h.t_model_send if h.t_model_send is not None and h.t_model_arrive is not None \
+            else None
+        answer = encode_expert_answer(logp, time.perf_counter() - t0, transit)
         try:
-            await bus.reply(msg, Kind.LOGITS, {"logp": logp.numpy()}, meta=meta)
+            await bus.reply(msg, answer.kind, answer.tensors, meta=answer.meta)
         except NmoeError as err:  # the requester falls back at its deadline
             log.warning("could not answer %s's latent request: %s", msg.src, err)
 
@@ -198,23 +209,23 @@ class ClientAgent:
         pool = BusPool(bus, self.net.inference_deadline_s * self.time_scale, self.time_scale)
         while (msg := await queue.get()) is not None:
             try:
-                task_id, task = decode_task(msg)
-            except WireError as err:
+                task_id, task = decode_task(wire_of(msg))
+            except ProtocolError as err:
                 bus.stats.rejected[err.reason] += 1
+                log.warning("rejected a task: %s", err)
                 continue
             log.info("task %s round %d", task.op.value, task.round)
             try:
                 reply = await execute(self.learner, task, pool, in_thread)
-                await bus.send(COORDINATOR, reply_kind(task.op), to_numpy(reply.tensors), round=task.round,
-                               stage=task.op.value.split("_")[0], meta=reply_meta(task_id, reply))
-                self.tasks_done += 1
-            except (NmoeError, ValueError, KeyError, TypeError, AssertionError, RuntimeError) as err:
-                # a task we cannot run, or a result we cannot send (e.g. training diverged to NaN): say why
+                await self._send(bus, encode_reply(reply, task_id, task.op, task.round))
+            except (NmoeError, ValueError, RuntimeError) as err:
+                # a task we cannot run (tensors that do not fit the model: torch raises ValueError or
+                # RuntimeError), or a result we cannot send (e.g. training diverged to NaN): say why
                 log.error("%s failed: %s", task.op.value, err)
-                await self._report(bus, task.round, task_id, err)
+                await self._refuse(bus, task_id, task.op, task.round, err)
 
-    async def _report(self, bus: BusSession, round_index: int, task_id: str, err: Exception) -> None:
+    async def _refuse(self, bus: BusSession, task_id: str, op: Op, round_index: int, err: Exception) -> None:
         try:
-            await bus.send(COORDINATOR, Kind.METRICS, round=round_index, meta={TASK: task_id, ERROR: str(err)[:500]})
+            await self._send(bus, encode_reply(Refusal(str(err)), task_id, op, round_index))
         except NmoeError as again:  # the broker is gone too: the coordinator records us as missing
             log.error("could not report the failure either: %s", again)

@@ -12,10 +12,9 @@ from typing import Literal
 
 from nmoe.errors import check
 
+from .messages import Op
+
 MAX_CHUNK = 2 * 1024 * 1024  # well under mosquitto.conf's max_packet_size (4 MiB) with headers
-
-TaskOp = Literal["stage1_corr", "stage1_fit", "stage2_fit", "stage3_prepare", "stage3_fit", "evaluate"]
-
 
 @dataclass(frozen=True)
 class FaultConfig:
@@ -23,8 +22,8 @@ class FaultConfig:
 
     client: str
     """The agent to kill, e.g. client-2."""
-    op: TaskOp = "stage1_fit"
-    """The task during which it dies."""
+    op: Op = Op.STAGE1_FIT
+    """The task during which it dies (any op but sync: stage1_corr, stage1_fit, ...)."""
     round: int = 0
     """The task's round (Stage 2, Stage 3 preparation and evaluation have round 0)."""
     after_s: float = 0.5
@@ -33,6 +32,7 @@ class FaultConfig:
     """kill: SIGKILL the agent's process (no goodbye: its last will marks it offline)."""
 
     def __post_init__(self) -> None:
+        check(self.op is not Op.SYNC, "op", "a fault fires during a stage's task, not a sync")
         check(self.round >= 0, "round", "must be >= 0")
         check(self.after_s >= 0, "after_s", "must be >= 0")
 

@@ -1,11 +1,11 @@
 """The coordinator agent: JOIN, then the Strategy's stages over the bus, then shutdown.
 
-``BusFleet`` is the networked ``Fleet``: it publishes a task (one broadcast, or a unicast per
-client for client-specific parts), collects the replies addressed to that task until every
-target answered or the deadline passed, and reports failures as data (late, missing, offline,
-rejected, error). Replies are matched by task id, so stale and duplicate updates (QoS 1 may
-deliver twice; a slow client may answer an old round) never reach an aggregate. A client that says
-hello after the run started gets the current global state (``Strategy.sync_task``) and rejoins.
+``BusFleet`` is the networked ``Fleet``. It only moves messages: it publishes a step's task (one
+broadcast, or a unicast per client), routes each reply by its task id to that step's
+``Collector`` (``agents.rounds``), and closes the step when every target answered, when every
+silent one is offline, or at the deadline. Who takes part lives in ``Membership``, what clients
+report about themselves in ``Telemetry``. What a rejoining client needs comes from the injected
+``sync`` callable (``Strategy.sync_task``): the fleet never calls back into the strategy.
 """
 
 from __future__ import annotations
@@ -13,35 +13,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
-from broker.topics import BROADCAST, Kind, Status
+from broker.topics import BROADCAST, Status
 from broker.wire import Message
-from nmoe.errors import NmoeError, WireError
+from nmoe.errors import NmoeError, ProtocolError
 
 from .bus import BusSession
 from .codec import (
-    BYE,
-    ERROR,
-    HELLO,
-    OP,
-    SAMPLES,
-    SHUTDOWN,
-    TASK,
+    Wire,
     client_index,
     client_name,
+    decode_control,
     decode_reply,
-    task_kind,
-    task_meta,
-    to_numpy,
+    encode_control,
+    encode_task,
+    is_control,
 )
 from .config import NetworkConfig
-from .protocol import Op, Reply, Task, check_reply
-from .strategy import RoundOutcome, Strategy
+from .membership import Membership, Telemetry
+from .messages import Bye, Hello, Op, Refusal, Shutdown, Sync, Task
+from .rounds import Collector, LateAnswer, RoundOutcome, Step, TaskBook
 
 log = logging.getLogger(__name__)
 
@@ -50,60 +43,28 @@ class JoinFailed(NmoeError):
     """Too few clients joined before the join timeout."""
 
 
-@dataclass
-class _Collector:
-    task_id: str
-    targets: set[int]
-    task: Task
-    replies: dict[int, Reply] = field(default_factory=dict)
-    failures: dict[int, str] = field(default_factory=dict)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def add(self, client: int, msg: Message) -> None:
-        if client not in self.targets or client in self.replies or client in self.failures:
-            return  # not asked, or a duplicate: the first answer counts
-        error = msg.header.meta.get(ERROR)
-        if error is not None:
-            self.failures[client] = f"error: {error}"
-        else:
-            try:
-                reply = decode_reply(client, msg)
-                check_reply(self.task, reply)
-                self.replies[client] = reply
-            except (WireError, ValueError) as err:
-                self.failures[client] = f"rejected: {err}"
-        if len(self.replies) + len(self.failures) == len(self.targets):
-            self.done.set()
-
-
 class BusFleet:
     """The scenario's clients, reached over the bus; see the module docstring."""
 
-    def __init__(self, bus: BusSession, clients: int, net: NetworkConfig, time_scale: float = 1.0,
+    def __init__(self, bus: BusSession, clients: int, net: NetworkConfig, time_scale: float = 1.0, *,
+                 sync: Callable[[], Sync | None] = lambda: None,
                  on_event: Callable[[str], None] | None = None,
                  on_task: Callable[[Task], None] | None = None) -> None:
         self.bus = bus
         self.net = net
         self.time_scale = time_scale
-        self._clients = list(range(clients))
+        self.sync = sync
+        self.members = Membership(range(clients))
+        self.telemetry = Telemetry()
+        self.book = TaskBook()
+        self.late: list[LateAnswer] = []
         self.on_event = on_event or (lambda text: None)
         self.on_task = on_task or (lambda task: None)  # told of every task once it is sent
-        self.strategy: Strategy | None = None
-        self.joined: dict[int, int] = {}  # client -> samples it announced
-        self.late: list[tuple[str, int]] = []  # (task id, client) answers after their round closed
-        self.client_stats: dict[int, dict[str, Any]] = {}
-        self.data_seconds: dict[int, float] = {}  # client -> time it took to load its data
-        self.timeline: dict[str, float] = {}  # wall-clock (time.time()) milestones of the run
-        self._open: dict[str, _Collector] = {}
-        self._closed: dict[str, dict[int, str]] = {}  # task id -> its round's failures (a late answer updates them)
-        self._joined_event = asyncio.Event()
-        self.join_over = False  # JOIN has decided who takes part
-        self._byes = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
 
     @property
     def clients(self) -> Sequence[int]:
-        return self._clients
+        return self.members.clients
 
     async def __aenter__(self) -> BusFleet:
         self._pump = asyncio.create_task(self._read(), name="coordinator-pump")
@@ -118,51 +79,61 @@ class BusFleet:
     async def _read(self) -> None:
         async for msg in self.bus.messages():
             client = client_index(msg.src)
-            if client is None or client not in self._clients:
+            if client is None or client not in self.clients:
                 log.warning("ignoring %s from %s: not a client of this run", msg.kind.value, msg.src)
                 continue
-            meta = msg.header.meta
-            op, task_id = meta.get(OP), str(meta.get(TASK, ""))
-            if op == HELLO:
-                data_s = meta.get("data_s")
-                if isinstance(data_s, float):
-                    self.data_seconds[client] = data_s
-                await self._hello(client, meta.get(SAMPLES))
-            elif op == BYE:  # its bus counters; anything but plain integers is not a counter
-                self.client_stats[client] = {k: v for k, v in meta.items()
-                                             if isinstance(v, int) and not isinstance(v, bool)}
-                if len(self.client_stats) >= len(self.joined):
-                    self._byes.set()
-            elif task_id in self._open:
-                self._open[task_id].add(client, msg)
-            elif task_id in self._closed:
-                self.late.append((task_id, client))
-                failures = self._closed[task_id]
-                if failures.get(client) == "missing":
-                    failures[client] = "late"  # it answered, after the deadline: a straggler, not a loss
-                self.on_event(f"late answer from {msg.src} to a closed round ({task_id.rsplit('-', 1)[0]})")
-            elif task_id.startswith("sync-"):
-                if ERROR in meta:
-                    self.on_event(f"{msg.src} could not catch up with the run: {meta[ERROR]}")
+            wire = Wire(msg.kind, dict(msg.tensors), dict(msg.header.meta), msg.header.round, msg.header.stage)
+            try:
+                if is_control(wire.meta):
+                    await self._control(client, wire)
                 else:
-                    log.info("%s caught up with the run", msg.src)
-            else:
-                log.warning("ignoring %s from %s for unknown task %r", msg.kind.value, msg.src, task_id[:40])
+                    self._reply(client, msg, wire)
+            except ProtocolError as err:  # counted with the bus's own rejections
+                self.bus.stats.rejected[err.reason] += 1
+                log.warning("rejected %s from %s: %s", msg.kind.value, msg.src, err)
 
-    async def _hello(self, client: int, samples: object) -> None:
-        rejoin = client in self.joined
-        self.joined[client] = samples if isinstance(samples, int) and not isinstance(samples, bool) else 0
-        if len(self.joined) == len(self._clients):
-            self.timeline.setdefault("all_joined_at", time.time())
-            self._joined_event.set()
-        if self.strategy is None or self.strategy.stage == "join":
+    async def _control(self, client: int, wire: Wire) -> None:
+        message = decode_control(wire)
+        if isinstance(message, Hello):
+            await self._hello(client, message)
+        elif isinstance(message, Bye):
+            self.telemetry.bye(client, message, len(self.members.joined))
+        else:
+            raise ProtocolError("unknown_op", "a client cannot send shutdown")
+
+    def _reply(self, client: int, msg: Message, wire: Wire) -> None:
+        task_id, reply = decode_reply(wire)
+        route = self.book.route(task_id)
+        if route == "open":
+            self.book.open[task_id].offer(client, reply)
+        elif route == "late":
+            late = self.book.late(task_id, client)
+            self.late.append(late)
+            self.on_event(f"late answer from {msg.src} to {late.op.value} round {late.round} "
+                          f"({late.after_s:.1f}s after it closed)")
+        elif route == "sync":
+            if isinstance(reply, Refusal):
+                self.on_event(f"{msg.src} could not catch up with the run: {reply.reason}")
+            else:
+                log.info("%s caught up with the run", msg.src)
+        else:
+            raise ProtocolError("unknown_task", f"a reply to unknown task {task_id[:40]!r}")
+
+    async def _hello(self, client: int, hello: Hello) -> None:
+        rejoin = self.members.hello(client, hello)
+        if self.members.all_joined.is_set():
+            self.telemetry.mark("all_joined_at")
+        sync = self.sync()
+        if sync is None:  # still joining: JOIN itself sends nothing
             return
         self.on_event(f"{client_name(client)} {'rejoined' if rejoin else 'joined late'}; sending the current state")
         try:
-            await self._publish(self.strategy.sync_task(), f"sync-{uuid.uuid4().hex[:12]}", [client])
-            for collector in list(self._open.values()):  # a task it may have missed while away: again
+            task_id = f"sync-{uuid.uuid4().hex[:12]}"
+            self.book.sync_sent(task_id)
+            await self._send(client_name(client), encode_task(sync, task_id))
+            for task_id, collector in list(self.book.open.items()):  # a task it may have missed while away
                 if client in collector.targets and client not in collector.replies:
-                    await self._publish(collector.task, collector.task_id, [client])
+                    await self._send(client_name(client), encode_task(collector.step.task_for(client), task_id))
         except NmoeError as err:  # the pump must go on: the next hello tries again
             self.on_event(f"could not send {client_name(client)} the current state: {err}")
 
@@ -170,19 +141,19 @@ class BusFleet:
     async def join(self) -> None:
         """Wait for every client's hello; go on with at least min_clients, else fail naming who is missing."""
         try:
-            await asyncio.wait_for(self._joined_event.wait(), self.net.join_timeout_s)
-            self.join_over = True
+            await asyncio.wait_for(self.members.all_joined.wait(), self.net.join_timeout_s)
+            self.members.join_over = True
             return
         except asyncio.TimeoutError:
             pass
-        missing = [i for i in self._clients if i not in self.joined]
+        missing = self.members.never_joined()
         status = self.bus.status()
         named = ", ".join(f"{client_name(i)} ({status.get(client_name(i), 'never connected')})" for i in missing)
-        waited = self.net.join_timeout_s
-        text = f"{len(missing)} of {len(self._clients)} clients did not join within {waited:g}s: {named}"
-        if len(self.joined) < self.net.min_clients:
+        text = (f"{len(missing)} of {len(self.clients)} clients did not join within {self.net.join_timeout_s:g}s: "
+                f"{named}")
+        if len(self.members.joined) < self.net.min_clients:
             raise JoinFailed(text + f"; min_clients is {self.net.min_clients}")
-        self.join_over = True
+        self.members.join_over = True
         self.on_event(text + "; going on without them")
 
     # -- rounds ------------------------------------------------------------------------------------
@@ -193,80 +164,63 @@ class BusFleet:
                    Op.EVALUATE: n.eval_timeout_s}.get(op, n.round_timeout_s)
         return modeled * self.time_scale
 
-    async def run(self, task: Task) -> RoundOutcome:
-        # clients that never joined are not waited for (JOIN went on without them); they take part
-        # from the task after their hello
-        targets = sorted(task.personal) if task.personal else [i for i in self._clients if i in self.joined]
-        task_id = f"{task.op.value}-{task.round}-{uuid.uuid4().hex[:12]}"
-        collector = _Collector(task_id, set(targets), task)
-        self._open[task_id] = collector
+    async def run(self, step: Step) -> RoundOutcome:
+        targets = sorted(step.personal) if step.personal else self.members.targets()
+        task_id = f"{step.op.value}-{step.round}-{uuid.uuid4().hex[:12]}"
+        collector = Collector(step, targets)
+        self.book.opened(task_id, collector)
         try:
-            self.timeline.setdefault("first_task_at", time.time())
-            await self._publish(task, task_id, targets)
-            self.on_task(task)
+            self.telemetry.mark("first_task_at")
+            await self._publish(step, task_id, targets)
+            for task in step.tasks():
+                self.on_task(task)
             await self._collect(collector)
         finally:
-            del self._open[task_id]
+            self.book.closed(task_id)
         status = self.bus.status()
-        failures = dict(collector.failures)
-        for i in targets:
-            if i not in collector.replies and i not in failures:
-                offline = status.get(client_name(i)) == Status.OFFLINE.value
-                failures[i] = "offline" if offline else "missing"
-        if not task.personal:
-            failures |= {i: "never joined" for i in self._clients if i not in self.joined}
-        self._closed[task_id] = failures
-        return RoundOutcome(dict(collector.replies), failures)
+        return collector.close(offline=lambda i: status.get(client_name(i)) == Status.OFFLINE.value,
+                               never_joined=() if step.personal else self.members.never_joined())
 
-    async def _collect(self, collector: _Collector) -> None:
+    async def _collect(self, collector: Collector) -> None:
         """Until every target answered, or every one still silent is offline, or the deadline passed
         (the deadline closes the round: failures are data)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.deadline(collector.task.op)
+        deadline = loop.time() + self.deadline(collector.step.op)
         while not collector.done.is_set() and (left := deadline - loop.time()) > 0:
             if self._pump is not None and self._pump.done():  # nothing can arrive any more: say why
                 self._pump.result()
                 raise NmoeError("the coordinator stopped reading the bus")
             status = self.bus.status()
-            silent = collector.targets - collector.replies.keys() - collector.failures.keys()
+            silent = collector.silent()
             if silent and all(status.get(client_name(i)) == Status.OFFLINE.value for i in silent):
                 return  # nobody left who could still answer
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(collector.done.wait(), min(left, 0.25))
 
-    async def _publish(self, task: Task, task_id: str, targets: Sequence[int]) -> None:
-        stage = task.op.value.split("_")[0]
-        if task.personal:
+    async def _publish(self, step: Step, task_id: str, targets: Sequence[int]) -> None:
+        if step.personal:
             for i in targets:
-                part = task.part_for(i)
-                await self.bus.send(client_name(i), Kind.CORR if part.tensors else Kind.CTRL, to_numpy(part.tensors),
-                                    round=task.round, stage=stage, meta=task_meta(task, task_id, part))
-        elif len(targets) == 1:
-            await self.bus.send(client_name(targets[0]), task_kind(task.common), to_numpy(task.common.tensors),
-                                round=task.round, stage=stage, meta=task_meta(task, task_id, task.common))
-        else:
-            await self.bus.send(BROADCAST, task_kind(task.common), to_numpy(task.common.tensors), round=task.round,
-                                stage=stage, meta=task_meta(task, task_id, task.common))
+                await self._send(client_name(i), encode_task(step.task_for(i), task_id))
+        elif step.common is not None:
+            dst = client_name(targets[0]) if len(targets) == 1 else BROADCAST
+            await self._send(dst, encode_task(step.common, task_id))
+
+    async def _send(self, dst: str, wire: Wire) -> None:
+        await self.bus.send(dst, wire.kind, wire.tensors, round=wire.round, stage=wire.stage, meta=wire.meta)
 
     # -- the end -------------------------------------------------------------------------------------
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Tell every client to stop; wait briefly for their traffic reports."""
-        if not self.joined:
+        if not self.members.joined:
             return
         try:
-            await self.bus.send(BROADCAST, Kind.CTRL, meta={OP: SHUTDOWN, TASK: f"shutdown-{int(time.time())}"})
+            await self._send(BROADCAST, encode_control(Shutdown()))
         except NmoeError as err:  # the broker is gone: agents notice it themselves
             self.on_event(f"could not tell the agents to stop: {err}")
             return
         try:
-            await asyncio.wait_for(self._byes.wait(), timeout)
+            await asyncio.wait_for(self.telemetry.all_byes.wait(), timeout)
         except asyncio.TimeoutError:
-            missing = sorted(set(self.joined) - set(self.client_stats))
+            missing = sorted(set(self.members.joined) - set(self.telemetry.byes))
             self.on_event(f"no traffic report from {', '.join(client_name(i) for i in missing)}")
 
-
-async def coordinate(strategy: Strategy, fleet: BusFleet) -> None:
-    """JOIN, then every stage; the fleet keeps serving rejoins while the strategy runs."""
-    fleet.strategy = strategy
-    await fleet.join()
-    await strategy.run(fleet)

@@ -1,8 +1,9 @@
 """The in-process fleet: every client's learner in this process, called directly.
 
-This is the reference the networked system must reproduce (the same ``Strategy`` and the same
-``execute``; only the transport differs) and the compute floor its benchmarks are measured against.
-Clients run one after another; nothing is copied but the state dicts FedAvg needs.
+This is the reference the networked system must reproduce (the same ``Strategy``, the same
+``execute`` and the same reply collection; only the transport differs) and the compute floor its
+benchmarks are measured against. Clients run one after another; nothing is copied but the state
+dicts FedAvg needs.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from collections.abc import Mapping
 
 import torch
 
+from nmoe.errors import RejectedReply
 from nmoe_models.learner import ClientLearner
 
-from .protocol import ExpertAnswer, Reply, Task, check_reply, execute
-from .strategy import RoundOutcome
+from .protocol import ExpertAnswer, execute
+from .rounds import Collector, RoundOutcome, Step
 
 
 class InProcessPool:
@@ -36,11 +38,11 @@ class InProcessFleet:
         self.clients = list(self.learners)
         self.pool = InProcessPool(self.learners)
 
-    async def run(self, task: Task) -> RoundOutcome:
-        targets = sorted(task.personal) if task.personal else self.clients
-        replies: dict[int, Reply] = {}
+    async def run(self, step: Step) -> RoundOutcome:
+        targets = sorted(step.personal) if step.personal else self.clients
+        collector = Collector(step, targets)
         for i in targets:
-            reply = await execute(self.learners[i], task, self.pool)
-            check_reply(task, reply)  # the same checks a networked coordinator applies
-            replies[i] = reply
-        return RoundOutcome(replies)
+            # the same checks a networked coordinator applies; in one process a rejection is a bug
+            if collector.offer(i, await execute(self.learners[i], step.task_for(i), self.pool)) == "rejected":
+                raise RejectedReply(f"client-{i}'s {step.op.value} reply: {collector.failures[i]}")
+        return collector.close()

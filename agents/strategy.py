@@ -24,35 +24,50 @@ from nmoe_models.learner import build_gate, build_stage1_model, stage1_shared_ke
 from nmoe_models.moe import SHARED_GATE_PREFIX
 from nmoe_models.privacy import epsilon
 
-from .protocol import Op, Part, Reply, Task, expect_like
-
-
-@dataclass(frozen=True)
-class RoundOutcome:
-    replies: dict[int, Reply]
-    failures: dict[int, str] = field(default_factory=dict)
-    """client -> why it is missing: 'late', 'missing', 'rejected: <reason>', 'offline', 'error: ...'."""
+from .messages import (
+    Correlation,
+    Evaluate,
+    GateVariant,
+    Metrics,
+    Op,
+    Reply,
+    ReplySpec,
+    Stage,
+    Stage1Corr,
+    Stage1Fit,
+    Stage2Fit,
+    Stage3Fit,
+    Stage3Prepare,
+    Sync,
+    Task,
+    Update,
+    expect_like,
+    reply_loss,
+)
+from .rounds import RoundOutcome, Step
 
 
 class Fleet(Protocol):
     @property
     def clients(self) -> Sequence[int]:
-        """The scenario's clients (those a broadcast task goes to)."""
+        """The scenario's clients (those a common task goes to)."""
         ...
 
-    async def run(self, task: Task) -> RoundOutcome:
-        """Deliver ``task`` (to every client, or to those in task.personal), collect the replies
-        until all answered or the deadline of this kind of task passed."""
+    async def run(self, step: Step) -> RoundOutcome:
+        """Deliver the step's task(s), collect the replies until every target answered or the
+        deadline of this kind of task passed."""
         ...
 
 
 @dataclass(frozen=True)
 class RoundRecord:
     stage: str
+    """Display label: the stage, with the gate variant in Stage 3 (``stage3:fedgate``)."""
     round: int
-    op: str
+    op: Op
     answered: tuple[int, ...]
     failures: Mapping[int, str]
+    """An immutable copy (see RoundOutcome); a late answer is reported apart, as an event."""
     loss: float
     seconds: float
 
@@ -79,7 +94,7 @@ class NullObserver:
 
 
 @dataclass
-class Outcome:
+class RunSummary:
     """Per method: client -> metrics (accuracy, f1_macro, and inference figures for NMoE)."""
 
     methods: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
@@ -105,39 +120,42 @@ class Strategy:
         self.corrs: dict[int, torch.Tensor] = {}
         self.samples: dict[int, int] = {}
         self.releases: dict[int, int] = {}
-        self.stage = "join"
-        self.outcome = Outcome()
+        self.stage = Stage.JOIN
+        self.summary = RunSummary()
 
-    def sync_task(self) -> Task:
-        """What a client joining mid-run needs: the current feature extractor and stage."""
-        stage_no = {"stage2": 2, "stage3": 3, "eval": 3}.get(self.stage, 1)
-        return Task(Op.SYNC, common=Part(self.global_stage1, {"stage": stage_no}))
+    def sync_task(self) -> Sync | None:
+        """What a client joining mid-run needs (the current feature extractor and how far to catch
+        up), or None while the run is still joining."""
+        if self.stage is Stage.JOIN:
+            return None
+        stage_no = {Stage.STAGE2: 2, Stage.STAGE3: 3, Stage.EVAL: 3, Stage.DONE: 3}.get(self.stage, 1)
+        return Sync(self.global_stage1, stage_no)
 
-    async def run(self, fleet: Fleet) -> Outcome:
+    async def run(self, fleet: Fleet) -> RunSummary:
         clock = time.perf_counter()
         await self.stage1(fleet)
-        self.outcome.stage_seconds["stage1"] = time.perf_counter() - clock
+        self.summary.stage_seconds["stage1"] = time.perf_counter() - clock
         clock = time.perf_counter()
         classifier = await self.stage2(fleet)
         if classifier:
-            self.outcome.methods["fedavg"] = classifier
-        self.outcome.stage_seconds["stage2"] = time.perf_counter() - clock
+            self.summary.methods["fedavg"] = classifier
+        self.summary.stage_seconds["stage2"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        await self._step(fleet, Task(Op.STAGE3_PREPARE), "stage3")
-        self.outcome.stage_seconds["stage3_prepare"] = time.perf_counter() - clock
+        await self._step(fleet, Step(ReplySpec(Metrics), Stage3Prepare()))
+        self.summary.stage_seconds["stage3_prepare"] = time.perf_counter() - clock
         for variant in self.gate_variants():
             clock = time.perf_counter()
             gate = await self.stage3(fleet, variant)
-            self.outcome.stage_seconds[f"stage3_{variant}"] = time.perf_counter() - clock
+            self.summary.stage_seconds[f"stage3_{variant}"] = time.perf_counter() - clock
             clock = time.perf_counter()
             name = "nmoe" if variant == self.exp.stage3.method else "nmoe_fedavg_gate"
-            self.outcome.methods[name] = await self.evaluate(fleet, gate)
-            self.outcome.stage_seconds[f"eval_{variant}"] = time.perf_counter() - clock
-        self.stage = "done"
-        return self.outcome
+            self.summary.methods[name] = await self.evaluate(fleet, gate)
+            self.summary.stage_seconds[f"eval_{variant}"] = time.perf_counter() - clock
+        self.stage = Stage.DONE
+        return self.summary
 
-    def gate_variants(self) -> list[str]:
-        variants: list[str] = [self.exp.stage3.method]
+    def gate_variants(self) -> list[GateVariant]:
+        variants: list[GateVariant] = [self.exp.stage3.method]
         if "fedavg_gate" in self.exp.baselines and self.exp.stage3.method != "fedavg":
             variants.append("fedavg")
         return variants
@@ -145,37 +163,35 @@ class Strategy:
     # -- stages -------------------------------------------------------------------------------------
     async def stage1(self, fleet: Fleet) -> None:
         s1 = self.exp.stage1
-        self.stage = "stage1"
-        self.obs.on_stage("stage1", s1.rounds)
+        self.stage = Stage.STAGE1
+        self.obs.on_stage(Stage.STAGE1.value, s1.rounds)
         limit = self.exp.partition.train_per_client + self.exp.partition.unlabeled_per_client
-        fit_expect = expect_like(self.global_stage1)
+        fit_spec = ReplySpec(Update, expect_like(self.global_stage1), limit)
         d = self.exp.model.latent_dim
         for r in range(s1.rounds):
+            step: Step
             if s1.method == "fedsc":
-                corr_task = Task(Op.STAGE1_CORR, r, Part(self.global_stage1), expect={"R": ((d, d), torch.float32)},
-                                 sample_limit=limit)
-                corr = await self._step(fleet, corr_task, "stage1")
-                for i in sorted(corr.replies):
-                    self.corrs[i], self.samples[i] = corr.replies[i].tensors["R"], corr.replies[i].samples
-                for i in sorted({*corr.replies, *corr.failures} - {i for i, why in corr.failures.items()
-                                                                   if why == "never joined"}):
+                corr_spec = ReplySpec(Correlation, {"R": ((d, d), torch.float32)}, limit)
+                corr = await self._step(fleet, Step(corr_spec, Stage1Corr(r, self.global_stage1)))
+                for i, reply in corr.replies.items():
+                    assert isinstance(reply, Correlation)  # the spec's kind
+                    self.corrs[i], self.samples[i] = reply.r, reply.samples
+                for i in sorted({*corr.replies, *(i for i, why in corr.failures.items() if why != "never joined")}):
                     # asked for R_i: count the release even if the answer was lost or late (conservative)
                     self.releases[i] = self.releases.get(i, 0) + 1
                 q = self._q(r)
                 rbars = rbar_minus(self.corrs, q)
-                personal = {
-                    i: Part({"rbar": rbars[i]} if i in rbars else {}, {"q": q[i]}) for i in sorted(corr.replies)
-                }
-                task = Task(Op.STAGE1_FIT, r, personal=personal, expect=fit_expect, sample_limit=limit)
+                personal: dict[int, Task] = {i: Stage1Fit(r, rbar=rbars.get(i), q=q[i]) for i in sorted(corr.replies)}
+                step = Step(fit_spec, personal=personal)
             else:
-                task = Task(Op.STAGE1_FIT, r, Part(self.global_stage1), expect=fit_expect, sample_limit=limit)
-            fit = await self._step(fleet, task, "stage1")
+                step = Step(fit_spec, Stage1Fit(r, self.global_stage1))
+            fit = await self._step(fleet, step)
             self.global_stage1 = aggregate(fit.replies)
-            self._checkpoint("stage1", r, self.global_stage1)
+            self._checkpoint(Stage.STAGE1.value, r, self.global_stage1)
         if s1.method == "fedsc" and self.exp.privacy.enabled and self.releases:
             p = self.exp.privacy
             worst = max(self.releases.values())
-            self.outcome.privacy = {
+            self.summary.privacy = {
                 "epsilon": epsilon(p.noise_multiplier, worst, p.delta),
                 "delta": p.delta,
                 "noise_multiplier": p.noise_multiplier,
@@ -190,77 +206,79 @@ class Strategy:
         return q_weights(self.samples)
 
     async def stage2(self, fleet: Fleet) -> dict[int, dict[str, float]]:
-        """Experts: every client loads the final F and trains H_i; FedCE also scores its classifier."""
-        self.stage = "stage2"
-        self.obs.on_stage("stage2", 1)
+        """Experts: every client loads the final F and trains H_i; FedCE also scores its classifier
+        (a reply without valid scores is rejected like any reply that is not what was asked)."""
+        self.stage = Stage.STAGE2
+        self.obs.on_stage(Stage.STAGE2.value, 1)
         fedce = self.exp.stage1.method == "fedce"
-        out = await self._step(fleet, Task(Op.STAGE2_FIT, 0, Part(self.global_stage1, {"score_classifier": fedce})),
-                               "stage2")
+        scores = {"classifier_accuracy": (0.0, 1.0), "classifier_f1_macro": (0.0, 1.0)} if fedce else {}
+        spec = ReplySpec(Metrics, metrics=scores)
+        out = await self._step(fleet, Step(spec, Stage2Fit(self.global_stage1, score_classifier=fedce)))
         if not fedce:
             return {}
-        scores = {}
-        for i in sorted(out.replies):
-            m = out.replies[i].metrics
-            acc, f1 = m.get("classifier_accuracy"), m.get("classifier_f1_macro")
-            if acc is None or f1 is None or not (0 <= acc <= 1 and 0 <= f1 <= 1):
-                out.failures[i] = "rejected: no valid classifier scores"
-                continue
-            scores[i] = {"accuracy": acc, "f1_macro": f1}
-        return scores
+        per_client = {}
+        for i, reply in out.replies.items():
+            assert isinstance(reply, Metrics)  # the spec's kind
+            m = reply.values
+            per_client[i] = {"accuracy": m["classifier_accuracy"], "f1_macro": m["classifier_f1_macro"]}
+        return per_client
 
-    async def stage3(self, fleet: Fleet, variant: str) -> StateDict:
+    async def stage3(self, fleet: Fleet, variant: GateVariant) -> StateDict:
         s3 = self.exp.stage3
-        self.stage = "stage3"
-        self.obs.on_stage(f"stage3:{variant}", s3.rounds)
+        self.stage = Stage.STAGE3
+        label = f"{Stage.STAGE3.value}:{variant}"
+        self.obs.on_stage(label, s3.rounds)
         init = build_gate(self.exp, -1).state_dict()  # one common starting point for the shared part
         gate = select(init, with_prefix(SHARED_GATE_PREFIX) if variant == "fedgate" else None)
-        expect = expect_like(gate)
+        spec = ReplySpec(Update, expect_like(gate), self.exp.partition.train_per_client)
         for r in range(s3.rounds):
-            task = Task(Op.STAGE3_FIT, r, Part(gate, {"variant": variant, "reset": r == 0}), expect=expect,
-                        sample_limit=self.exp.partition.train_per_client)
-            fit = await self._step(fleet, task, f"stage3:{variant}")
+            fit = await self._step(fleet, Step(spec, Stage3Fit(r, gate, variant, reset=r == 0)), label)
             gate = aggregate(fit.replies)
-            self._checkpoint(f"stage3:{variant}", r, gate)
+            self._checkpoint(label, r, gate)
         return gate
 
     async def evaluate(self, fleet: Fleet, gate: StateDict) -> dict[int, dict[str, float]]:
-        self.stage = "eval"
+        self.stage = Stage.EVAL
         ev = self.exp.eval
-        task = Task(Op.EVALUATE, 0, Part(gate, {"top_k": ev.top_k, "batch_size": ev.batch_size}))
-        out = await self._step(fleet, task, "eval")
-        return {i: dict(rep.metrics) for i, rep in sorted(out.replies.items())}
+        out = await self._step(fleet, Step(ReplySpec(Metrics), Evaluate(gate, ev.top_k, ev.batch_size)))
+        return {i: dict(rep.values) for i, rep in out.replies.items() if isinstance(rep, Metrics)}
 
     def _checkpoint(self, stage: str, round_index: int, global_state: Mapping[str, torch.Tensor]) -> None:
         """The coordinator's state after a round: the global part being trained (``global.*``),
         the final feature extractor once Stage 1 is over (``stage1.*``), FedSC's latest R_j
         (``corr.<j>``), and per-client sample counts and DP releases in the metadata."""
         tensors = {f"global.{k}": v for k, v in global_state.items()}
-        if stage != "stage1":
+        if stage != Stage.STAGE1.value:
             tensors |= {f"stage1.{k}": v for k, v in self.global_stage1.items()}
         tensors |= {f"corr.{j}": r for j, r in sorted(self.corrs.items())}
         meta = {"stage": stage, "round": str(round_index), "samples": json.dumps(self.samples, sort_keys=True),
                 "releases": json.dumps(self.releases, sort_keys=True)}
         self.obs.on_checkpoint(stage, round_index, tensors, meta)
 
-    async def _step(self, fleet: Fleet, task: Task, stage: str) -> RoundOutcome:
+    async def _step(self, fleet: Fleet, step: Step, label: str | None = None) -> RoundOutcome:
+        """Run one step, record it (``label``: the stage, by default the op's), fail below min_clients."""
+        stage = label or step.op.stage.value
         clock = time.perf_counter()
-        out = await fleet.run(task)
-        losses = [out.replies[i].metrics["loss"] for i in sorted(out.replies) if "loss" in out.replies[i].metrics]
-        # the failures dict is the fleet's own: a straggler answering later turns 'missing' into 'late'
-        record = RoundRecord(stage, task.round, task.op.value, tuple(sorted(out.replies)), out.failures,
+        out = await fleet.run(step)
+        losses = [loss for reply in out.replies.values() if (loss := reply_loss(reply)) is not None]
+        record = RoundRecord(stage, step.round, step.op, tuple(out.replies), out.failures,
                              sum(losses) / len(losses) if losses else float("nan"), time.perf_counter() - clock)
-        self.outcome.rounds.append(record)
+        self.summary.rounds.append(record)
         self.obs.on_round(record)
         if len(out.replies) < self.min_clients:
-            missing = ", ".join(f"client-{i} ({why})" for i, why in sorted(out.failures.items())) or "none"
+            missing = ", ".join(f"client-{i} ({why})" for i, why in out.failures.items()) or "none"
             raise RoundFailed(
-                f"{stage} round {task.round} ({task.op.value}): only {len(out.replies)} client(s) answered, "
+                f"{stage} round {step.round} ({step.op.value}): only {len(out.replies)} client(s) answered, "
                 f"min_clients is {self.min_clients}; failures: {missing}"
             )
         return out
 
 
 def aggregate(replies: Mapping[int, Reply]) -> StateDict:
-    """FedAvg of the replies' tensors, weighted by sample counts, in client-id order."""
+    """FedAvg of the updates, weighted by sample counts, in client-id order."""
     order = sorted(replies)
-    return fedavg([replies[i].tensors for i in order], [replies[i].samples for i in order])
+    updates = [replies[i] for i in order]
+    if not all(isinstance(u, Update) for u in updates):
+        raise TypeError("aggregate takes updates only")
+    return fedavg([u.tensors for u in updates if isinstance(u, Update)],
+                  [u.samples for u in updates if isinstance(u, Update)])

@@ -31,7 +31,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from broker.auth import Account, AclRules, ChannelMode, acl_rules, password_hash, verify_password
-from broker.server import free_port
+from broker.ports import free_port
 from broker.topics import Topics
 from nmoe.errors import BrokerError
 

@@ -1,16 +1,22 @@
-"""What every client of the bus shares (agents and the channel emulator): result codes, and the
-connection loop that reconnects with backoff."""
+"""What every client of the bus shares (agents and the channel emulator): result codes, the
+connection loop that reconnects with backoff, and :class:`Connection`, the one MQTT connection
+class both use."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import aiomqtt
 
 from broker.auth import BrokerAddress
+from broker.topics import Status
 from nmoe.errors import NmoeError
 
 log = logging.getLogger(__name__)
@@ -81,3 +87,179 @@ async def stay_connected(
         await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
         backoff = min(backoff * 2, max_s)
     return None
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    """How one client of the bus holds its connection (the same for agents and the emulator)."""
+
+    identifier: str
+    """MQTT client id."""
+    status_topic: str | None = None
+    """Where to publish a retained ``online`` once connected (``offline`` as the last will and on
+    a clean exit); None: no status."""
+    clean_session: bool = True
+    """False: a persistent session, so the broker queues QoS 1 traffic while we reconnect."""
+    keepalive_s: int = 30
+    connect_timeout_s: float = 10.0
+    """First connection (and each reconnection attempt)."""
+    reconnect_initial_s: float = 0.1
+    """Reconnect backoff starts here and doubles ..."""
+    reconnect_max_s: float = 5.0
+    """... up to this."""
+    max_inflight: int = 64
+    """QoS 1 publishes awaiting their PUBACK at once (paho's window)."""
+
+    def __post_init__(self) -> None:
+        for name in ("connect_timeout_s", "reconnect_initial_s", "keepalive_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0")
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("reconnect_max_s: must be >= reconnect_initial_s")
+        if self.max_inflight < 1:
+            raise ValueError("max_inflight: must be >= 1")
+
+
+class Connection:
+    """One aiomqtt client that stays connected: ``async with Connection(...) as conn``.
+
+    On entry it connects (within ``connect_timeout_s``, else ``error``), subscribes
+    ``subscriptions`` (a refused one is ``error``: configuration, not weather), publishes its
+    retained ``online`` status, runs ``on_connect(reconnected)`` and hands every message to
+    ``on_message``; when the broker goes away it reconnects with backoff and does all that again.
+    On exit it publishes ``offline`` and closes. Owners (the agents' bus session, the channel
+    emulator's relay) add what they do with messages; none of them holds a client of its own.
+    """
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        options: ConnectionOptions,
+        *,
+        who: str,
+        subscriptions: Sequence[tuple[str, int]],
+        on_message: Callable[[aiomqtt.Message], None],
+        on_connect: Callable[[bool], Awaitable[None]] | None = None,
+        error: type[NmoeError] = NmoeError,
+    ) -> None:
+        self.address = address
+        self.options = options
+        self.who = who
+        self.subscriptions = list(subscriptions)
+        self._on_message = on_message
+        self._on_connect = on_connect
+        self._error = error
+        self.connected_event = asyncio.Event()
+        self.reconnects = 0
+        self._closing = False
+        self._fatal: NmoeError | None = None
+        self._client: aiomqtt.Client | None = None  # made on entry: aiomqtt wants a running loop
+        self._runner: asyncio.Task[None] | None = None
+
+    @property
+    def client(self) -> aiomqtt.Client:
+        if self._client is None:
+            raise self._error(f"{self.who}: the connection is not open")
+        return self._client
+
+    @property
+    def connected(self) -> bool:
+        return self.connected_event.is_set()
+
+    @property
+    def is_open(self) -> bool:
+        """Entered and not closed (it may be reconnecting)."""
+        return self._client is not None and not self._closing
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def _make_client(self) -> aiomqtt.Client:
+        addr, opts = self.address, self.options
+        will = None
+        if opts.status_topic is not None:
+            will = aiomqtt.Will(opts.status_topic, Status.OFFLINE.value.encode(), qos=1, retain=True)
+        client = aiomqtt.Client(
+            addr.host, addr.port, username=addr.username, password=addr.password, identifier=opts.identifier,
+            will=will, clean_session=opts.clean_session, keepalive=opts.keepalive_s,
+            timeout=opts.connect_timeout_s, max_inflight_messages=opts.max_inflight,
+            tls_context=ssl.create_default_context() if addr.tls else None,
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],  # small replies go out at once
+            logger=logging.getLogger(f"{__name__}.{self.who}"),
+        )  # fmt: skip
+        client.pending_calls_threshold = 1 << 30  # chunked sends and relays keep many publishes in flight
+        return client
+
+    async def __aenter__(self) -> Connection:
+        loop = asyncio.get_running_loop()
+        self._client = self._make_client()
+        self._runner = loop.create_task(self._run(), name=f"mqtt-{self.who}")
+        connected = loop.create_task(self.connected_event.wait())
+        try:
+            await asyncio.wait({connected, self._runner}, timeout=self.options.connect_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            connected.cancel()
+        if not self.connected:
+            await self.shutdown()
+            why = self._fatal or f"no connection within {self.options.connect_timeout_s:g}s"
+            raise self._error(f"{self.who} cannot connect to {self.address.redacted()}: {why}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Say ``offline`` (when connected), then stop."""
+        status = self.options.status_topic
+        if self._client is not None and self.connected and status is not None:
+            with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                await self._client.publish(status, Status.OFFLINE.value, qos=1, retain=True, timeout=2.0)
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop at once (no goodbye)."""
+        self._closing = True
+        if self._runner is not None and not self._runner.done():
+            self._runner.cancel()
+        if self._runner is not None:
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self._runner
+        self.connected_event.clear()
+
+    async def wait_closed(self) -> None:
+        """Return when the connection ends; raise what ended it if it failed."""
+        if self._runner is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._runner)
+        if self._fatal is not None:
+            raise self._fatal
+
+    @property
+    def fatal(self) -> NmoeError | None:
+        """What ended the connection for good (refused credentials or subscriptions), if anything."""
+        return self._fatal
+
+    async def _run(self) -> None:
+        assert self._client is not None
+        opts = self.options
+        self._fatal = await stay_connected(
+            self._client, who=self.who, address=self.address, on_connect=self._connect,
+            on_message=self._on_message, connected=self.connected_event, closing=lambda: self._closing,
+            initial_s=opts.reconnect_initial_s, max_s=opts.reconnect_max_s, config_error=self._error,
+        )  # fmt: skip
+
+    async def _connect(self, reconnected: bool) -> None:
+        client = self.client
+        if reconnected:
+            self.reconnects += 1
+        if self.subscriptions:
+            granted = await client.subscribe(self.subscriptions)
+            refused = refused_subscriptions([f for f, _ in self.subscriptions], granted)
+            if refused:
+                raise self._error(f"broker refused subscriptions {refused} for {self.who}")
+        if self.options.status_topic is not None:
+            await client.publish(self.options.status_topic, Status.ONLINE.value, qos=1, retain=True)
+        if self._on_connect is not None:
+            await self._on_connect(reconnected)

@@ -15,7 +15,6 @@ import logging
 import os
 import pwd
 import shutil
-import socket
 import string
 import subprocess
 import tempfile
@@ -34,6 +33,7 @@ from broker.auth import (
     render_acl_file,
     render_password_file,
 )
+from broker.ports import free_port, port_open
 from broker.topics import Topics
 from nmoe.errors import BrokerError
 
@@ -56,20 +56,6 @@ def find_mosquitto() -> str | None:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     return None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _terminate(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:

@@ -10,6 +10,7 @@ NmoeError as a one-line message telling the user what to do, and exits with stat
     ├── WireError        a message on the bus is malformed (``reason`` is a counter key)
     │   └── ProtocolError  a well-formed message that is not a valid stage-protocol message
     ├── RejectedReply    a reply that does not carry what its task asked for
+    ├── TaskError        a client cannot run a task (it answers with the reason)
     ├── BusError         the bus session failed (connect, publish, request deadline)
     └── ChannelError     the wireless channel emulator failed or is misconfigured
 """
@@ -49,6 +50,11 @@ class ProtocolError(WireError):
 
 class RejectedReply(NmoeError):
     """A reply that does not carry what its task asked for (tensors, shapes, sample count)."""
+
+
+class TaskError(NmoeError):
+    """A client cannot run a task (out of order, tensors that do not fit its model, a result that
+    is not finite); it answers with a Refusal carrying this message and keeps serving."""
 
 
 class BusError(NmoeError):

@@ -30,7 +30,7 @@ from .train import (
     train_classifier,
 )
 
-Progress = Callable[[int, int], None]
+OnEpoch = Callable[[int, int], None]
 
 
 def _epochs(exp: ExperimentConfig) -> int:
@@ -52,7 +52,7 @@ def local_classifier(exp: ExperimentConfig, data: ClientData) -> Scores:
 
 
 def train_centralized(
-    exp: ExperimentConfig, union: ClientData, progress: Progress | None = None
+    exp: ExperimentConfig, union: ClientData, progress: OnEpoch | None = None
 ) -> tuple[CentralizedMoE, torch.optim.Optimizer]:
     """Train one MoE (F, n experts, one gate) end to end on ``union``; returns it and its optimizer.
 
@@ -89,7 +89,7 @@ def train_centralized(
 
 
 def centralized_moe(
-    exp: ExperimentConfig, union: ClientData, tests: Mapping[int, ClientData], progress: Progress | None = None
+    exp: ExperimentConfig, union: ClientData, tests: Mapping[int, ClientData], progress: OnEpoch | None = None
 ) -> dict[int, Scores]:
     """Train one MoE on ``union`` end to end; score top-k routing on every client's test set."""
     inputs = Inputs(exp, union.dataset)

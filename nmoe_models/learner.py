@@ -126,7 +126,6 @@ class ClientLearner:
         self.expert_outputs: torch.Tensor | None = None  # (n_i, n, C) log-probs of every expert
         self.available: torch.Tensor | None = None  # (n,) bool
         self.expert_ready = False  # set once Stage 2 has trained H_i: only then is it served
-        self.corr_releases = 0
 
     @property
     def ssl_images(self) -> torch.Tensor:
@@ -155,7 +154,6 @@ class ClientLearner:
         if self.exp.privacy.enabled:
             sigma = self.exp.privacy.noise_multiplier * sensitivity(s1.mu, len(x))
             r = privatize(r, sigma, noise_generator(self.exp, round_index, self.id))
-        self.corr_releases += 1
         return r
 
     def stage1_fit(self, round_index: int, q: float = 1.0, rbar: torch.Tensor | None = None) -> FitResult:

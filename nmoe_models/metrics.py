@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,15 +27,3 @@ def score(pred: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, cl
     acc = float((p == y).mean())
     f1 = float(f1_score(y, p, labels=list(range(classes)), average="macro", zero_division=0))
     return Scores(acc, f1, int(y.size))
-
-
-def average(per_client: Mapping[int, Scores]) -> Scores:
-    """Unweighted mean over clients (every client's test set has the same size in the paper)."""
-    if not per_client:
-        return Scores(0.0, 0.0, 0)
-    vals = list(per_client.values())
-    return Scores(
-        float(np.mean([s.accuracy for s in vals])),
-        float(np.mean([s.f1_macro for s in vals])),
-        int(sum(s.samples for s in vals)),
-    )

@@ -26,7 +26,7 @@ class RoutePlan:
 
 
 @dataclass(frozen=True)
-class Assembled:
+class Mixture:
     probs: torch.Tensor
     """(B, C) class probabilities of the mixture."""
     fallback_rows: int
@@ -45,7 +45,7 @@ def plan(gate_logits: torch.Tensor, k: int) -> RoutePlan:
 def assemble(
     route: RoutePlan, replies: Mapping[int, torch.Tensor], local_logprobs: torch.Tensor | None = None,
     combine: Literal["probs", "logits"] = "probs",
-) -> Assembled:
+) -> Mixture:
     """Mix the replies (expert j -> (len(rows[j]), C) log-probabilities) into (B, C) probabilities.
 
     ``combine``: 'probs' mixes probabilities, sum_j w_j p_j; 'logits' is the paper's
@@ -78,7 +78,7 @@ def assemble(
         if local_logprobs is None:
             raise ValueError(f"assemble: {int(none.sum())} rows got no reply; pass the local expert's output")
         probs[none] = local_logprobs[none].exp()
-    return Assembled(probs, int(lost.sum()), int(none.sum()))
+    return Mixture(probs, int(lost.sum()), int(none.sum()))
 
 
 def missing_rows(route: RoutePlan, replies: Mapping[int, torch.Tensor]) -> torch.Tensor:

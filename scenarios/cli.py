@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -11,6 +10,7 @@ from rich.console import Console
 
 from nmoe.errors import ConfigError, NmoeError
 
+from .edge import agent_args, run_agent, stop_on_sigterm
 from .scenario import PACKAGED, load_scenario
 
 
@@ -36,15 +36,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", default="127.0.0.1", metavar="HOST",
                      help="interface the started broker listens on (0.0.0.0 for agents on other machines)")
     run.add_argument("--out", help="output folder (default runs/<scenario>/<timestamp>)")
-    agent = sub.add_parser("agent", help="run one client agent by itself (e.g. on a Raspberry Pi)")
-    agent.add_argument("--id", required=True, help="agent id, e.g. client-3")
-    agent.add_argument("--broker", required=True, metavar="URL",
-                       help="mqtt[s]://user[:pass]@host:port (password also from $NMOE_BROKER_PASSWORD)")
-    agent.add_argument("--scenario", required=True, help="the run's scenario file")
-    agent.add_argument("--run-id", help="the run's id (default: the scenario's name)")
-    agent.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                       help="override a field, as the coordinator's run did")
-    agent.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    agent_args(sub.add_parser("agent", help="run one client agent by itself (e.g. on a Raspberry Pi)"))
     sweep = sub.add_parser("sweep", help="run a grid of scenario settings x seeds (resumable), then summarize")
     sweep.add_argument("file", help="a sweep YAML file: base, grid, set, seeds")
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -64,21 +56,11 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _stop_on_sigterm() -> None:
-    """`kill PID` stops a run like Ctrl-C does: every process it started is stopped by its PID."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, handler)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console = Console()
     if args.command in ("run", "agent"):
-        _stop_on_sigterm()
+        stop_on_sigterm()
     try:
         return _dispatch(args, console)
     except NmoeError as err:
@@ -149,32 +131,6 @@ def run_sweep_command(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]{failed} run(s) failed[/red]: see error.txt in their folders; run the sweep again "
                       "to retry them")
     return 1 if failed else 0
-
-
-def run_agent(args: argparse.Namespace) -> int:
-    """One client agent by itself: load the scenario, connect, serve until the coordinator is done."""
-    import asyncio
-    import logging
-
-    import torch
-
-    from agents.client import ClientAgent
-    from agents.codec import client_index
-    from broker.auth import BrokerAddress
-
-    from .networked import bus_config
-
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    scn = load_scenario(args.scenario, args.overrides)
-    index = client_index(args.id)
-    if index is None or index >= scn.clients:
-        raise ConfigError(f"--id {args.id!r}: expected client-0 .. client-{scn.clients - 1} for this scenario")
-    address = BrokerAddress.parse(args.broker)
-    torch.set_num_threads(scn.network.agent_threads)
-    cfg = bus_config(scn, args.run_id or scn.name, args.id, address)
-    asyncio.run(ClientAgent(scn, scn.network, index, cfg, scn.channel.time_scale).run())
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from agents.strategy import Outcome, RoundRecord
+from agents.messages import Op
+from agents.strategy import RoundRecord, RunSummary
 
 from .scenario import Scenario
 from .schema import to_dict
@@ -62,23 +63,23 @@ def environment() -> dict[str, Any]:
     }
 
 
-def build_results(scn: Scenario, mode: str, outcome: Outcome, baselines: Mapping[str, PerClient],
+def build_results(scn: Scenario, mode: str, summary: RunSummary, baselines: Mapping[str, PerClient],
                   extra: Mapping[str, Any], wall_s: float) -> dict[str, Any]:
     labels = method_labels(scn)
-    methods = {**outcome.methods, **baselines}
+    methods = {**summary.methods, **baselines}
     ordered = sorted(methods, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
     return {
         "scenario": scn.name,
         "mode": mode,
         "wall_s": wall_s,
         "methods": {m: {"label": labels.get(m, m), **summarize(methods[m])} for m in ordered},
-        "stage_seconds": dict(outcome.stage_seconds),
+        "stage_seconds": dict(summary.stage_seconds),
         "rounds": [
-            {"stage": r.stage, "round": r.round, "op": r.op, "answered": [f"client-{i}" for i in r.answered],
+            {"stage": r.stage, "round": r.round, "op": r.op.value, "answered": [f"client-{i}" for i in r.answered],
              "failures": {f"client-{i}": why for i, why in sorted(r.failures.items())}, "seconds": r.seconds}
-            for r in outcome.rounds
+            for r in summary.rounds
         ],
-        "privacy": dict(outcome.privacy),
+        "privacy": dict(summary.privacy),
         **extra,
         "environment": environment(),
         "config": to_dict(scn),
@@ -105,7 +106,8 @@ def write_outputs(out_dir: Path, results: Mapping[str, Any], rounds: list[RoundR
         for r in rounds:
             failures = ";".join(f"client-{i}:{why}" for i, why in sorted(r.failures.items()))
             loss = "" if math.isnan(r.loss) else f"{r.loss:.6f}"
-            w.writerow([r.stage, r.round, r.op, len(r.answered), len(r.failures), failures, loss, f"{r.seconds:.3f}"])
+            w.writerow([r.stage, r.round, r.op.value, len(r.answered), len(r.failures), failures, loss,
+                        f"{r.seconds:.3f}"])
     paths = [out_dir / "results.json", out_dir / "metrics.csv", plot_methods(out_dir / "methods.png", results)]
     curve = plot_losses(out_dir / "training.png", rounds)
     if curve is not None:
@@ -153,7 +155,7 @@ def plot_methods(path: Path, results: Mapping[str, Any]) -> Path:
 def plot_losses(path: Path, rounds: list[RoundRecord]) -> Path | None:
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rounds:
-        if r.op in ("stage1_fit", "stage3_fit") and not math.isnan(r.loss):
+        if r.op in (Op.STAGE1_FIT, Op.STAGE3_FIT) and not math.isnan(r.loss):
             series.setdefault(r.stage, []).append((r.round, r.loss))
     if not series:
         return None

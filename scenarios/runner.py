@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Mapping
@@ -18,7 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from safetensors.torch import save_file
 
 from agents.inprocess import InProcessFleet
-from agents.strategy import Outcome, RoundRecord, Strategy
+from agents.messages import Op
+from agents.strategy import RoundRecord, RunSummary, Strategy
 from nmoe_models.baselines import centralized_moe, local_classifier
 from nmoe_models.config import FedCEConfig
 from nmoe_models.learner import ClientLearner
@@ -47,6 +47,9 @@ def make_progress(console: Console) -> Progress:
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
 
 
+ROUND_ENDS = frozenset({Op.STAGE1_FIT, Op.STAGE2_FIT, Op.STAGE3_FIT, Op.EVALUATE})  # a round's last step
+
+
 class ProgressObserver:
     """Shows stages and rounds as they finish; keeps the coordinator's latest checkpoint on disk."""
 
@@ -63,15 +66,14 @@ class ProgressObserver:
         task = self.tasks.get(record.stage)
         if task is None:
             return
-        done_ops = ("stage1_fit", "stage2_fit", "stage3_fit", "evaluate")
         info = f"{len(record.answered)} answered"
         if record.failures:
             info += f", [red]{len(record.failures)} failed[/red]"
         if record.loss == record.loss:  # not NaN
             info += f", loss {record.loss:.4f}"
-        self.progress.update(task, advance=1 if record.op in done_ops else 0, info=info)
+        self.progress.update(task, advance=1 if record.op in ROUND_ENDS else 0, info=info)
         if not self.progress.console.is_terminal:  # a log file gets one line per step instead of bars
-            self.progress.console.print(f"{self.label}{record.stage} round {record.round} {record.op}: {info} "
+            self.progress.console.print(f"{self.label}{record.stage} round {record.round} {record.op.value}: {info} "
                                         f"({record.seconds:.1f}s)", markup=True, highlight=False)
 
     def on_checkpoint(self, stage: str, round_index: int, tensors: Mapping[str, torch.Tensor],
@@ -125,14 +127,14 @@ def run_baselines(scn: Scenario, datas: Mapping[int, ClientData], progress: Prog
     return out
 
 
-def stage1_classifier(scn: Scenario, outcome: Outcome) -> PerClient | None:
+def stage1_classifier(scn: Scenario, summary: RunSummary) -> PerClient | None:
     """The Stage 1 classifier's scores when they are the FedAvg baseline's (FedCE sharing the
     whole model). FedCE with ``stage1.fedce.share: extractor`` ends with personal heads: its
     scores move to ``fedce_personal`` and the FedAvg baseline, when asked for, is trained apart."""
-    scores = outcome.methods.get("fedavg")
+    scores = summary.methods.get("fedavg")
     if scores is None or scn.stage1.fedce.share == "all":
         return scores
-    outcome.methods["fedce_personal"] = outcome.methods.pop("fedavg")
+    summary.methods["fedce_personal"] = summary.methods.pop("fedavg")
     return None
 
 
@@ -144,17 +146,13 @@ def run_inprocess(scn: Scenario, out_dir: Path, console: Console) -> dict[str, A
         datas = load_all(scn, progress)
         learners = {i: ClientLearner(scn, d) for i, d in datas.items()}
         strategy = Strategy(scn, ProgressObserver(progress, out_dir))
-        outcome = asyncio.run(strategy.run(InProcessFleet(learners)))
+        summary = asyncio.run(strategy.run(InProcessFleet(learners)))
         clock = time.perf_counter()
-        baselines = run_baselines(scn, datas, progress, stage1_classifier(scn, outcome))
-        outcome.stage_seconds["baselines"] = time.perf_counter() - clock
-    results = build_results(scn, "inprocess", outcome, baselines, {}, time.perf_counter() - started)
-    paths = write_outputs(out_dir, results, outcome.rounds)
+        baselines = run_baselines(scn, datas, progress, stage1_classifier(scn, summary))
+        summary.stage_seconds["baselines"] = time.perf_counter() - clock
+    results = build_results(scn, "inprocess", summary, baselines, {}, time.perf_counter() - started)
+    paths = write_outputs(out_dir, results, summary.rounds)
     print_summary(console, results)
     console.print("outputs: " + ", ".join(str(p) for p in paths))
     return results
 
-
-def read_results(out_dir: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((out_dir / "results.json").read_text())
-    return data

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from agents.config import NetworkConfig
+from agents.messages import Op
 from broker.channel import ChannelConfig
 from nmoe.errors import ConfigError, check
 from nmoe_models.config import ExperimentConfig
@@ -43,12 +44,12 @@ class Scenario(ExperimentConfig):
             where = f"network.faults[{i}]"
             check(fault.client in {f"client-{i}" for i in range(self.clients)}, f"{where}.client",
                   f"{fault.client!r} is not a client of this scenario (client-0 .. client-{self.clients - 1})")
-            check(fault.op != "stage1_corr" or self.stage1.method == "fedsc", f"{where}.op",
+            check(fault.op is not Op.STAGE1_CORR or self.stage1.method == "fedsc", f"{where}.op",
                   "stage1_corr only happens with stage1.method: fedsc")
-            rounds = {"stage1_corr": self.stage1.rounds, "stage1_fit": self.stage1.rounds,
-                      "stage3_fit": self.stage3.rounds}.get(fault.op, 1)
+            rounds = {Op.STAGE1_CORR: self.stage1.rounds, Op.STAGE1_FIT: self.stage1.rounds,
+                      Op.STAGE3_FIT: self.stage3.rounds}.get(fault.op, 1)
             check(fault.round < rounds, f"{where}.round",
-                  f"{fault.op} has rounds 0..{rounds - 1} here (got {fault.round}): the fault would never fire")
+                  f"{fault.op.value} has rounds 0..{rounds - 1} here (got {fault.round}): the fault would never fire")
         for agent in self.channel.clients:
             check(agent in {f"client-{i}" for i in range(self.clients)}, f"channel.clients.{agent}",
                   f"is not a client of this scenario (client-0 .. client-{self.clients - 1})")

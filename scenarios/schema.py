@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import types
 import typing
 from collections.abc import Mapping
@@ -48,6 +49,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     origin, args = get_origin(tp), get_args(tp)
     if dataclasses.is_dataclass(tp):
         return build(tp, value, path)  # type: ignore[arg-type]
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        values = [m.value for m in tp]
+        if value not in values:
+            raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {', '.join(map(repr, values))}")
+        return tp(value)
     if origin is Literal:
         if value not in args:
             allowed = ", ".join(repr(a) for a in args)
@@ -120,6 +126,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def to_dict(obj: Any) -> Any:
     """A dataclass tree as plain data (tuples become lists), for results.json."""
+    if isinstance(obj, enum.Enum):
+        return obj.value
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):

@@ -15,7 +15,8 @@ from conftest import RUN, needs_mosquitto, raw_client
 
 import broker.server as server
 from broker.auth import Account, BrokerAddress, make_accounts
-from broker.server import MosquittoBroker, RunningBroker, launch_broker, port_open
+from broker.ports import port_open
+from broker.server import MosquittoBroker, RunningBroker, launch_broker
 from nmoe.errors import BrokerError
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import quiet, toy_scenario
 
 from agents.inprocess import InProcessFleet
-from agents.protocol import Op, Task, serverless_eval
+from agents.protocol import serverless_eval
 from agents.strategy import Strategy
 from nmoe.errors import ConfigError
 from nmoe_models.augment import ssl_view, supervised_augment
@@ -197,13 +197,7 @@ def test_serverless_eval_combines_as_eval_combine_says(tmp_path):
     learners = {i: ClientLearner(scn, load_client_data(scn, i)) for i in range(scn.clients)}
     fleet = InProcessFleet(learners)
 
-    async def train() -> None:
-        strategy = Strategy(scn)
-        await strategy.stage2(fleet)
-        await strategy._step(fleet, Task(Op.STAGE3_PREPARE), "stage3")
-        await strategy.stage3(fleet, "fedgate")
-
-    asyncio.run(train())
+    asyncio.run(Strategy(scn).run(fleet))
     me = learners[1]
     h = me.test_latents
     assert h is not None

@@ -8,7 +8,6 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import needs_mosquitto, quiet, toy_scenario
@@ -16,15 +15,20 @@ from safetensors.torch import load_file
 
 from agents.bus import BusConfig, BusSession
 from agents.client import ClientAgent
-from agents.codec import HELLO, OP, SAMPLES
+from agents.codec import Wire, decode_control, decode_reply, decode_task, encode_control, encode_task
 from agents.config import NetworkConfig
 from agents.coordinator import BusFleet, JoinFailed
+from agents.messages import Bye, Hello, Refusal, Shutdown, Stage, Stage1Fit, Sync
 from agents.strategy import Strategy
 from broker.auth import make_accounts
 from broker.server import launch_broker
 from broker.topics import Kind
 from scenarios.networked import run_networked_scenario
 from scenarios.runner import run_inprocess
+
+
+def _wire(msg) -> Wire:
+    return Wire(msg.kind, dict(msg.tensors), dict(msg.header.meta), msg.header.round, msg.header.stage)
 
 
 def _losses(out: Path) -> list[tuple[str, str, str]]:
@@ -99,16 +103,17 @@ async def test_a_client_saying_hello_mid_run_gets_the_current_state(tmp_path):
     async with launch_broker("rj", accounts, prefer="mosquitto") as broker:
         coord = BusConfig("rj", "coordinator", broker.address_for("coordinator"))
         client = BusConfig("rj", "client-1", broker.address_for("client-1"))
-        async with BusSession(coord, watch_status=True) as bus, BusFleet(bus, 2, scn.network) as fleet, \
-                BusSession(client) as agent:
-            strategy = Strategy(scn)
-            fleet.strategy = strategy
-            strategy.stage = "stage2"  # the run is past Stage 1
-            await agent.send("coordinator", Kind.CTRL, meta={OP: HELLO, SAMPLES: 96})
+        strategy = Strategy(scn)
+        strategy.stage = Stage.STAGE2  # the run is past Stage 1
+        async with BusSession(coord, watch_status=True) as bus, \
+                BusFleet(bus, 2, scn.network, sync=strategy.sync_task) as fleet, BusSession(client) as agent:
+            hello = encode_control(Hello(96, 0.5))
+            await agent.send("coordinator", hello.kind, meta=hello.meta)
             msg = await agent.receive(timeout=10)
-    assert msg.kind is Kind.MODEL and msg.header.meta["op"] == "sync" and msg.header.meta["stage"] == 2
-    assert set(msg.tensors) == set(strategy.global_stage1)
-    assert fleet.joined == {1: 96}
+    _, sync = decode_task(_wire(msg))
+    assert msg.kind is Kind.MODEL and isinstance(sync, Sync) and sync.stage == 2
+    assert set(sync.state) == set(strategy.global_stage1)
+    assert fleet.members.joined == {1: 96}
 
 
 @needs_mosquitto
@@ -153,13 +158,15 @@ async def test_a_client_answers_a_malformed_task_with_an_error_and_keeps_working
         async with BusSession(coord) as bus:
             running = asyncio.create_task(agent.run())
             hello = await bus.receive(timeout=30)
-            assert hello.header.meta["op"] == "hello"
-            wrong = {"features.conv1.weight": np.zeros((3, 3), np.float32)}  # the real one is (16, 1, 3, 3)
-            await bus.send("client-0", Kind.MODEL, wrong, round=0, meta={"op": "stage1_fit", "task": "t-wrong"})
-            error = await bus.receive(timeout=30)
-            assert error.header.meta["task"] == "t-wrong" and "has shape (3, 3)" in error.header.meta["error"]
+            assert isinstance(decode_control(_wire(hello)), Hello)
+            wrong = {"features.conv1.weight": torch.zeros((3, 3))}  # the real one is (16, 1, 3, 3)
+            task = encode_task(Stage1Fit(0, wrong), "t-wrong")
+            await bus.send("client-0", task.kind, task.tensors, round=0, meta=task.meta)
+            task_id, error = decode_reply(_wire(await bus.receive(timeout=30)))
+            assert task_id == "t-wrong" and isinstance(error, Refusal) and "has shape (3, 3)" in error.reason
             await bus.send("client-0", Kind.CTRL, meta={"op": "no-such-op", "task": "t-odd"})  # dropped, counted
-            await bus.send("client-0", Kind.CTRL, meta={"op": "shutdown", "task": "end"})
-            bye = await bus.receive(timeout=30)
+            end = encode_control(Shutdown())
+            await bus.send("client-0", end.kind, meta=end.meta)
+            bye = decode_control(_wire(await bus.receive(timeout=30)))
             await asyncio.wait_for(running, 30)
-    assert bye.header.meta["op"] == "bye" and bye.header.meta["rejected.bad_task"] == 1
+    assert isinstance(bye, Bye) and bye.counters["rejected"]["unknown_op"] == 1

@@ -13,8 +13,9 @@ from broker.channel.config import (
     LinkParams,
     RadioProfile,
 )
-from broker.channel.model import BROADCAST, ChannelModel, Delivery, Drop, LinkStats, Result
+from broker.channel.model import ChannelModel, Delivery, Drop, LinkStats, Result
 from broker.channel.presets import PRESETS, resolve_profile
+from broker.topics import BROADCAST
 
 __all__ = [
     "BROADCAST",

@@ -36,8 +36,8 @@ from broker.channel.processes import FixedRate, OnOff, RateProcess
 
 
 @dataclass(eq=False)
-class Message:
-    """A message on its way; a broadcast becomes one Message per destination at the base station."""
+class Transit:
+    """A message on its way; a broadcast becomes one Transit per destination at the base station."""
 
     key: object
     src: str
@@ -50,8 +50,8 @@ class Message:
     t_hop: float = 0.0
     """When the message entered its current hop."""
 
-    def fork(self, dst: str) -> Message:
-        return Message(self.key, self.src, dst, self.nbytes, self.reliable, self.t_send, self.retransmissions)
+    def fork(self, dst: str) -> Transit:
+        return Transit(self.key, self.src, dst, self.nbytes, self.reliable, self.t_send, self.retransmissions)
 
 
 class Link:
@@ -74,8 +74,8 @@ class Link:
         loss: PacketLoss | None,
         jitter_rng: np.random.Generator,
         availability: OnOff | None,
-        on_exit: Callable[[Message], None],
-        on_drop: Callable[[Message, str], None],
+        on_exit: Callable[[Transit], None],
+        on_drop: Callable[[Transit, str], None],
     ) -> None:
         self.env = env
         self.name = name
@@ -84,7 +84,7 @@ class Link:
         self._rate, self._loss, self._jitter_rng = rate, loss, jitter_rng
         self._on_exit, self._on_drop = on_exit, on_drop
         self._last_arrival = -math.inf
-        self._in_flight: deque[tuple[float, Message]] = deque()
+        self._in_flight: deque[tuple[float, Transit]] = deque()
         """(arrival time, message) of the messages propagating, in order."""
         # A fixed-rate link with its airtime to itself needs no medium: one timeout per round.
         self._solo_fixed = isinstance(rate, FixedRate) and medium is None and availability is None
@@ -99,7 +99,7 @@ class Link:
             self.store = simpy.Store(env)
             self.process = env.process(self._serve())
 
-    def send(self, msg: Message) -> None:
+    def send(self, msg: Transit) -> None:
         """Enqueue ``msg`` at the current modeled time (an ideal link passes it on at once)."""
         msg.t_hop = self.env.now
         if self.store is not None:
@@ -122,7 +122,7 @@ class Link:
                 continue
             self._propagate(msg)
 
-    def _transfer(self, msg: Message) -> Generator[simpy.Event, Any, str | None]:
+    def _transfer(self, msg: Transit) -> Generator[simpy.Event, Any, str | None]:
         """Airtime, loss and retransmission rounds; returns a drop reason, or None when delivered."""
         p = self.params
         n = max(1, -(-msg.nbytes // p.mtu_bytes))
@@ -167,7 +167,7 @@ class Link:
         )
         return reason
 
-    def _propagate(self, msg: Message) -> None:
+    def _propagate(self, msg: Transit) -> None:
         now = self.env.now
         delay = self.params.delay_s
         if self.params.jitter_s > 0:
@@ -189,7 +189,7 @@ class Link:
     def _online_since(self, t: float) -> bool:
         return self.availability is None or self.availability.online_throughout(t, self.env.now)
 
-    def _leave(self, msg: Message) -> None:
+    def _leave(self, msg: Transit) -> None:
         if not self._online_since(msg.t_hop):
             self._on_drop(msg, "offline")
         else:

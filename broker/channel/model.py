@@ -25,7 +25,6 @@ synchronously, inside ``submit``, without any SimPy event. broker.channel.clock 
 
 from __future__ import annotations
 
-import math
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
@@ -34,15 +33,13 @@ import numpy as np
 import simpy
 
 from broker.channel.config import ChannelConfig, RadioProfile
-from broker.channel.link import Link, Message
+from broker.channel.link import Link, Transit
 from broker.channel.loss import make_loss, stream
 from broker.channel.medium import Medium
 from broker.channel.presets import resolve_profile
 from broker.channel.processes import OnOff, make_availability, make_rate
+from broker.topics import BROADCAST
 from nmoe.errors import ChannelError
-
-BROADCAST = "all"
-"""Destination meaning every agent but the sender (as broker.topics.BROADCAST)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +151,7 @@ class ChannelModel:
         self._uplinks = {a: self._make_link(a, "uplink", self._at_base_station) for a in self.clients}
         self._downlinks = {a: self._make_link(a, "downlink", self._arrive) for a in self.clients}
 
-    def _make_link(self, agent: str, direction: str, on_exit: Callable[[Message], None]) -> Link:
+    def _make_link(self, agent: str, direction: str, on_exit: Callable[[Transit], None]) -> Link:
         profile = self._profiles[agent]
         params = profile.uplink if direction == "uplink" else profile.downlink
         rate = make_rate(params, stream(self.seed, direction, agent, "rate"))
@@ -186,7 +183,7 @@ class ChannelModel:
             raise ChannelError(f"unknown destination {dst!r}")
         if nbytes < 0:
             raise ChannelError(f"nbytes must be >= 0 (got {nbytes})")
-        msg = Message(key, src, dst, int(nbytes), reliable, self.now)
+        msg = Transit(key, src, dst, int(nbytes), reliable, self.now)
         uplink = self._uplinks.get(src)
         if not self.is_online(src):
             self._drop(msg, "offline")
@@ -224,18 +221,13 @@ class ChannelModel:
         onoff = self._availability.get(agent)
         return True if onoff is None else onoff.online_throughout(t0, t1)
 
-    def next_availability_change(self, agent: str) -> float:
-        """When ``agent`` next goes offline or comes back (inf: never)."""
-        onoff = self._availability.get(agent)
-        return math.inf if onoff is None else onoff.next_change(self.now)
-
     def profile(self, agent: str) -> RadioProfile | None:
         """The resolved radio of a client (None for a wired agent)."""
         return self._profiles.get(agent)
 
     # -- routing and results ---------------------------------------------------------------------
 
-    def _at_base_station(self, msg: Message) -> None:
+    def _at_base_station(self, msg: Transit) -> None:
         if msg.dst != BROADCAST:
             self._downlink_or_arrive(msg)
             return
@@ -243,14 +235,14 @@ class ChannelModel:
             if dst != msg.src:
                 self._downlink_or_arrive(msg.fork(dst))
 
-    def _downlink_or_arrive(self, msg: Message) -> None:
+    def _downlink_or_arrive(self, msg: Transit) -> None:
         downlink = self._downlinks.get(msg.dst)
         if downlink is None:
             self._arrive(msg)
         else:
             downlink.send(msg)
 
-    def _arrive(self, msg: Message) -> None:
+    def _arrive(self, msg: Transit) -> None:
         now = self.now
         tally = self._tally(msg.src, msg.dst)
         tally.delivered += 1
@@ -259,7 +251,7 @@ class ChannelModel:
         tally.latencies.append(now - msg.t_send)
         self._emit(Delivery(msg.key, msg.src, msg.dst, msg.nbytes, msg.t_send, now, msg.retransmissions))
 
-    def _drop(self, msg: Message, reason: str) -> None:
+    def _drop(self, msg: Transit, reason: str) -> None:
         dsts = [a for a in self.agents if a != msg.src] if msg.dst == BROADCAST else [msg.dst]
         for dst in dsts:
             tally = self._tally(msg.src, dst)

@@ -21,8 +21,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import socket
-import ssl
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,8 +28,8 @@ from dataclasses import dataclass
 import aiomqtt
 
 from broker.auth import BrokerAddress
-from broker.mqtt import refused_subscriptions, stay_connected
-from broker.topics import Status, Topics
+from broker.mqtt import Connection, ConnectionOptions
+from broker.topics import Topics
 from nmoe.errors import ChannelError
 
 log = logging.getLogger(__name__)
@@ -163,7 +161,8 @@ class RelaySession:
     """The channel account's connection: ``on_message(topic, payload)`` for each payload on tx/#.
 
     ``on_subscribed`` runs once, when the first subscription is granted and before any payload is
-    handed over. Use as ``async with``; :meth:`publish` sends in order (see :class:`Outbox`).
+    handed over. Use as ``async with``; :meth:`publish` sends in order (see :class:`Outbox`). The
+    connection itself is a :class:`broker.mqtt.Connection`, like every agent's.
     """
 
     def __init__(
@@ -181,34 +180,24 @@ class RelaySession:
         self.counts: Counter[str] = Counter()
         """reconnects, and the outbox's counts."""
         self._on_message, self._on_subscribed = on_message, on_subscribed
-        self._connected = asyncio.Event()
-        self._closing = False
-        self._fatal: BaseException | None = None
-        self._client: aiomqtt.Client | None = None  # made on entry: aiomqtt wants a running loop
-        self._outbox: Outbox | None = None
-        self._runner: asyncio.Task[None] | None = None
-
-    def _make_client(self) -> aiomqtt.Client:
-        addr, opts = self.address, self.options
-        will = None
-        if opts.announce_status:
-            will = aiomqtt.Will(self.topics.status(self.username), Status.OFFLINE.value.encode(), qos=1,
-                                retain=True)  # fmt: skip
-        client = aiomqtt.Client(
-            addr.host, addr.port, username=addr.username, password=addr.password,
-            identifier=opts.identifier or f"nmoe-{self.topics.run_id}-{self.username}",
-            will=will, clean_session=False, keepalive=opts.keepalive_s, timeout=opts.connect_timeout_s,
-            max_inflight_messages=opts.max_inflight,
-            tls_context=ssl.create_default_context() if addr.tls else None,
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            logger=logging.getLogger(f"{__name__}.mqtt"),
+        opts = options
+        self._conn = Connection(
+            address,
+            ConnectionOptions(
+                identifier=opts.identifier or f"nmoe-{topics.run_id}-{self.username}",
+                status_topic=topics.status(self.username) if opts.announce_status else None,
+                clean_session=False, keepalive_s=opts.keepalive_s, connect_timeout_s=opts.connect_timeout_s,
+                reconnect_initial_s=opts.reconnect_initial_s, reconnect_max_s=opts.reconnect_max_s,
+                max_inflight=opts.max_inflight,
+            ),
+            who="channel emulator", subscriptions=[(topics.tx_filter(), opts.qos)], on_message=self._read,
+            on_connect=self._connected, error=ChannelError,
         )  # fmt: skip
-        client.pending_calls_threshold = 1 << 30  # the outbox's window bounds what is pending
-        return client
+        self._outbox: Outbox | None = None
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self._conn.connected
 
     def publish(self, topic: str, payload: bytes | bytearray) -> None:
         """Publish after everything published before (never blocks; see :class:`Outbox`)."""
@@ -222,66 +211,26 @@ class RelaySession:
             await self._outbox.wait_idle()
 
     async def __aenter__(self) -> RelaySession:
-        loop = asyncio.get_running_loop()
-        self._client = self._make_client()
-        self._outbox = Outbox(self._client, self._connected, self.options, self.counts)
-        self._runner = loop.create_task(self._run(), name=f"channel-{self.topics.run_id}")
-        connected = loop.create_task(self._connected.wait())
-        try:
-            await asyncio.wait({connected, self._runner}, timeout=self.options.connect_timeout_s,
-                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-        finally:
-            connected.cancel()
-        if not self._connected.is_set():
-            await self._shutdown()
-            why = self._fatal or f"no connection within {self.options.connect_timeout_s}s"
-            raise ChannelError(f"channel emulator cannot use the broker {self.address.redacted()}: {why}")
+        await self._conn.__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        client, opts = self._client, self.options
-        if client is not None and self._connected.is_set():
+        if self._conn.connected:
             with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
-                await client.unsubscribe(self.topics.tx_filter(), timeout=2.0)  # the broker stops queueing
+                await self._conn.client.unsubscribe(self.topics.tx_filter(), timeout=2.0)  # the broker stops queueing
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.wait_published(), opts.flush_on_exit_s)
-            if opts.announce_status:
-                with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
-                    await client.publish(self.topics.status(self.username), Status.OFFLINE.value, qos=1,
-                                         retain=True, timeout=2.0)  # fmt: skip
-        await self._shutdown()
+                await asyncio.wait_for(self.wait_published(), self.options.flush_on_exit_s)
+        if self._outbox is not None:
+            await self._outbox.close()
+        await self._conn.close()
 
     async def wait_closed(self) -> None:
         """Return when the session ends; raise what ended it if it failed (e.g. refused subscription)."""
-        if self._runner is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(self._runner)
-        if self._fatal is not None:
-            raise self._fatal
+        await self._conn.wait_closed()
 
-    async def _shutdown(self) -> None:
-        self._closing = True
-        if self._outbox is not None:
-            await self._outbox.close()
-        if self._runner is not None and not self._runner.done():
-            self._runner.cancel()
-        if self._runner is not None:
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self._runner
-        self._connected.clear()
-
-    async def _run(self) -> None:
-        """The connection loop: connect, subscribe, read; reconnect with backoff."""
-        assert self._client is not None
-        self._fatal = await stay_connected(
-            self._client, who="channel emulator", address=self.address, on_connect=self._connect,
-            on_message=self._read, connected=self._connected, closing=lambda: self._closing,
-            initial_s=self.options.reconnect_initial_s, max_s=self.options.reconnect_max_s,
-            config_error=ChannelError,
-        )  # fmt: skip
-
-    async def _connect(self, reconnected: bool) -> None:
-        await self._subscribe()
+    async def _connected(self, reconnected: bool) -> None:
+        if self._outbox is None:  # the client exists from the first connection on
+            self._outbox = Outbox(self._conn.client, self._conn.connected_event, self.options, self.counts)
         if reconnected:
             self.counts["reconnects"] += 1
         else:
@@ -290,12 +239,3 @@ class RelaySession:
     def _read(self, message: aiomqtt.Message) -> None:
         payload = message.payload
         self._on_message(message.topic.value, payload if isinstance(payload, bytes) else b"")
-
-    async def _subscribe(self) -> None:
-        assert self._client is not None
-        granted = await self._client.subscribe(self.topics.tx_filter(), qos=self.options.qos)
-        if refused_subscriptions([self.topics.tx_filter()], granted):
-            raise ChannelError(f"broker refused the subscription to {self.topics.tx_filter()}")
-        if self.options.announce_status:
-            await self._client.publish(self.topics.status(self.username), Status.ONLINE.value, qos=1, retain=True)
-

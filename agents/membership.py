@@ -1,0 +1,59 @@
+"""Who takes part in a networked run (:class:`Membership`) and what the clients reported about
+themselves (:class:`Telemetry`): the coordinator's bookkeeping, apart from routing replies."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .messages import Bye, Hello
+
+
+class Membership:
+    """Clients that said hello (with their sample counts), and whether JOIN is over."""
+
+    def __init__(self, clients: Sequence[int]) -> None:
+        self.clients = list(clients)
+        self.joined: dict[int, int] = {}  # client -> samples it announced
+        self.data_seconds: dict[int, float] = {}  # client -> time it took to load its data
+        self.all_joined = asyncio.Event()
+        self.join_over = False  # JOIN has decided who takes part
+
+    def hello(self, client: int, hello: Hello) -> bool:
+        """Record a hello; returns whether the client had joined before (a rejoin)."""
+        rejoin = client in self.joined
+        self.joined[client] = hello.samples
+        self.data_seconds[client] = hello.data_s
+        if len(self.joined) == len(self.clients):
+            self.all_joined.set()
+        return rejoin
+
+    def targets(self) -> list[int]:
+        """Who a broadcast task waits for: clients that joined (the others take part from the task
+        after their hello)."""
+        return [i for i in self.clients if i in self.joined]
+
+    def never_joined(self) -> list[int]:
+        return [i for i in self.clients if i not in self.joined]
+
+
+@dataclass
+class Telemetry:
+    """The clients' traffic reports (their Bye) and the run's wall-clock milestones."""
+
+    byes: dict[int, Bye] = field(default_factory=dict)
+    timeline: dict[str, float] = field(default_factory=dict)  # milestone -> time.time()
+    all_byes: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def bye(self, client: int, bye: Bye, expected: int) -> None:
+        self.byes[client] = bye
+        if len(self.byes) >= expected:
+            self.all_byes.set()
+
+    def mark(self, milestone: str) -> None:
+        self.timeline.setdefault(milestone, time.time())
+
+    def client_stats(self) -> dict[int, dict[str, int]]:
+        return {i: bye.flat() for i, bye in sorted(self.byes.items())}

@@ -1,0 +1,246 @@
+"""Client agents of a networked run, three ways behind one ``AgentGroup`` protocol: child processes
+forked from a preloaded fork server (the default), asyncio tasks in this process (tests), or agents
+started by hand on edge boards (``external``: nothing to start, their command lines in a file)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import multiprocessing.process
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Literal, Protocol
+
+from agents.client import ClientAgent
+from agents.codec import client_name
+from broker.auth import PASSWORD_ENV
+from broker.server import RunningBroker
+
+from .bus_sizing import bus_config
+from .scenario import Scenario
+
+AgentsMode = Literal["subprocess", "inprocess", "external"]
+
+
+class AgentGroup(Protocol):
+    async def start(self) -> None: ...
+
+    def kill(self, agent: str) -> None:
+        """Fault injection: end one agent without a goodbye (its last will says offline)."""
+        ...
+
+    def failed(self) -> dict[str, int]:
+        """Agents that already ended with an error: id -> exit status."""
+        ...
+
+    def log_tail(self, agent: str, lines: int = 8) -> str: ...
+
+    async def wait(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) for the agents to leave on their own after the shutdown."""
+        ...
+
+    async def stop(self) -> None:
+        """End what still runs."""
+        ...
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the fork server dies (it does when the run's process dies, even by
+    SIGKILL), so no agent outlives its run. Elsewhere the run's own cleanup is all there is."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def agent_process(argv: list[str], password: str, log_path: str) -> None:
+    """Body of one agent process: `nmoe agent ARGV` with its output in its own log file."""
+    _die_with_parent()
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ[PASSWORD_ENV] = password  # this process only; never on a command line
+    from .edge import main
+
+    sys.exit(main(argv))
+
+
+
+class AgentProcesses:
+    """Client agents as child processes; each logs to <out>/logs/<id>.log; stopped by their PIDs.
+
+    They are forked from a multiprocessing fork server that has imported torch and the agent code
+    once (torch alone costs a second or two of CPU per process; ten agents on two cores would spend
+    over 15 s just importing). Each agent runs exactly ``nmoe agent --id ... --scenario ...``.
+    """
+
+    PRELOAD = ["torch", "torch._dynamo", "sklearn.metrics", "agents.client", "scenarios.edge", "scenarios.agent_groups"]
+
+    def __init__(self, scenario_file: Path, run_id: str, broker: RunningBroker, ids: list[str], log_dir: Path) -> None:
+        self.scenario_file = scenario_file
+        self.run_id = run_id
+        self.broker = broker
+        self.ids = ids
+        self.log_dir = log_dir
+        self.procs: dict[str, multiprocessing.process.BaseProcess] = {}
+
+    async def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(self.PRELOAD)
+        for agent in self.ids:
+            addr = self.broker.address_for(agent)
+            scheme = "mqtts" if addr.tls else "mqtt"
+            argv = ["--id", agent, "--scenario", str(self.scenario_file), "--run-id", self.run_id,
+                    "--broker", f"{scheme}://{agent}@{addr.host}:{addr.port}"]
+            proc = ctx.Process(target=agent_process, name=agent,
+                               args=(argv, addr.password or "", str(self.log_dir / f"{agent}.log")))
+            await asyncio.to_thread(proc.start)  # the first start launches the fork server
+            self.procs[agent] = proc
+
+    def kill(self, agent: str) -> None:
+        """SIGKILL one agent (fault injection): no clean goodbye, its last will says offline."""
+        proc = self.procs[agent]
+        if proc.is_alive():
+            proc.kill()
+
+    def failed(self) -> dict[str, int]:
+        """Agents that already exited with an error: id -> exit status."""
+        return {a: p.exitcode for a, p in self.procs.items() if p.exitcode not in (None, 0)}
+
+    def log_tail(self, agent: str, lines: int = 8) -> str:
+        try:
+            text = (self.log_dir / f"{agent}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def _until_exited(self, procs: list[multiprocessing.process.BaseProcess], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(p.is_alive() for p in procs) and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+
+    async def wait(self, timeout: float) -> None:
+        await self._until_exited(list(self.procs.values()), timeout)
+
+    async def stop(self) -> None:
+        """Terminate what still runs (SIGTERM, then SIGKILL after 5 s), by PID."""
+        alive = [p for p in self.procs.values() if p.is_alive()]
+        for p in alive:
+            p.terminate()
+        await self._until_exited(alive, 5.0)
+        for p in alive:
+            if p.is_alive():
+                p.kill()
+        for p in self.procs.values():
+            await asyncio.to_thread(p.join, 5.0)
+            p.close()
+
+
+class AgentTasks:
+    """Client agents as asyncio tasks in this process (tests, debugging)."""
+
+    def __init__(self, scn: Scenario, run_id: str, broker: RunningBroker) -> None:
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.scn, self.run_id, self.broker = scn, run_id, broker
+
+    async def start(self) -> None:
+        for i in range(self.scn.clients):
+            name = client_name(i)
+            cfg = bus_config(self.scn, self.run_id, name, self.broker.address_for(name))
+            agent = ClientAgent(self.scn, self.scn.network, i, cfg, self.scn.channel.time_scale)
+            self.tasks[name] = asyncio.create_task(agent.run(), name=name)
+
+    def kill(self, agent: str) -> None:
+        self.tasks[agent].cancel()
+
+    def failed(self) -> dict[str, int]:
+        return {a: 1 for a, t in self.tasks.items() if t.done() and not t.cancelled() and t.exception() is not None}
+
+    def log_tail(self, agent: str, lines: int = 8) -> str:
+        task = self.tasks[agent]
+        return repr(task.exception()) if task.done() and not task.cancelled() else ""
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self.tasks.values(), return_exceptions=True), timeout)
+
+    async def stop(self) -> None:
+        for t in self.tasks.values():
+            t.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+
+class ExternalAgents:
+    """Agents started by hand (edge boards): nothing to start or stop here; each board's command
+    line, with its password, goes to a file only the owner can read."""
+
+    def __init__(self, scn: Scenario, run_id: str, broker: RunningBroker, scenario_file: Path, out_dir: Path) -> None:
+        self.instructions = external_instructions(scn, run_id, broker, scenario_file, out_dir)
+
+    async def start(self) -> None:
+        pass
+
+    def kill(self, agent: str) -> None:
+        raise NotImplementedError(f"cannot kill {agent}: it runs on another host")
+
+    def failed(self) -> dict[str, int]:
+        return {}
+
+    def log_tail(self, agent: str, lines: int = 8) -> str:
+        return ""
+
+    async def wait(self, timeout: float) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+def external_instructions(scn: Scenario, run_id: str, broker: RunningBroker, scenario_file: Path,
+                          out_dir: Path) -> Path:
+    """Write each board's command line (with its password) to a file only the owner can read."""
+    lines = ["# Start one agent per edge board (copy the scenario file there first)."]
+    for i in range(scn.clients):
+        agent = client_name(i)
+        addr = broker.address_for(agent)
+        lines.append(f"NMOE_BROKER_PASSWORD='{addr.password}' nmoe agent --id {agent} --run-id {run_id} "
+                     f"--scenario {scenario_file.name} --broker mqtt://{agent}@<this-host>:{addr.port}")
+    path = out_dir / "agents.txt"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others, not even briefly
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return path
+
+
+def make_group(mode: AgentsMode, scn: Scenario, run_id: str, broker: RunningBroker, scenario_file: Path,
+               out_dir: Path) -> AgentGroup:
+    if mode == "subprocess":
+        return AgentProcesses(scenario_file, run_id, broker, [client_name(i) for i in range(scn.clients)],
+                              out_dir / "logs")
+    if mode == "inprocess":
+        return AgentTasks(scn, run_id, broker)
+    return ExternalAgents(scn, run_id, broker, scenario_file, out_dir)
+
+
+@contextlib.asynccontextmanager
+async def agents_running(group: AgentGroup) -> AsyncIterator[AgentGroup]:
+    """Started on entry; on a clean exit they get a little time to leave after the shutdown; on
+    failure, Ctrl-C or kill they are stopped at once. Stopped (by PID) whatever happens."""
+    try:
+        await group.start()
+        yield group
+    except BaseException:
+        await group.stop()
+        raise
+    try:
+        await group.wait(15.0)
+    finally:
+        await group.stop()

@@ -1,0 +1,36 @@
+"""Bus settings of one agent in a run, with reassembly limits sized from the model's real size."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from agents.bus import BusConfig
+from broker.auth import BrokerAddress, ChannelMode
+from broker.wire import ReassemblyLimits
+from nmoe_models.learner import build_gate, build_stage1_model
+
+from .scenario import Scenario
+
+
+def largest_message_bytes(scn: Scenario) -> int:
+    """Bytes of the largest tensor message of the run: the Stage 1 model or a gate (whole), or
+    Stage 3's latents of a client's training set, whichever is largest."""
+    def size(state: Mapping[str, torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in state.values())
+
+    stage1 = size(build_stage1_model(scn).state_dict())
+    gate = size(build_gate(scn, -1).state_dict())
+    latents = scn.partition.train_per_client * scn.model.latent_dim * 4
+    return max(stage1, gate, latents)
+
+
+def bus_config(scn: Scenario, run_id: str, agent_id: str, address: BrokerAddress) -> BusConfig:
+    mode: ChannelMode = "emulated" if scn.channel.model == "emulated" else "direct"
+    largest = int(largest_message_bytes(scn) * 1.25)  # headers, chunk frames and safetensors metadata
+    default = ReassemblyLimits()
+    limits = ReassemblyLimits(max_message_bytes=max(default.max_message_bytes, 2 * largest),
+                              max_pending_bytes=max(default.max_pending_bytes, 4 * largest))
+    return BusConfig(run_id, agent_id, address, channel_mode=mode, chunk_size=scn.network.chunk_size,
+                     compression=scn.network.compression, limits=limits)
