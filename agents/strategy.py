@@ -103,6 +103,16 @@ class RunSummary:
     privacy: dict[str, float] = field(default_factory=dict)
 
 
+class StageStore(Protocol):
+    """Somewhere a finished stage can be kept and brought back (the in-process stage cache)."""
+
+    def restore(self, stage: Stage, strategy: Strategy) -> bool:
+        """Bring ``stage``'s results back into ``strategy`` (and its clients); False when there are none."""
+        ...
+
+    def save(self, stage: Stage, strategy: Strategy, records: list[RoundRecord]) -> None: ...
+
+
 class RoundFailed(NmoeError):
     """Too few clients answered a round."""
 
@@ -131,14 +141,23 @@ class Strategy:
         stage_no = {Stage.STAGE2: 2, Stage.STAGE3: 3, Stage.EVAL: 3, Stage.DONE: 3}.get(self.stage, 1)
         return Sync(self.global_stage1, stage_no)
 
-    async def run(self, fleet: Fleet) -> RunSummary:
+    async def run(self, fleet: Fleet, store: StageStore | None = None) -> RunSummary:
+        """Every stage; Stage 1 and 2 are brought back from ``store`` when it has them (and kept there)."""
         clock = time.perf_counter()
-        await self.stage1(fleet)
+        if store is None or not store.restore(Stage.STAGE1, self):
+            first = len(self.summary.rounds)
+            await self.stage1(fleet)
+            if store is not None:
+                store.save(Stage.STAGE1, self, self.summary.rounds[first:])
         self.summary.stage_seconds["stage1"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        classifier = await self.stage2(fleet)
-        if classifier:
-            self.summary.methods["fedavg"] = classifier
+        if store is None or not store.restore(Stage.STAGE2, self):
+            first = len(self.summary.rounds)
+            classifier = await self.stage2(fleet)
+            if classifier:
+                self.summary.methods["fedavg"] = classifier
+            if store is not None:
+                store.save(Stage.STAGE2, self, self.summary.rounds[first:])
         self.summary.stage_seconds["stage2"] = time.perf_counter() - clock
         clock = time.perf_counter()
         await self._step(fleet, Step(ReplySpec(Metrics), Stage3Prepare()))

@@ -196,6 +196,13 @@ class ClientLearner:
         self.expert_ready = True
         return loss
 
+    def restore_stage2(self, expert_state: Mapping[str, torch.Tensor]) -> None:
+        """Stage 2 from a saved expert (the stage cache): F's latents again, the expert as it was."""
+        self.train_latents = apply_batched(self.features, self.data.train_x, self.inputs.prep)
+        self.test_latents = apply_batched(self.features, self.data.test_x, self.inputs.prep)
+        self.expert.load_state_dict(expert_state)
+        self.expert_ready = True
+
     @torch.no_grad()
     def expert_logprobs(self, h: torch.Tensor) -> torch.Tensor:
         """Serve H_i: latents (B, d) -> log-probabilities (B, C)."""

@@ -36,6 +36,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", default="127.0.0.1", metavar="HOST",
                      help="interface the started broker listens on (0.0.0.0 for agents on other machines)")
     run.add_argument("--out", help="output folder (default runs/<scenario>/<timestamp>)")
+    run.add_argument("--no-cache", action="store_true",
+                     help="in-process runs: compute every stage, ignoring the stage cache ($NMOE_CACHE, else "
+                          "~/.cache/nmoe; networked runs always compute)")
     agent_args(sub.add_parser("agent", help="run one client agent by itself (e.g. on a Raspberry Pi)"))
     sweep = sub.add_parser("sweep", help="run a grid of scenario settings x seeds (resumable), then summarize")
     sweep.add_argument("file", help="a sweep YAML file: base, grid, set, seeds")
@@ -94,7 +97,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if scn.description:
         console.print(f"[bold]{scn.name}[/bold]: {scn.description}")
     if args.inprocess:
-        run_inprocess(scn, out, console)
+        from .cache import StageCache, default_root
+
+        run_inprocess(scn, out, console, None if args.no_cache else StageCache(default_root()))
         return 0
     from .networked import run_networked_scenario
 

@@ -24,6 +24,7 @@ from nmoe_models.config import FedCEConfig
 from nmoe_models.learner import ClientLearner
 from nmoe_models.partition import ClientData, load_client_data, load_union
 
+from .cache import CachedStages, StageCache, baseline_scores
 from .report import PerClient, build_results, print_summary, write_outputs
 from .scenario import Scenario
 
@@ -96,34 +97,16 @@ def load_all(scn: Scenario, progress: Progress) -> dict[int, ClientData]:
 
 
 def run_baselines(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress,
-                  classifier: PerClient | None) -> dict[str, PerClient]:
-    """The reference methods, always trained in this process (none of them is federated but FedAvg)."""
+                  classifier: PerClient | None, cache: StageCache | None = None) -> dict[str, PerClient]:
+    """The reference methods, always trained in this process (none of them is federated but FedAvg);
+    their scores come from ``cache`` when it has them for these settings."""
     out: dict[str, PerClient] = {}
     if "local" in scn.baselines:
-        task = progress.add_task("baseline: local classifiers", total=scn.clients, info="")
-        local = {}
-        for i, data in datas.items():
-            s = local_classifier(scn, data)
-            local[i] = {"accuracy": s.accuracy, "f1_macro": s.f1_macro}
-            progress.advance(task)
-        out["local"] = local
+        out["local"] = baseline_scores(cache, "local", scn, lambda: _local(scn, datas, progress))
     if "fedavg" in scn.baselines and classifier is None:
-        fedce = dataclasses.replace(scn, stage1=dataclasses.replace(scn.stage1, method="fedce", fedce=FedCEConfig()))
-        learners = {i: ClientLearner(fedce, d) for i, d in datas.items()}
-        strategy = Strategy(fedce, ProgressObserver(progress, None, "baseline: FedAvg classifier "))
-        fleet = InProcessFleet(learners)
-
-        async def fedavg_only() -> PerClient:
-            await strategy.stage1(fleet)
-            return await strategy.stage2(fleet)
-
-        out["fedavg"] = asyncio.run(fedavg_only())
+        out["fedavg"] = baseline_scores(cache, "fedavg", scn, lambda: _fedavg(scn, datas, progress))
     if "centralized" in scn.baselines:
-        epochs = max(1, scn.stage1.rounds * scn.stage1.local_epochs)
-        task = progress.add_task("baseline: centralized MoE", total=epochs, info="epochs")
-        union = load_union(scn)
-        scores = centralized_moe(scn, union, datas, lambda done, total: progress.update(task, completed=done))
-        out["centralized"] = {i: {"accuracy": s.accuracy, "f1_macro": s.f1_macro} for i, s in scores.items()}
+        out["centralized"] = baseline_scores(cache, "centralized", scn, lambda: _centralized(scn, datas, progress))
     return out
 
 
@@ -138,19 +121,57 @@ def stage1_classifier(scn: Scenario, summary: RunSummary) -> PerClient | None:
     return None
 
 
-def run_inprocess(scn: Scenario, out_dir: Path, console: Console) -> dict[str, Any]:
-    """The whole method and its baselines in this process."""
+def _local(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress) -> PerClient:
+    task = progress.add_task("baseline: local classifiers", total=scn.clients, info="")
+    local = {}
+    for i, data in datas.items():
+        s = local_classifier(scn, data)
+        local[i] = {"accuracy": s.accuracy, "f1_macro": s.f1_macro}
+        progress.advance(task)
+    return local
+
+
+def _fedavg(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress) -> PerClient:
+    fedce = dataclasses.replace(scn, stage1=dataclasses.replace(scn.stage1, method="fedce", fedce=FedCEConfig()))
+    learners = {i: ClientLearner(fedce, d) for i, d in datas.items()}
+    strategy = Strategy(fedce, ProgressObserver(progress, None, "baseline: FedAvg classifier "))
+    fleet = InProcessFleet(learners)
+
+    async def fedavg_only() -> PerClient:
+        await strategy.stage1(fleet)
+        return await strategy.stage2(fleet)
+
+    return asyncio.run(fedavg_only())
+
+
+def _centralized(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress) -> PerClient:
+    epochs = max(1, scn.stage1.rounds * scn.stage1.local_epochs)
+    task = progress.add_task("baseline: centralized MoE", total=epochs, info="epochs")
+    union = load_union(scn)
+    scores = centralized_moe(scn, union, datas, lambda done, total: progress.update(task, completed=done))
+    return {i: {"accuracy": s.accuracy, "f1_macro": s.f1_macro} for i, s in scores.items()}
+
+
+def run_inprocess(scn: Scenario, out_dir: Path, console: Console, cache: StageCache | None = None) -> dict[str, Any]:
+    """The whole method and its baselines in this process; Stage 1, Stage 2 and the baselines come
+    from ``cache`` when it holds them for these settings (results.json says what was loaded)."""
     set_threads(scn.threads)
     started = time.perf_counter()
     with make_progress(console) as progress:
         datas = load_all(scn, progress)
         learners = {i: ClientLearner(scn, d) for i, d in datas.items()}
         strategy = Strategy(scn, ProgressObserver(progress, out_dir))
-        summary = asyncio.run(strategy.run(InProcessFleet(learners)))
+        fleet = InProcessFleet(learners)
+        summary = asyncio.run(strategy.run(fleet, CachedStages(cache, fleet) if cache is not None else None))
         clock = time.perf_counter()
-        baselines = run_baselines(scn, datas, progress, stage1_classifier(scn, summary))
+        baselines = run_baselines(scn, datas, progress, stage1_classifier(scn, summary), cache)
         summary.stage_seconds["baselines"] = time.perf_counter() - clock
-    results = build_results(scn, "inprocess", summary, baselines, {}, time.perf_counter() - started)
+    extra = {"cache": {"root": str(cache.root), "stages": dict(cache.report)}} if cache is not None else {}
+    results = build_results(scn, "inprocess", summary, baselines, extra, time.perf_counter() - started)
+    for stage, entry in (cache.report if cache is not None else {}).items():
+        if entry["status"] != "computed":
+            console.print(f"{stage}: {entry['status']} from the stage cache ({entry['key']})"
+                          + (f": {entry['why']}" if "why" in entry else ""), highlight=False)
     paths = write_outputs(out_dir, results, summary.rounds)
     print_summary(console, results)
     console.print("outputs: " + ", ".join(str(p) for p in paths))

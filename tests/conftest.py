@@ -19,6 +19,12 @@ CLIENTS = ("client-0", "client-1", "client-2")
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
 
 
+@pytest.fixture(autouse=True)
+def _own_stage_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets an empty stage cache of its own (never the user's ~/.cache/nmoe)."""
+    monkeypatch.setenv("NMOE_CACHE", str(tmp_path / "stage-cache"))
+
+
 @pytest.fixture
 def accounts() -> list[Account]:
     return make_accounts(CLIENTS, observers=("observer",))
