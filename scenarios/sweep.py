@@ -127,8 +127,8 @@ def _base_path(spec: Any, sweep_file: Path) -> Path:
 def load_sweep(path: str | Path, out: str | None = None, overrides: Sequence[str] = (), threads: int = 0) -> Sweep:
     """Read and validate a sweep file: every cell x seed must load as a valid scenario.
 
-    ``overrides`` (``key.path=value``, from --set) apply to every run; ``threads`` is written into
-    every run's scenario (torch threads per job) unless the sweep sets it itself.
+    ``overrides`` (``key.path=value``, from --set) apply to every run; ``threads`` (torch threads
+    per job) replaces the base scenario's unless the sweep's grid, ``set`` or --set names it.
     """
     file = Path(path)
     if not file.is_file():
@@ -173,7 +173,9 @@ def _parse(file: Path, raw: dict[str, Any], out: str | None, overrides: Sequence
     check(isinstance(seeds, list) and bool(seeds) and all(type(s) is int and s >= 0 for s in seeds), "seeds",
           f"must be a non-empty list of integers >= 0 (got {seeds!r})")
     check(len(set(seeds)) == len(seeds), "seeds", "has duplicates")
-    explicit_threads = "threads" in base_data or "threads" in grid
+    # the base's own threads would oversubscribe the cores with several jobs; the sweep's own stand
+    explicit_threads = "threads" in grid or "threads" in flatten(fixed) or any(
+        o.split("=", 1)[0].strip() == "threads" for o in overrides)
     base_data["name"] = name
     folder = Path(out) if out else Path("sweeps") / name
     runs = []

@@ -26,6 +26,10 @@ from .sweep import Run, Sweep, show
 METRICS = ("accuracy", "f1_macro")
 EXTRAS = ("bytes_per_sample", "latency_p50_ms", "latency_p95_ms")
 """Inference figures reported where the method has them (NMoE's serverless routing)."""
+LINES = {"nmoe": "NMoE", "nmoe_fedavg_gate": "NMoE (FedAvg-gate)", "centralized": "Centralized MoE",
+         "fedce_personal": "FedCE classifier (personal heads)", "fedavg": "FedAvg classifier",
+         "local": "Local classifier"}
+"""Chart legends: one line per method whatever the cell (a row's label names its cell's Stage 1)."""
 RUN_EXTRAS = ("epsilon", "wall_s")
 """Figures of the whole run: the DP budget spent (FedSC with privacy) and the wall time."""
 
@@ -179,7 +183,7 @@ def plot_key(sweep: Sweep, key: str, records: Sequence[Mapping[str, str]]) -> Pa
         for rec in records:
             if not rec.get(f"{metric}_mean"):
                 continue
-            name = rec["label"] or rec["method"]
+            name = LINES.get(rec["method"], rec["method"])
             if others:
                 name += " (" + ", ".join(f"{k.rsplit('.', 1)[-1]}={rec[k]}" for k in others) + ")"
             ci = rec[f"{metric}_ci95"]

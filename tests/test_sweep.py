@@ -67,8 +67,11 @@ def test_cells_are_the_grid_product_times_the_seeds(tmp_path):
     run = sweep.runs[0]
     assert run.cell == 'partition.tau=0.9,stage1.method=fedce'
     assert run.folder == tmp_path / "out" / run.cell / "seed-0"
-    assert (run.data["stage2"]["epochs"], run.data["stage3"]["rounds"], run.data["threads"]) == (2, 2, 1)  # base: 1
+    assert (run.data["stage2"]["epochs"], run.data["stage3"]["rounds"]) == (2, 2)
     assert run.data["stage1"]["rounds"] == 1  # `set` merges into a section, it does not replace it
+    assert run.data["threads"] == 2  # cores / jobs, not the base's 1
+    own = load_sweep(path, str(tmp_path / "out"), ["threads=1"], threads=2)
+    assert own.runs[0].data["threads"] == 1  # unless the sweep sets it
 
 
 def test_ci95_is_students_t_interval():
