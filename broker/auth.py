@@ -28,7 +28,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from broker.topics import Topics, check_agent_id
 from nmoe.errors import BrokerError
@@ -191,16 +191,20 @@ class BrokerAddress:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     tls: bool = False
+    ca_file: str | None = None  # TLS: trust only this CA certificate (PEM); None: the system's CAs
 
     def __post_init__(self) -> None:
         if not self.host:
             raise BrokerError("broker address has no host")
         if not 0 < self.port < 65536:
             raise BrokerError(f"broker port {self.port} is out of range")
+        if self.ca_file is not None and not self.tls:
+            raise BrokerError("a CA certificate (?ca=) only applies to mqtts:// addresses")
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
-        """``mqtt[s]://[user[:password]@]host[:port]``; the password may come from $NMOE_BROKER_PASSWORD."""
+        """``mqtt[s]://[user[:password]@]host[:port][?ca=PATH]``; the password may come from
+        $NMOE_BROKER_PASSWORD; ``ca`` names the CA certificate an mqtts broker is verified with."""
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -212,7 +216,11 @@ class BrokerAddress:
         tls = parts.scheme == "mqtts"
         username = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password is not None else os.environ.get(PASSWORD_ENV)
-        return cls(parts.hostname, port or (8883 if tls else 1883), username, password or None, tls)
+        query = parse_qs(parts.query, keep_blank_values=True)
+        if set(query) - {"ca"} or len(query.get("ca", [])) > 1:
+            raise BrokerError(f"broker address {_redact_url(url)!r}: the only query parameter is ?ca=PATH")
+        ca_file = query["ca"][0] if "ca" in query else None
+        return cls(parts.hostname, port or (8883 if tls else 1883), username, password or None, tls, ca_file)
 
     def redacted(self) -> str:
         user = f"{self.username}:***@" if self.username else ""
@@ -221,8 +229,15 @@ class BrokerAddress:
     def __str__(self) -> str:
         return self.redacted()
 
+    def url(self) -> str:
+        """The address for a command line: user but never the password, and the CA if any."""
+        user = f"{quote(self.username, safe='')}@" if self.username else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        ca = f"?ca={quote(self.ca_file)}" if self.ca_file is not None else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{host}:{self.port}{ca}"
+
     def with_account(self, account: Account) -> BrokerAddress:
-        return BrokerAddress(self.host, self.port, account.username, account.password, self.tls)
+        return BrokerAddress(self.host, self.port, account.username, account.password, self.tls, self.ca_file)
 
 
 def _redact_url(url: str) -> str:

@@ -31,7 +31,7 @@ from typing import Literal
 
 import numpy as np
 
-from broker.header import PROTOCOL_VERSION, Header, MetaValue
+from broker.header import MAX_HEADER_BYTES, PROTOCOL_VERSION, Header, MetaValue
 from broker.tensors import Schema, check_finite, decode_body, encode_body
 from broker.topics import BROADCAST, Kind, ParsedTopic, parse_kind
 from nmoe.errors import WireError
@@ -44,7 +44,6 @@ STAMPS = struct.Struct("<dd")
 STAMPS_OFFSET = 24
 HEADER_LEN = struct.Struct("<I")
 MESSAGE_OVERHEAD = PREFIX.size + HEADER_LEN.size
-MAX_HEADER_BYTES = 16 * 1024
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -284,8 +283,8 @@ def decode(
     if len(payload) < MESSAGE_OVERHEAD:
         raise WireError("truncated", "no header length")
     (head_len,) = HEADER_LEN.unpack_from(payload, PREFIX.size)
-    if head_len > MAX_HEADER_BYTES:
-        raise WireError("bad_header", f"header length {head_len} > {MAX_HEADER_BYTES}")
+    if head_len > MAX_HEADER_BYTES:  # before reading it, let alone parsing it
+        raise WireError("oversized", f"header length {head_len} > {MAX_HEADER_BYTES}")
     body_at = MESSAGE_OVERHEAD + head_len
     if len(payload) < body_at:
         raise WireError("truncated", "header cut short")

@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from broker.jsonlimits import loads_bounded
 from broker.tensors import COMPRESSIONS
 from broker.topics import Kind, is_agent_id, is_destination, is_run_id
 from nmoe.errors import WireError
 
 PROTOCOL_VERSION = 1
 MAX_META_BYTES = 8 * 1024
+MAX_HEADER_BYTES = 16 * 1024  # the JSON header, meta included
+MAX_HEADER_DEPTH = 4  # the header object and its meta hold scalars only: depth 2 is all a valid one needs
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _STAGE = re.compile(r"^[A-Za-z0-9_.:-]{0,32}$")
@@ -35,9 +38,15 @@ def _bad(detail: str) -> WireError:
 def _opt_time(value: object, name: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise _bad(f"{name} must be a finite number or None")
-    return float(value)
+    try:
+        number = float(value)  # OverflowError for a JSON integer of 309 digits or more
+    except OverflowError:
+        raise _bad(f"{name} is out of range") from None
+    if not math.isfinite(number):
+        raise _bad(f"{name} must be a finite number or None")
+    return number
 
 
 def _check_meta(meta: object) -> Mapping[str, MetaValue]:
@@ -132,10 +141,9 @@ class Header:
 
     @classmethod
     def from_json(cls, raw: bytes, *, t_model_send: float | None, t_model_arrive: float | None) -> Header:
-        try:
-            obj = json.loads(raw, parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError) as err:
-            raise _bad("header is not valid JSON") from err
+        obj = loads_bounded(
+            raw, what="header", max_bytes=MAX_HEADER_BYTES, max_depth=MAX_HEADER_DEPTH, invalid="bad_header"
+        )
         if not isinstance(obj, dict) or set(obj) != set(cls._JSON_KEYS):
             raise _bad("header keys do not match the protocol")
         if obj["v"] != PROTOCOL_VERSION:
@@ -145,7 +153,3 @@ class Header:
             return cls(**fields, t_model_send=t_model_send, t_model_arrive=t_model_arrive)
         except TypeError as err:  # e.g. a list where a str belongs, caught by a comparison
             raise _bad(str(err)[:200]) from err
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not allowed in a header")

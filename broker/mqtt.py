@@ -9,13 +9,13 @@ import contextlib
 import logging
 import random
 import socket
-import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import aiomqtt
 
 from broker.auth import BrokerAddress
+from broker.tls import client_context
 from broker.topics import Status
 from nmoe.errors import NmoeError
 
@@ -184,7 +184,7 @@ class Connection:
             addr.host, addr.port, username=addr.username, password=addr.password, identifier=opts.identifier,
             will=will, clean_session=opts.clean_session, keepalive=opts.keepalive_s,
             timeout=opts.connect_timeout_s, max_inflight_messages=opts.max_inflight,
-            tls_context=ssl.create_default_context() if addr.tls else None,
+            tls_context=client_context(addr.ca_file) if addr.tls else None,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],  # small replies go out at once
             logger=logging.getLogger(f"{__name__}.{self.who}"),
         )  # fmt: skip

@@ -34,6 +34,7 @@ from broker.auth import (
     render_password_file,
 )
 from broker.ports import free_port, port_open
+from broker.tls import TlsFiles, make_tls_files, server_names
 from broker.topics import Topics
 from nmoe.errors import BrokerError
 
@@ -97,6 +98,7 @@ class MosquittoBroker:
         binary: str | None = None,
         template: Path = TEMPLATE,
         persistence: bool = False,
+        tls: bool = False,
     ) -> None:
         self.topics = Topics(run_id)
         self.accounts = tuple(accounts)
@@ -109,6 +111,8 @@ class MosquittoBroker:
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto); or use prefer='amqtt'")
         self.template = template
         self.persistence = persistence
+        self.tls = tls
+        self.tls_files: TlsFiles | None = None  # once write_files() made them
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"nmoe-{run_id}-"))
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.run_dir, True)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -142,10 +146,16 @@ class MosquittoBroker:
         acl = self.run_dir / "acl"
         pw.write_text(render_password_file(self.accounts))
         acl.write_text(render_acl_file(self.accounts, self.topics, self.channel_mode))
+        tls = "# plaintext listener (network.tls: false)"
+        if self.tls:
+            if self.tls_files is None:  # once per broker: a restart keeps the CA its clients trust
+                self.tls_files = make_tls_files(self.run_dir, server_names(self.host), self.topics.run_id)
+            f = self.tls_files
+            tls = f"cafile {f.ca}\ncertfile {f.cert}\nkeyfile {f.key}\ntls_version tlsv1.2"
         try:
             text = string.Template(self.template.read_text()).substitute(
                 port=self.port, host=self.host, password_file=pw, acl_file=acl, run_dir=self.run_dir,
-                user=_drop_user(), persistence="true" if self.persistence else "false",
+                user=_drop_user(), persistence="true" if self.persistence else "false", tls=tls,
             )  # fmt: skip
         except (OSError, KeyError, ValueError) as err:
             raise BrokerError(
@@ -157,7 +167,8 @@ class MosquittoBroker:
             path.chmod(0o600)
         if os.geteuid() == 0:  # mosquitto reads the files after dropping to its own user
             entry = pwd.getpwnam(_drop_user())
-            for path in (self.run_dir, pw, acl, self.conf_path):
+            tls_paths = (self.tls_files.cert, self.tls_files.key) if self.tls_files is not None else ()
+            for path in (self.run_dir, pw, acl, self.conf_path, *tls_paths):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
 
     def start(self, timeout: float = 10.0) -> None:
@@ -223,8 +234,13 @@ class MosquittoBroker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def ca_file(self) -> str | None:
+        return str(self.tls_files.ca) if self.tls_files is not None else None
+
     def address_for(self, username: str) -> BrokerAddress:
-        return BrokerAddress(self.host, self.port).with_account(find_account(self.accounts, username))
+        address = BrokerAddress(self.host, self.port, tls=self.tls, ca_file=self.ca_file)
+        return address.with_account(find_account(self.accounts, username))
 
 
 @dataclass(frozen=True)
@@ -237,11 +253,11 @@ class RunningBroker:
     accounts: tuple[Account, ...] = field(repr=False)
     tls: bool = False
     pid: int | None = None  # mosquitto only
+    ca_file: str | None = None  # the CA a TLS broker is verified with (None: the system's)
 
     def address_for(self, username: str) -> BrokerAddress:
-        return BrokerAddress(self.host, self.port, tls=self.tls).with_account(
-            find_account(self.accounts, username)
-        )
+        address = BrokerAddress(self.host, self.port, tls=self.tls, ca_file=self.ca_file)
+        return address.with_account(find_account(self.accounts, username))
 
 
 @contextlib.asynccontextmanager
@@ -254,25 +270,35 @@ async def launch_broker(
     external: BrokerAddress | None = None,
     port: int | None = None,
     host: str = "127.0.0.1",
+    tls: bool = False,
 ) -> AsyncIterator[RunningBroker]:
     """Start (or adopt) the run's broker and stop it on exit, whatever happens inside.
 
     With ``external`` nothing is started: its host/port/TLS are used with the given accounts, which
     that broker must already know (its operator configures them). ``host`` is the interface mosquitto
-    listens on: loopback by default, "0.0.0.0" for agents on other machines.
+    listens on: loopback by default, "0.0.0.0" for agents on other machines. ``tls`` gives mosquitto
+    a TLS listener only, with a CA and certificate made for this run (broker/tls.py).
     """
     global _fallback_logged
     if external is not None:
-        yield RunningBroker("external", external.host, external.port, tuple(accounts), external.tls)
+        if tls and not external.tls:
+            raise BrokerError(f"network.tls is on but --broker {external.redacted()} is not mqtts://")
+        yield RunningBroker("external", external.host, external.port, tuple(accounts), external.tls,
+                            ca_file=external.ca_file)  # fmt: skip
         return
     binary = find_mosquitto() if prefer != "amqtt" else None
-    if prefer == "mosquitto" and binary is None:
-        raise BrokerError("mosquitto was asked for but is not installed (apt-get install mosquitto)")
+    if (prefer == "mosquitto" or tls) and binary is None:
+        need = "network.tls needs mosquitto (amqtt has no TLS here)" if tls else "mosquitto was asked for"
+        raise BrokerError(f"{need} but it is not installed (apt-get install mosquitto)")
     if binary is not None:
-        mosq = MosquittoBroker(run_id, accounts, channel_mode=channel_mode, host=host, port=port, binary=binary)
+        mosq = MosquittoBroker(
+            run_id, accounts, channel_mode=channel_mode, host=host, port=port, binary=binary, tls=tls
+        )
         try:
             mosq.start()
-            yield RunningBroker("mosquitto", mosq.host, mosq.port, mosq.accounts, pid=mosq.pid)
+            yield RunningBroker(
+                "mosquitto", mosq.host, mosq.port, mosq.accounts, tls=tls, pid=mosq.pid, ca_file=mosq.ca_file
+            )
         finally:
             mosq.close()
         return

@@ -8,7 +8,6 @@ any out-of-band agreement. A float32 tensor that does not fit in fp16's range is
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from broker.jsonlimits import loads_bounded
 from nmoe.errors import WireError
 
 Compression = Literal["none", "fp16", "int8"]
@@ -31,6 +31,11 @@ _CODEC_PREFIX = "nmoe.codec."
 _FP16_MAX = float(np.finfo(np.float16).max)
 MAX_TENSORS = 4096
 MAX_NAME_LEN = 256
+# The safetensors header is JSON: per tensor a name (<= MAX_NAME_LEN), dtype, shape and offsets, and
+# for a compressed one a metadata entry of about the same size: under 4 MiB for MAX_TENSORS. Its
+# depth is 3 (root, tensor, shape); more is refused before anything parses it.
+MAX_ST_HEADER_BYTES = 4 * 1024 * 1024
+MAX_ST_HEADER_DEPTH = 4
 
 
 @dataclass(frozen=True)
@@ -145,12 +150,13 @@ def _metadata(body: bytes | memoryview) -> dict[str, str]:
     if len(body) < 8:
         raise WireError("bad_body", "shorter than a safetensors header")
     n = int.from_bytes(body[:8], "little")
-    if n > len(body) - 8 or n > 16 * 1024 * 1024:
-        raise WireError("bad_body", "safetensors header length out of range")
-    try:
-        header = json.loads(bytes(body[8 : 8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WireError("bad_body", "safetensors header is not JSON") from err
+    if n > len(body) - 8:
+        raise WireError("bad_body", f"safetensors header length {n} is past the body's end")
+    # Checked here, before safetensors parses the header again in decode_body.
+    header = loads_bounded(
+        bytes(body[8 : 8 + n]), what="safetensors header", max_bytes=MAX_ST_HEADER_BYTES,
+        max_depth=MAX_ST_HEADER_DEPTH, invalid="bad_body",
+    )  # fmt: skip
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if meta is None:
         return {}

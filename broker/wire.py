@@ -21,8 +21,9 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from broker.chunks import (
@@ -71,7 +72,8 @@ log = logging.getLogger(__name__)
 REASONS = (
     "bad_magic", "truncated", "bad_header", "bad_version", "bad_topic", "topic_mismatch",
     "hash_mismatch", "bad_body", "missing_tensor", "unexpected_tensor", "bad_dtype", "bad_shape",
-    "non_finite", "oversized", "bad_chunk", "chunk_overflow", "chunk_expired",
+    "non_finite", "oversized", "too_deep", "bad_chunk", "chunk_overflow", "chunk_expired",
+    "decode_error",
 )  # fmt: skip
 _LOUD_PER_REASON = 10  # log the first rejections of each reason as warnings, the rest at debug
 
@@ -96,11 +98,28 @@ class DecodeJob:
         return len(self.frame) + (0 if self.body is None else len(self.body))
 
     def run(self) -> Message:
-        return decode(
-            self.frame, topic=self.topic, expect=self.expect, run_id=self.run_id, schema=self.schema,
-            max_bytes=self.max_bytes, wire_bytes=self.wire_bytes, received_at=self.received_at,
-            stamps=self.stamps, body=self.body,
-        )  # fmt: skip
+        with _contained(self.topic):
+            return decode(
+                self.frame, topic=self.topic, expect=self.expect, run_id=self.run_id, schema=self.schema,
+                max_bytes=self.max_bytes, wire_bytes=self.wire_bytes, received_at=self.received_at,
+                stamps=self.stamps, body=self.body,
+            )  # fmt: skip
+
+
+@contextmanager
+def _contained(topic: str) -> Iterator[None]:
+    """Turn any exception but a WireError into WireError('decode_error'), logged with its traceback.
+
+    The decoders raise only WireError on purpose; anything else is a bug they did not foresee, and
+    must cost the one message that caused it, counted, rather than the receiver's connection.
+    """
+    try:
+        yield
+    except WireError:
+        raise
+    except Exception as err:
+        log.exception("decoding a frame on %s raised %s", topic or "?", type(err).__name__)
+        raise WireError("decode_error", f"{type(err).__name__}: {err}"[:200]) from err
 
 
 class Decoder:
@@ -158,7 +177,8 @@ class Decoder:
         ``parsed`` saves parsing the topic again when the caller already did.
         """
         try:
-            return self._accept(topic, payload, received_at, parsed)
+            with _contained(topic):
+                return self._accept(topic, payload, received_at, parsed)
         except WireError as err:
             self.reject(err, topic)
             return None

@@ -7,10 +7,27 @@ the loader prefixes the key path. Defaults follow PAPER_NOTES.md.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from nmoe.errors import check
+
+# Upper bounds: far above any experiment a CPU (or one GPU) finishes, far below what exhausts memory
+# or never ends. A value past one is a typo (an extra zero, a pasted number), refused before any work.
+MAX_ROUNDS = 10_000
+MAX_EPOCHS = 10_000
+MAX_PER_CLIENT = 100_000  # samples per client (Fashion-MNIST has 60,000 in all)
+MAX_SYNTHETIC = 200_000  # the synthetic pool: about 160 MB as uint8, 630 MB while generated
+MAX_BATCH = 65_536
+MAX_HIDDEN = 8_192
+MAX_LAYERS = 16
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 1_024
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
 
 DatasetName = Literal["fashion_mnist", "cifar10", "synthetic"]
 Baseline = Literal["local", "fedavg", "centralized", "fedavg_gate"]
@@ -26,10 +43,11 @@ class DataConfig:
     download: bool = False
     """Let torchvision download the dataset when no local copy is found (needs internet)."""
     synthetic_train: int = 6000
-    """Synthetic only: size of the generated training pool (test pool is half of it)."""
+    """Synthetic only: size of the generated training pool (test pool is half of it), 10..200,000."""
 
     def __post_init__(self) -> None:
-        check(self.synthetic_train >= 10, "synthetic_train", f"must be >= 10 (got {self.synthetic_train})")
+        check(10 <= self.synthetic_train <= MAX_SYNTHETIC, "synthetic_train",
+              f"must be in 10..{MAX_SYNTHETIC} (got {self.synthetic_train})")
 
 
 @dataclass(frozen=True)
@@ -41,20 +59,21 @@ class PartitionConfig:
     beta: float = 0.5
     """Dirichlet concentration (smaller is more skewed)."""
     train_per_client: int = 1000
-    """Labeled training samples per client (paper: 1000)."""
+    """Labeled training samples per client (paper: 1000), 1..100,000."""
     test_per_client: int = 1000
-    """Test samples per client, drawn from the dataset's test split (paper: 1000)."""
+    """Test samples per client, drawn from the dataset's test split (paper: 1000), 1..100,000."""
     test_distribution: Literal["same", "iid"] = "same"
     """'same': test with the client's class proportions (setup a); 'iid': uniform classes (setup b)."""
     unlabeled_per_client: int = 0
-    """Extra unlabeled training samples per client for FedSC (paper: 4000)."""
+    """Extra unlabeled training samples per client for FedSC (paper: 4000), 0..100,000."""
 
     def __post_init__(self) -> None:
         check(0.0 <= self.tau <= 1.0, "tau", f"must be in [0, 1] (got {self.tau})")
-        check(self.beta > 0, "beta", f"must be > 0 (got {self.beta})")
-        check(self.train_per_client >= 1, "train_per_client", "must be >= 1")
-        check(self.test_per_client >= 1, "test_per_client", "must be >= 1")
-        check(self.unlabeled_per_client >= 0, "unlabeled_per_client", "must be >= 0")
+        check(_finite(self.beta) and self.beta > 0, "beta", f"must be a finite number > 0 (got {self.beta})")
+        for name in ("train_per_client", "test_per_client", "unlabeled_per_client"):
+            low = 0 if name == "unlabeled_per_client" else 1
+            value = getattr(self, name)
+            check(low <= value <= MAX_PER_CLIENT, name, f"must be in {low}..{MAX_PER_CLIENT} (got {value})")
 
 
 @dataclass(frozen=True)
@@ -62,11 +81,11 @@ class ModelConfig:
     width: int = 1
     """ResNet20 width multiplier: latents are 64 * width wide (1: about 0.27M parameters)."""
     head_hidden: int = 128
-    """Hidden width of the 4-layer MLPs (experts and the classifier head)."""
+    """Hidden width of the 4-layer MLPs (experts and the classifier head), 1..8192."""
     gate_hidden: int = 64
-    """Hidden width of the gate MLP."""
+    """Hidden width of the gate MLP, 1..8192."""
     gate_layers: int = 4
-    """Linear layers in the gate; the last one is the local decision layer."""
+    """Linear layers in the gate; the last one is the local decision layer (1..16)."""
     gate_shared_layers: int = 3
     """FedGate shares the first this-many gate layers (paper: 3 of 4)."""
     channels_last: bool = True
@@ -74,9 +93,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check(1 <= self.width <= 16, "width", f"must be in 1..16 (got {self.width})")
-        check(self.head_hidden >= 1, "head_hidden", "must be >= 1")
-        check(self.gate_hidden >= 1, "gate_hidden", "must be >= 1")
-        check(self.gate_layers >= 1, "gate_layers", "must be >= 1")
+        for name, top in (("head_hidden", MAX_HIDDEN), ("gate_hidden", MAX_HIDDEN), ("gate_layers", MAX_LAYERS)):
+            value = getattr(self, name)
+            check(1 <= value <= top, name, f"must be in 1..{top} (got {value})")
         check(0 <= self.gate_shared_layers < self.gate_layers, "gate_shared_layers",
               f"must be in 0..gate_layers-1 = {self.gate_layers - 1} (got {self.gate_shared_layers})")
 
@@ -103,10 +122,12 @@ class OptimConfig:
     """Clip the gradient norm to this value (0: off; FedSC reference: 3)."""
 
     def __post_init__(self) -> None:
-        check(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
+        check(_finite(self.lr) and self.lr > 0, "lr", f"must be a finite number > 0 (got {self.lr})")
         check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1) (got {self.momentum})")
-        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        check(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+              f"must be a finite number >= 0 (got {self.weight_decay})")
+        check(_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip",
+              f"must be a finite number >= 0 (got {self.grad_clip})")
 
 
 @dataclass(frozen=True)
@@ -118,7 +139,7 @@ class FedSCConfig:
     q_final: float = 0.2
     """Final q of the 'schedule' option."""
     corr_passes: int = 1
-    """Augmented passes over the local set when computing the shared R_i."""
+    """Augmented passes over the local set when computing the shared R_i (1..100)."""
     corr_bn: Literal["batch", "running"] = "batch"
     """BatchNorm while computing the shared R_i: 'batch' normalizes by each batch's statistics
     (train mode, batches of stage1.batch_size, running statistics untouched), as the local loss
@@ -128,9 +149,16 @@ class FedSCConfig:
     """Train with a projector MLP (latent -> 2x -> latent) that is dropped after Stage 1."""
 
     def __post_init__(self) -> None:
-        check(self.mu > 0, "mu", "must be > 0")
+        check(_finite(self.mu) and self.mu > 0, "mu", f"must be a finite number > 0 (got {self.mu})")
         check(0 < self.q_final <= 1, "q_final", "must be in (0, 1]")
-        check(self.corr_passes >= 1, "corr_passes", "must be >= 1")
+        check(1 <= self.corr_passes <= 100, "corr_passes", f"must be in 1..100 (got {self.corr_passes})")
+
+
+def _check_loop(rounds: int, local_epochs: int, batch_size: int) -> None:
+    check(0 <= rounds <= MAX_ROUNDS, "rounds", f"must be in 0..{MAX_ROUNDS} (got {rounds})")
+    check(1 <= local_epochs <= MAX_EPOCHS, "local_epochs", f"must be in 1..{MAX_EPOCHS} (got {local_epochs})")
+    check(2 <= batch_size <= MAX_BATCH, "batch_size",
+          f"must be in 2..{MAX_BATCH} (BatchNorm needs two samples; got {batch_size})")
 
 
 @dataclass(frozen=True)
@@ -146,11 +174,11 @@ class Stage1Config:
     method: Literal["fedce", "fedsc"] = "fedsc"
     """How the shared feature extractor F is trained."""
     rounds: int = 20
-    """Federated rounds."""
+    """Federated rounds, 0..10,000."""
     local_epochs: int = 1
-    """Local epochs per round."""
+    """Local epochs per round, 1..10,000."""
     batch_size: int = 64
-    """Mini-batch size."""
+    """Mini-batch size, 2..65,536."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Local optimizer (state resets each round, as in FedAvg)."""
     augment: Literal["none", "weak", "strong"] = "weak"
@@ -165,25 +193,24 @@ class Stage1Config:
     """FedCE settings (method: fedce)."""
 
     def __post_init__(self) -> None:
-        check(self.rounds >= 0, "rounds", "must be >= 0")
-        check(self.local_epochs >= 1, "local_epochs", "must be >= 1")
-        check(self.batch_size >= 2, "batch_size", "must be >= 2")
+        _check_loop(self.rounds, self.local_epochs, self.batch_size)
 
 
 @dataclass(frozen=True)
 class Stage2Config:
     epochs: int = 10
-    """Epochs of expert training on F's latents (F frozen)."""
+    """Epochs of expert training on F's latents (F frozen), 0..10,000."""
     batch_size: int = 64
-    """Mini-batch size."""
+    """Mini-batch size, 2..65,536."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", lr=1e-3, weight_decay=1e-4))
     """Expert optimizer."""
     init: Literal["fresh", "head"] = "head"
     """FedCE only: start the expert from the Stage 1 head ('head') or from scratch."""
 
     def __post_init__(self) -> None:
-        check(self.epochs >= 0, "epochs", "must be >= 0")
-        check(self.batch_size >= 2, "batch_size", "must be >= 2 (the expert's BatchNorm needs two samples)")
+        check(0 <= self.epochs <= MAX_EPOCHS, "epochs", f"must be in 0..{MAX_EPOCHS} (got {self.epochs})")
+        check(2 <= self.batch_size <= MAX_BATCH, "batch_size",
+              f"must be in 2..{MAX_BATCH} (the expert's BatchNorm needs two samples; got {self.batch_size})")
 
 
 @dataclass(frozen=True)
@@ -191,11 +218,11 @@ class Stage3Config:
     method: Literal["fedgate", "fedavg"] = "fedgate"
     """FedGate shares the gate's first layers only; FedAvg-gate shares every layer."""
     rounds: int = 10
-    """Federated rounds."""
+    """Federated rounds, 0..10,000."""
     local_epochs: int = 1
-    """Local epochs per round."""
+    """Local epochs per round, 1..10,000."""
     batch_size: int = 64
-    """Mini-batch size."""
+    """Mini-batch size, 2..65,536."""
     optimizer: Literal["muon", "adamw"] = "muon"
     """'muon': torch.optim.Muon on 2-D weights plus AdamW on the rest; 'adamw': AdamW on all."""
     lr: float = 1e-3
@@ -209,18 +236,19 @@ class Stage3Config:
     noise_std: float = 1.0
     """Std of the Gaussian noise added to gate logits while training (noisy top-k)."""
     train_top_k: int = 0
-    """Experts mixed in the training loss (0: all, dense; else 2 or more); inference uses eval.top_k.
+    """Experts mixed in the training loss (0: all, dense; else 2..clients); inference uses eval.top_k.
     1 is refused: a softmax over one expert is the constant 1, so the gate would get no gradient."""
     reset_optimizer: bool = False
     """Reset optimizer state every round (default keeps it: the decision layer is local)."""
 
     def __post_init__(self) -> None:
-        check(self.rounds >= 0, "rounds", "must be >= 0")
-        check(self.local_epochs >= 1, "local_epochs", "must be >= 1")
-        check(self.batch_size >= 2, "batch_size", "must be >= 2 (the gate's BatchNorm needs two samples)")
-        check(self.lr > 0, "lr", "must be > 0")
-        check(self.muon_lr > 0, "muon_lr", "must be > 0")
-        check(self.noise_std >= 0, "noise_std", "must be >= 0")
+        _check_loop(self.rounds, self.local_epochs, self.batch_size)
+        for name in ("lr", "muon_lr"):
+            value = getattr(self, name)
+            check(_finite(value) and value > 0, name, f"must be a finite number > 0 (got {value})")
+        for name in ("weight_decay", "noise_std"):
+            value = getattr(self, name)
+            check(_finite(value) and value >= 0, name, f"must be a finite number >= 0 (got {value})")
         check(self.train_top_k >= 0, "train_top_k", f"must be 0 (all experts) or >= 2 (got {self.train_top_k})")
         check(self.train_top_k != 1, "train_top_k",
               "1 gives the gate zero gradient (a softmax over one expert is constant); "
@@ -240,7 +268,8 @@ class PrivacyConfig:
     holding the scenario file can regenerate and subtract the noise. Off: fresh OS randomness."""
 
     def __post_init__(self) -> None:
-        check(self.noise_multiplier > 0, "noise_multiplier", "must be > 0")
+        check(_finite(self.noise_multiplier) and self.noise_multiplier > 0, "noise_multiplier",
+              f"must be a finite number > 0 (got {self.noise_multiplier})")
         check(0 < self.delta < 1, "delta", "must be in (0, 1)")
 
 
@@ -253,11 +282,11 @@ class EvalConfig:
     the gate is trained for), or 'logits', y = softmax(sum_j G_j H_j) as the paper writes y'. Both
     are the same prediction under top-1 routing."""
     batch_size: int = 256
-    """Inference batch size."""
+    """Inference batch size, 1..65,536."""
 
     def __post_init__(self) -> None:
         check(self.top_k >= 1, "top_k", "must be >= 1")
-        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(1 <= self.batch_size <= MAX_BATCH, "batch_size", f"must be in 1..{MAX_BATCH} (got {self.batch_size})")
 
 
 @dataclass(frozen=True)
@@ -265,7 +294,7 @@ class ExperimentConfig:
     """Everything the learning needs; a scenario adds the network around it."""
 
     seed: int = 0
-    """Seeds data partitions, initializations, augmentations and noise."""
+    """Seeds data partitions, initializations, augmentations and noise (0..2**32-1)."""
     clients: int = 10
     """Number of edge clients N (each holds one expert)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -288,12 +317,14 @@ class ExperimentConfig:
     """Baselines to run beside NMoE: local, fedavg (end-to-end classifier), centralized (MoE),
     fedavg_gate (the NMoE pipeline again with a FedAvg gate)."""
     threads: int = 0
-    """torch intra-op threads in this process (0: one per available core)."""
+    """torch intra-op threads in this process (0: one per available core; at most 1024)."""
 
     def __post_init__(self) -> None:
-        check(self.seed >= 0, "seed", "must be >= 0")
+        check(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED} (got {self.seed})")
         check(1 <= self.clients <= 1000, "clients", f"must be in 1..1000 (got {self.clients})")
         check(self.eval.top_k <= self.clients, "eval.top_k",
               f"must be <= clients = {self.clients} (got {self.eval.top_k})")
-        check(self.threads >= 0, "threads", "must be >= 0")
+        check(0 <= self.threads <= MAX_THREADS, "threads", f"must be in 0..{MAX_THREADS} (got {self.threads})")
+        check(self.stage3.train_top_k <= self.clients, "stage3.train_top_k",
+              f"must be <= clients = {self.clients} (got {self.stage3.train_top_k})")
         check(len(set(self.baselines)) == len(self.baselines), "baselines", "has duplicates")

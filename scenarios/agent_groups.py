@@ -9,6 +9,7 @@ import contextlib
 import multiprocessing
 import multiprocessing.process
 import os
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -96,9 +97,8 @@ class AgentProcesses:
         ctx.set_forkserver_preload(self.PRELOAD)
         for agent in self.ids:
             addr = self.broker.address_for(agent)
-            scheme = "mqtts" if addr.tls else "mqtt"
             argv = ["--id", agent, "--scenario", str(self.scenario_file), "--run-id", self.run_id,
-                    "--broker", f"{scheme}://{agent}@{addr.host}:{addr.port}"]
+                    "--broker", addr.url()]
             proc = ctx.Process(target=agent_process, name=agent,
                                args=(argv, addr.password or "", str(self.log_dir / f"{agent}.log")))
             await asyncio.to_thread(proc.start)  # the first start launches the fork server
@@ -208,11 +208,17 @@ def external_instructions(scn: Scenario, run_id: str, broker: RunningBroker, sce
                           out_dir: Path) -> Path:
     """Write each board's command line (with its password) to a file only the owner can read."""
     lines = ["# Start one agent per edge board (copy the scenario file there first)."]
+    ca = ""
+    if broker.ca_file is not None:  # the run's own CA: public, copied beside the scenario for the boards
+        shutil.copyfile(broker.ca_file, out_dir / "ca.crt")
+        lines.append("# The broker speaks TLS only: copy ca.crt there too (the agents trust only it).")
+        ca = "?ca=ca.crt"
     for i in range(scn.clients):
         agent = client_name(i)
         addr = broker.address_for(agent)
+        scheme = "mqtts" if addr.tls else "mqtt"
         lines.append(f"NMOE_BROKER_PASSWORD='{addr.password}' nmoe agent --id {agent} --run-id {run_id} "
-                     f"--scenario {scenario_file.name} --broker mqtt://{agent}@<this-host>:{addr.port}")
+                     f"--scenario {scenario_file.name} --broker '{scheme}://{agent}@<this-host>:{addr.port}{ca}'")
     path = out_dir / "agents.txt"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others, not even briefly
     with os.fdopen(fd, "w") as fh:

@@ -32,9 +32,8 @@ class ChannelProcess:
         self.stats_file = out_dir / "channel_stats.json"
         self.log_path = out_dir / "logs" / "channel.log"
         self.addr = broker.address_for(CHANNEL)
-        scheme = "mqtts" if self.addr.tls else "mqtt"
         self.cmd = [sys.executable, "-m", "broker.channel.emulator", "--run-id", run_id,
-                    "--broker", f"{scheme}://{CHANNEL}@{self.addr.host}:{self.addr.port}",
+                    "--broker", self.addr.url(),
                     "--agents", ",".join([COORDINATOR, *clients]), "--wired", COORDINATOR,
                     "--config", str(self.config), "--seed", str(scn.seed), "--stats", str(self.stats_file)]
         self.proc: asyncio.subprocess.Process | None = None

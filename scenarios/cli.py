@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 
 from nmoe.errors import ConfigError, NmoeError
 
@@ -67,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args, console)
     except NmoeError as err:
-        console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        # escaped: key paths like network.faults[0] are not rich markup; soft_wrap: one line
+        console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
@@ -91,6 +93,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
                       f"Stage 3 {scn.stage3.method} x {scn.stage3.rounds} rounds, top-{scn.eval.top_k}, "
                       f"baselines: {', '.join(scn.baselines) or 'none'}")
         return 0
+    if args.broker and not args.inprocess:
+        check_external_broker(args.broker)
     from .runner import output_dir, run_inprocess
 
     out = output_dir(scn, args.out)
@@ -105,6 +109,23 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
     run_networked_scenario(scn, out, console, args.agents, args.broker, args.listen, args.broker_kind)
     return 0
+
+
+def check_external_broker(url: str) -> None:
+    """Refuse, before any work, an external broker URL without a password.
+
+    Supporting a broker without authentication was considered and refused: the run's security
+    rests on each agent's login (the ACL proves who sent a message, see broker/auth.py), and an open
+    broker would let anyone on its network answer for any client. Giving the password is one step.
+    """
+    from broker.auth import PASSWORD_ENV, BrokerAddress
+
+    address = BrokerAddress.parse(url)
+    if address.password is None:
+        raise ConfigError(
+            f"--broker {address.redacted()}: no password; give mqtt[s]://user:password@host:port or set "
+            f"${PASSWORD_ENV} (nmoe needs a broker with authentication: its ACL proves who sent a message)"
+        )
 
 
 def run_sweep_command(args: argparse.Namespace, console: Console) -> int:

@@ -29,7 +29,7 @@ from agents.messages import Bye, Task
 from agents.strategy import RunSummary, Strategy
 from broker.auth import Account, BrokerAddress, ChannelMode, make_accounts
 from broker.server import Prefer, launch_broker
-from nmoe.errors import NmoeError
+from nmoe.errors import ConfigError, NmoeError
 from nmoe_models.partition import load_client_data
 
 from .agent_groups import AgentGroup, AgentsMode, ExternalAgents, agents_running, make_group
@@ -125,7 +125,9 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
     accounts: list[Account] = make_accounts(ids)
     external = BrokerAddress.parse(broker_url) if broker_url else None
     if external is not None:  # an external broker knows its own accounts: everyone uses the URL's
-        accounts = [Account(a.username, external.password or "", a.role) for a in accounts]
+        if external.password is None:
+            raise ConfigError(f"--broker {external.redacted()}: no password (see cli.check_external_broker)")
+        accounts = [Account(a.username, external.password, a.role) for a in accounts]
     scenario_file = write_scenario(scn, out_dir / "scenario.yaml")
     channel_mode: ChannelMode = "emulated" if scn.channel.model == "emulated" else "direct"
     started = time.perf_counter()
@@ -133,7 +135,8 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
     strategy = Strategy(scn, None, scn.network.min_clients)
     async with contextlib.AsyncExitStack() as stack:
         broker = await stack.enter_async_context(launch_broker(
-            run_id, accounts, channel_mode=channel_mode, prefer=broker_kind, external=external, host=listen))
+            run_id, accounts, channel_mode=channel_mode, prefer=broker_kind, external=external, host=listen,
+            tls=scn.network.tls))
         timeline["broker_ready_at"] = time.time()
         console.print(f"broker: {broker.kind} on {broker.host}:{broker.port}; agents: {mode}")
         group = make_group(mode, scn, run_id, broker, scenario_file, out_dir)

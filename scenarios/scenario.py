@@ -7,14 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agents.config import NetworkConfig
 from agents.messages import Op
 from broker.channel import ChannelConfig
 from nmoe.errors import ConfigError, check
 from nmoe_models.config import ExperimentConfig
 
+from . import yamlload
 from .schema import apply_overrides, build
 
 PACKAGED = Path(__file__).resolve().parent
@@ -68,14 +67,20 @@ def resolve_path(spec: str) -> Path:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """The scenario file as a mapping: bounded, strict UTF-8, strict YAML (scenarios/yamlload.py).
+
+    An empty file (or one of comments only) is refused: a run with every default from a file that
+    says nothing is far more likely a mistake (a wrong path, a truncated copy) than a wish; ``{}``
+    says "every default" explicitly and is accepted.
+    """
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        raw = path.read_bytes()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror}") from err
+    data = yamlload.read(str(path), raw)
     if data is None:
-        data = {}
+        raise ConfigError(f"{path}: the file is empty; write at least one key (or {{}} for every default), "
+                          "e.g. copy a shipped scenario (nmoe scenarios)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     return data

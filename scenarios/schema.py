@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-import yaml
-
 from nmoe.errors import ConfigError
+
+from . import yamlload
 
 T = TypeVar("T")
 
@@ -90,6 +91,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {_describe(value)}")
+        if math.isnan(value):  # no setting means "not a number"; .inf is left to each field's bounds
+            raise ConfigError(f"{path}: expected a number, got .nan")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -110,10 +113,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
             raise ConfigError(f"--set {item!r}: empty key path")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({err})") from err
+        value = yamlload.loads(raw, f"--set {key}")
         node = out
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -39,7 +38,7 @@ from rich.progress import (
 from nmoe.errors import ConfigError, NmoeError, check
 
 from .scenario import Scenario, read_yaml, resolve_path
-from .schema import build, to_dict
+from .schema import apply_overrides, build, to_dict
 
 SWEEP_KEYS = ("base", "name", "description", "grid", "set", "seeds")
 UNCOMPARED = ("threads",)  # how a run was executed, not what it computed
@@ -161,14 +160,7 @@ def _parse(file: Path, raw: dict[str, Any], out: str | None, overrides: Sequence
     base_data = read_yaml(base)
     for key, value in flatten(fixed).items():
         set_path(base_data, key, value, f"set.{key}")
-    for item in overrides:
-        check("=" in item, "--set", f"{item!r}: expected key.path=value")
-        key, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {key}: value {text!r} is not valid YAML ({err})") from err
-        set_path(base_data, key.strip(), value, f"--set {key}")
+    base_data = apply_overrides(base_data, list(overrides))  # --set, exactly as `nmoe run` reads it
     seeds = raw.get("seeds", [base_data.get("seed", 0)])
     check(isinstance(seeds, list) and bool(seeds) and all(type(s) is int and s >= 0 for s in seeds), "seeds",
           f"must be a non-empty list of integers >= 0 (got {seeds!r})")

@@ -35,6 +35,11 @@ def _finite(x: float) -> bool:
     return math.isfinite(x)
 
 
+MAX_DELAY_S = 3600.0  # a per-packet delay, jitter or resend timer of over an hour is a typo
+TIME_SCALES = (1e-3, 1e3)  # wall-clock seconds per modeled second
+MAX_SEED = 2**32 - 1
+
+
 # One rule per link field, shared by the complete LinkParams and the partial overrides, so that a
 # bad value is reported where the user wrote it.
 _LINK_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
@@ -44,15 +49,15 @@ _LINK_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "coherence_s": ("must be a finite number > 0", lambda v: _finite(v) and v > 0),
     "min_snr_db": ("must be a finite number", _finite),
     "outage_timeout_s": ("must be a number > 0 (.inf: never)", lambda v: v > 0),
-    "delay_s": ("must be a finite number >= 0", lambda v: _finite(v) and v >= 0),
-    "jitter_s": ("must be a finite number >= 0", lambda v: _finite(v) and v >= 0),
+    "delay_s": ("must be a number in 0..3600", lambda v: 0 <= v <= MAX_DELAY_S),
+    "jitter_s": ("must be a number in 0..3600", lambda v: 0 <= v <= MAX_DELAY_S),
     "loss_p": ("must be in [0, 1]", lambda v: 0 <= v <= 1),
     "ge_p": ("must be in [0, 1]", lambda v: 0 <= v <= 1),
     "ge_r": ("must be in (0, 1]", lambda v: 0 < v <= 1),
     "ge_loss_bad": ("must be in [0, 1]", lambda v: 0 <= v <= 1),
     "ge_loss_good": ("must be in [0, 1]", lambda v: 0 <= v <= 1),
     "mtu_bytes": ("must be an integer in 64..65535", lambda v: 64 <= v <= 65535),
-    "rto_s": ("must be a finite number >= 0", lambda v: _finite(v) and v >= 0),
+    "rto_s": ("must be a number in 0..3600", lambda v: 0 <= v <= MAX_DELAY_S),
     "max_retries": ("must be an integer in 0..100", lambda v: 0 <= v <= 100),
     "mean_online_s": ("must be a number > 0 (.inf: always online)", lambda v: v > 0),
     "mean_offline_s": ("must be a finite number >= 0 (0: never offline)", lambda v: _finite(v) and v >= 0),
@@ -91,9 +96,10 @@ class LinkParams:
     outage_timeout_s: float = math.inf
     """A message stalled by outages this long is dropped with reason 'outage'."""
     delay_s: float = 0.0
-    """One-way propagation and processing delay, added after the last bit is sent."""
+    """One-way propagation and processing delay, added after the last bit is sent (0..3600 s)."""
     jitter_s: float = 0.0
-    """Standard deviation of a normal jitter added to delay_s (netem's default shape), clipped at 0."""
+    """Standard deviation of a normal jitter added to delay_s (netem's default shape), clipped at 0
+    (0..3600 s)."""
     loss: LossModel = "none"
     """Per-packet loss: none, independent (Bernoulli) or Gilbert-Elliott bursts."""
     loss_p: float = 0.0
@@ -109,7 +115,7 @@ class LinkParams:
     mtu_bytes: int = 1500
     """Packet size: a message of S bytes is ceil(S / mtu_bytes) packets, each lost or not."""
     rto_s: float = 0.2
-    """Reliable traffic: delay before lost packets are resent (one round of selective repeat)."""
+    """Reliable traffic: delay before lost packets are resent (one round of selective repeat), 0..3600 s."""
     max_retries: int = 7
     """Reliable traffic: a packet lost more often than this loses its message (reason 'loss')."""
 
@@ -255,9 +261,9 @@ class ChannelConfig:
     """Downlinks share the base station's airtime, with the same meaning as shared_uplink."""
     time_scale: float = 1.0
     """Wall-clock seconds per modeled second: 1.0 is real time, 0.1 runs the channel 10x faster than
-    the wall clock (a modeled 1 s delay lasts 0.1 s), 10 runs it 10x slower."""
+    the wall clock (a modeled 1 s delay lasts 0.1 s), 10 runs it 10x slower; 0.001..1000."""
     seed: int | None = None
-    """Seed of every channel draw; None uses the scenario's seed."""
+    """Seed of every channel draw (0..2**32-1); None uses the scenario's seed."""
     reliable_kinds: tuple[str, ...] = KINDS
     """Message kinds sent reliably (lost packets resent, as MQTT QoS 1 over TCP); the others are lost
     with their first lost packet."""
@@ -267,9 +273,10 @@ class ChannelConfig:
               f"must be direct or emulated (got {self.model!r})")
         check(self.preset in PRESET_NAMES, "preset",
               f"must be one of {', '.join(PRESET_NAMES)} (got {self.preset!r})")
-        check(_finite(self.time_scale) and self.time_scale > 0, "time_scale",
-              f"must be a finite number > 0 (got {self.time_scale!r})")
-        check(self.seed is None or self.seed >= 0, "seed", f"must be >= 0 or null (got {self.seed!r})")
+        low, high = TIME_SCALES
+        check(low <= self.time_scale <= high, "time_scale", f"must be in {low:g}..{high:g} (got {self.time_scale!r})")
+        check(self.seed is None or 0 <= self.seed <= MAX_SEED, "seed",
+              f"must be in 0..{MAX_SEED} or null (got {self.seed!r})")
         for name in ("shared_uplink", "shared_downlink"):
             cells = getattr(self, name)
             if isinstance(cells, dict):
