@@ -161,7 +161,7 @@ class ClientAgent:
 
     async def _hello(self, bus: BusSession) -> None:
         assert self.learner is not None
-        await self._send(bus, encode_control(Hello(self.learner.data.num_train, self.data_s)))
+        await self._send(bus, encode_control(Hello(self.learner.data.num_train, self.data_s, bus.stats.reconnects)))
 
     async def _rejoin(self, bus: BusSession) -> None:
         """After the session reconnects (the broker or the network went away), say hello again:

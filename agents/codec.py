@@ -157,8 +157,8 @@ def encode_reply(reply: Reply, task_id: str, op: Op, round_index: int) -> Wire:
 
 def encode_control(message: Control) -> Wire:
     match message:
-        case Hello(samples=samples, data_s=data_s):
-            return Wire(Kind.CTRL, {}, {OP: HELLO, "samples": samples, "data_s": float(data_s)})
+        case Hello(samples=samples, data_s=data_s, session=session):
+            return Wire(Kind.CTRL, {}, {OP: HELLO, "samples": samples, "data_s": float(data_s), "session": session})
         case Bye():
             return Wire(Kind.METRICS, {}, {OP: BYE, **message.flat()})
         case Shutdown():
@@ -282,7 +282,7 @@ def decode_control(wire: Wire) -> Control:
     op = op_of(wire.meta)
     f = _Fields(wire.meta, "bad_control")
     if op == HELLO and wire.kind is Kind.CTRL:
-        return Hello(f.int("samples"), f.float("data_s"))
+        return Hello(f.int("samples"), f.float("data_s"), f.int("session"))
     if op == SHUTDOWN and wire.kind is Kind.CTRL:
         return Shutdown()
     if op == BYE and wire.kind is Kind.METRICS:

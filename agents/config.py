@@ -54,6 +54,9 @@ class NetworkConfig:
     """Deadline of Stage 3's expert queries and of the evaluation."""
     inference_deadline_s: float = 5.0
     """Deadline of one routed latent request; a late or lost reply falls back."""
+    rejected_grace_s: float = 2.0
+    """How long a round still waits for a client whose reply was rejected (a genuine reply may be
+    right behind a malformed one: the first valid reply counts)."""
     min_clients: int = 1
     """Fewest answers a round may close with; fewer fails the run with the list of who is missing."""
     chunk_size: int = 256 * 1024
@@ -74,6 +77,8 @@ class NetworkConfig:
             value = getattr(self, name)
             check(math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S, name,
                   f"must be a finite number > 0 and <= {MAX_TIMEOUT_S:.0f} (got {value})")
+        check(math.isfinite(self.rejected_grace_s) and 0 <= self.rejected_grace_s <= MAX_TIMEOUT_S,
+              "rejected_grace_s", f"must be a finite number in 0..{MAX_TIMEOUT_S:.0f} (got {self.rejected_grace_s})")
         check(self.min_clients >= 1, "min_clients", "must be >= 1")
         check(4096 <= self.chunk_size <= MAX_CHUNK, "chunk_size",
                f"must be in 4096..{MAX_CHUNK} bytes (mosquitto.conf's max_packet_size is 4 MiB)")

@@ -126,6 +126,10 @@ class BusFleet:
         sync = self.sync()
         if sync is None:  # still joining: JOIN itself sends nothing
             return
+        refused = self.members.needs_sync(client, hello)
+        if refused is not None:
+            self.bus.stats.rejected[refused] += 1
+            return
         self.on_event(f"{client_name(client)} {'rejoined' if rejoin else 'joined late'}; sending the current state")
         try:
             task_id = f"sync-{uuid.uuid4().hex[:12]}"
@@ -186,7 +190,8 @@ class BusFleet:
         (the deadline closes the round: failures are data)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline(collector.step.op)
-        while not collector.done.is_set() and (left := deadline - loop.time()) > 0:
+        grace = self.net.rejected_grace_s * self.time_scale
+        while not collector.settled(grace) and (left := deadline - loop.time()) > 0:
             if self._pump is not None and self._pump.done():  # nothing can arrive any more: say why
                 self._pump.result()
                 raise NmoeError("the coordinator stopped reading the bus")

@@ -14,12 +14,26 @@ from .messages import Bye, Hello
 class Membership:
     """Clients that said hello (with their sample counts), and whether JOIN is over."""
 
-    def __init__(self, clients: Sequence[int]) -> None:
+    def __init__(self, clients: Sequence[int], sync_interval_s: float = 1.0) -> None:
         self.clients = list(clients)
         self.joined: dict[int, int] = {}  # client -> samples it announced
         self.data_seconds: dict[int, float] = {}  # client -> time it took to load its data
         self.all_joined = asyncio.Event()
         self.join_over = False  # JOIN has decided who takes part
+        self.sync_interval_s = sync_interval_s
+        self._synced: dict[int, tuple[int, float]] = {}  # client -> (session, time.monotonic()) of its last sync
+
+    def needs_sync(self, client: int, hello: Hello) -> str | None:
+        """None when a hello earns a sync (a session not synced yet, not too soon after the last);
+        else why not: 'hello_repeat' or 'hello_rate_limited' (one sync per change of the client's
+        state: twenty hellos must not cost twenty copies of the model)."""
+        last = self._synced.get(client)
+        if last is not None and last[0] == hello.session:
+            return "hello_repeat"
+        if last is not None and time.monotonic() - last[1] < self.sync_interval_s:
+            return "hello_rate_limited"
+        self._synced[client] = (hello.session, time.monotonic())
+        return None
 
     def hello(self, client: int, hello: Hello) -> bool:
         """Record a hello; returns whether the client had joined before (a rejoin)."""

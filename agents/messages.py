@@ -207,6 +207,7 @@ class Hello:
 
     samples: int
     data_s: float = 0.0  # seconds it took to load its partition and build its models
+    session: int = 0  # its bus connections so far, minus one: a new value means it may have missed tasks
 
 
 BYE_COUNTERS = ("sent_bytes", "received_bytes", "sent_messages", "received_messages", "rejected")

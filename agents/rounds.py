@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
+import torch
+
 from nmoe.errors import RejectedReply
 
 from .messages import Op, Refusal, Reply, ReplySpec, Task, check_reply
@@ -31,6 +33,8 @@ class Step:
     spec: ReplySpec
     common: Task | None = None
     personal: Mapping[int, Task] = field(default_factory=dict)
+    reference: Mapping[str, torch.Tensor] | None = None
+    """The state the clients' updates start from (robust aggregation measures them against it)."""
 
     def __post_init__(self) -> None:
         if (self.common is None) == (not self.personal):
@@ -80,7 +84,8 @@ class Collector:
         self.targets = frozenset(targets)
         self.replies: dict[int, Reply] = {}
         self.failures: dict[int, str] = {}
-        self.done = asyncio.Event()  # every target answered (validly, or with a refusal or a rejection)
+        self.done = asyncio.Event()  # every target answered validly or refused
+        self._rejected_at: dict[int, float] = {}  # client -> time.monotonic() of its latest rejected reply
 
     def offer(self, client: int, reply: Reply) -> Offered:
         if client not in self.targets:
@@ -96,14 +101,25 @@ class Collector:
                 check_reply(self.step.spec, reply)
             except RejectedReply as err:
                 self.failures[client] = f"rejected: {err}"  # until a valid reply replaces it
+                self._rejected_at[client] = time.monotonic()
                 outcome = "rejected"
             else:
                 self.failures.pop(client, None)
+                self._rejected_at.pop(client, None)
                 self.replies[client] = reply
                 outcome = "accepted"
-        if self.silent() == set():
+        if not self.silent() and not self._rejected_at:
             self.done.set()
         return outcome
+
+    def settled(self, grace_s: float) -> bool:
+        """Every target answered validly or refused, or its rejected reply is ``grace_s`` old: a
+        rejected reply does not close the round at once, so that a genuine reply right behind a
+        malformed one still counts."""
+        if self.done.is_set():
+            return True
+        now = time.monotonic()
+        return not self.silent() and all(now - t >= grace_s for t in self._rejected_at.values())
 
     def silent(self) -> set[int]:
         """Targets that have not answered at all."""

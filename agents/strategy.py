@@ -23,6 +23,7 @@ from nmoe_models.fedsc import q_weights, rbar_minus, scheduled_q
 from nmoe_models.learner import build_gate, build_stage1_model, stage1_shared_keys
 from nmoe_models.moe import SHARED_GATE_PREFIX
 from nmoe_models.privacy import epsilon
+from nmoe_models.robust import coordinate_median, norm_bounded_fedavg, screen, trimmed_mean
 
 from .messages import (
     Correlation,
@@ -201,11 +202,11 @@ class Strategy:
                 q = self._q(r)
                 rbars = rbar_minus(self.corrs, q)
                 personal: dict[int, Task] = {i: Stage1Fit(r, rbar=rbars.get(i), q=q[i]) for i in sorted(corr.replies)}
-                step = Step(fit_spec, personal=personal)
+                step = Step(fit_spec, personal=personal, reference=self.global_stage1)
             else:
-                step = Step(fit_spec, Stage1Fit(r, self.global_stage1))
+                step = Step(fit_spec, Stage1Fit(r, self.global_stage1), reference=self.global_stage1)
             fit = await self._step(fleet, step)
-            self.global_stage1 = aggregate(fit.replies)
+            self.global_stage1 = self._aggregate(fit.replies, self.global_stage1)
             self._checkpoint(Stage.STAGE1.value, r, self.global_stage1)
         if s1.method == "fedsc" and self.exp.privacy.enabled and self.releases:
             p = self.exp.privacy
@@ -251,8 +252,8 @@ class Strategy:
         gate = select(init, with_prefix(SHARED_GATE_PREFIX) if variant == "fedgate" else None)
         spec = ReplySpec(Update, expect_like(gate), self.exp.partition.train_per_client)
         for r in range(s3.rounds):
-            fit = await self._step(fleet, Step(spec, Stage3Fit(r, gate, variant, reset=r == 0)), label)
-            gate = aggregate(fit.replies)
+            fit = await self._step(fleet, Step(spec, Stage3Fit(r, gate, variant, reset=r == 0), reference=gate), label)
+            gate = self._aggregate(fit.replies, gate)
             self._checkpoint(label, r, gate)
         return gate
 
@@ -278,7 +279,7 @@ class Strategy:
         """Run one step, record it (``label``: the stage, by default the op's), fail below min_clients."""
         stage = label or step.op.stage.value
         clock = time.perf_counter()
-        out = await fleet.run(step)
+        out = self._screen(step, await fleet.run(step))
         losses = [loss for reply in out.replies.values() if (loss := reply_loss(reply)) is not None]
         record = RoundRecord(stage, step.round, step.op, tuple(out.replies), out.failures,
                              sum(losses) / len(losses) if losses else float("nan"), time.perf_counter() - clock)
@@ -291,6 +292,33 @@ class Strategy:
                 f"min_clients is {self.min_clients}; failures: {missing}"
             )
         return out
+
+
+    def _screen(self, step: Step, out: RoundOutcome) -> RoundOutcome:
+        """Updates far outside the round's distribution become 'rejected: outlier ...' failures."""
+        agg = self.exp.aggregation
+        if step.reference is None:
+            return out
+        updates = {i: r.tensors for i, r in out.replies.items() if isinstance(r, Update)}
+        bad = screen(updates, step.reference, agg.outlier_factor, agg.reject_reversed)
+        if not bad:
+            return out
+        return RoundOutcome({i: r for i, r in out.replies.items() if i not in bad},
+                            {**out.failures, **{i: f"rejected: {why}" for i, why in bad.items()}})
+
+    def _aggregate(self, replies: Mapping[int, Reply], reference: StateDict) -> StateDict:
+        """The round's new global state, by the scenario's aggregation method."""
+        agg = self.exp.aggregation
+        if agg.method == "fedavg":
+            return aggregate(replies)
+        order = sorted(replies)
+        updates = [r for i in order if isinstance(r := replies[i], Update)]
+        states, weights = [u.tensors for u in updates], [u.samples for u in updates]
+        if agg.method == "norm_bounded":
+            return norm_bounded_fedavg(states, weights, reference, agg.clip_factor)
+        if agg.method == "median":
+            return coordinate_median(states)
+        return trimmed_mean(states, agg.trim)
 
 
 def aggregate(replies: Mapping[int, Reply]) -> StateDict:

@@ -57,7 +57,7 @@ def key_fields(stage: str, exp: Any) -> dict[str, Any]:
     """Exactly the settings ``stage``'s result depends on (as plain data)."""
     cfg = to_dict(exp)
     train = _training_data(cfg)
-    stage1 = {**train, "stage1": cfg["stage1"],
+    stage1 = {**train, "stage1": cfg["stage1"], "aggregation": cfg["aggregation"],
               "privacy": cfg["privacy"] if cfg["stage1"]["method"] == "fedsc" else None}
     everything_tested = {"partition": cfg["partition"], "data": cfg["data"]}
     fields: dict[str, dict[str, Any]] = {

@@ -182,6 +182,8 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
             "joined": sorted(client_name(i) for i in fleet.members.joined),
         }
     traffic["channel"] = channel.stats if channel is not None else None  # filled in when it stopped
+    if channel is not None:
+        add_channel_rejections(traffic["rejected"], channel.stats)
     return strategy.summary, traffic
 
 
@@ -206,6 +208,12 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
     print_summary(console, results)
     console.print("outputs: " + ", ".join(str(p) for p in paths))
     return results
+
+
+def add_channel_rejections(rejected: dict[str, int], channel_stats: Mapping[str, Any]) -> None:
+    """What the emulator refused to relay counts with the agents' rejections, as ``channel.<reason>``."""
+    for reason, n in channel_stats.get("rejected", {}).items():
+        rejected[f"channel.{reason}"] = rejected.get(f"channel.{reason}", 0) + int(n)
 
 
 def traffic_per_kind(coordinator: BusStats, byes: Mapping[int, Bye]) -> tuple[dict[str, dict[str, int]],

@@ -23,7 +23,7 @@ from agents.strategy import Strategy
 from broker.auth import make_accounts
 from broker.server import launch_broker
 from broker.topics import Kind
-from scenarios.networked import run_networked_scenario
+from scenarios.networked import add_channel_rejections, run_networked_scenario
 from scenarios.runner import run_inprocess
 
 
@@ -117,6 +117,39 @@ async def test_a_client_saying_hello_mid_run_gets_the_current_state(tmp_path):
 
 
 @needs_mosquitto
+async def test_repeated_hellos_cost_one_sync_per_change_of_the_clients_state(tmp_path):
+    """Twenty hellos from one client used to make the coordinator send twenty syncs (about 6,000x
+    amplification); now a hello earns a sync only for a new session, and not too often."""
+    scn = toy_scenario(tmp_path, ["clients=2"])
+    accounts = make_accounts(["client-0", "client-1"])
+    async with launch_broker("amp", accounts, prefer="mosquitto") as broker:
+        coord = BusConfig("amp", "coordinator", broker.address_for("coordinator"))
+        client = BusConfig("amp", "client-1", broker.address_for("client-1"))
+        strategy = Strategy(scn)
+        strategy.stage = Stage.STAGE2
+        async with BusSession(coord, watch_status=True) as bus, \
+                BusFleet(bus, 2, scn.network, sync=strategy.sync_task) as fleet, BusSession(client) as agent:
+            fleet.members.sync_interval_s = 0.5
+            hello = encode_control(Hello(96, 0.5, session=0))
+            for _ in range(20):
+                await agent.send("coordinator", hello.kind, meta=hello.meta)
+            first = await agent.receive(timeout=10)
+            with pytest.raises(asyncio.TimeoutError):
+                await agent.receive(timeout=1.0)  # nothing more for the 19 repeats
+            assert bus.stats.rejected["hello_repeat"] == 19
+            again = encode_control(Hello(96, 0.5, session=1))  # it reconnected: one more sync
+            await agent.send("coordinator", again.kind, meta=again.meta)
+            second = await agent.receive(timeout=10)
+            await agent.send("coordinator", encode_control(Hello(96, 0.5, session=2)).kind,
+                             meta=encode_control(Hello(96, 0.5, session=2)).meta)  # too soon after the last
+            with pytest.raises(asyncio.TimeoutError):
+                await agent.receive(timeout=0.3)
+            assert bus.stats.rejected["hello_rate_limited"] == 1
+            assert bus.stats.sent_messages["model"] == 2
+    assert isinstance(decode_task(_wire(first))[1], Sync) and isinstance(decode_task(_wire(second))[1], Sync)
+
+
+@needs_mosquitto
 def test_a_scenario_on_a_lossy_channel_completes_with_failures_recorded(tmp_path):
     """client-2's radio loses 20% of packets and never retransmits: its large messages (weights,
     latents) are lost, the rounds close at their deadline without it, and the channel says why."""
@@ -170,3 +203,10 @@ async def test_a_client_answers_a_malformed_task_with_an_error_and_keeps_working
             bye = decode_control(_wire(await bus.receive(timeout=30)))
             await asyncio.wait_for(running, 30)
     assert isinstance(bye, Bye) and bye.counters["rejected"]["unknown_op"] == 1
+
+
+def test_the_channel_emulators_rejections_count_with_the_agents():
+    rejected = {"bad_header": 2}
+    add_channel_rejections(rejected, {"rejected": {"bad_magic": 3, "unknown_agent": 1}, "links": {}})
+    add_channel_rejections(rejected, {"links": {}})  # an emulator that refused nothing
+    assert rejected == {"bad_header": 2, "channel.bad_magic": 3, "channel.unknown_agent": 1}

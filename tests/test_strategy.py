@@ -176,7 +176,7 @@ def test_collector_keeps_the_first_valid_reply_and_drops_duplicates_and_stranger
     assert c.offer(7, Metrics({"loss": 2.0})) == "not_asked"
     assert not c.done.is_set()
     assert c.offer(1, Update({}, 1, 0.0)) == "rejected"  # not the kind of reply the step asked for
-    assert c.done.is_set()
+    assert not c.done.is_set() and c.settled(grace_s=0)  # settled once a genuine reply had its chance
     out = c.close()
     assert out.replies[0] == Metrics({"loss": 1.0})
     assert out.failures == {1: "rejected: a update reply, expected metrics"}
@@ -199,3 +199,13 @@ def test_a_closed_step_turns_answers_into_late_events_and_unknown_ids_are_told_a
     assert book.route("t1") == "unknown"
     book.sync_sent("s1")
     assert book.route("s1") == "sync"
+
+
+def test_a_rejected_reply_waits_its_grace_for_a_genuine_one_before_the_step_settles():
+    step = Step(ReplySpec(Metrics, metrics={"loss": (0.0, 10.0)}), Stage2Fit({}, False))
+    c = Collector(step, [0, 1])
+    c.offer(0, Metrics({"loss": 1.0}))
+    assert c.offer(1, Metrics({"loss": 99.0})) == "rejected"  # malformed, sent just before the genuine one
+    assert not c.settled(grace_s=60) and c.settled(grace_s=0)  # it waits (up to the grace) ...
+    assert c.offer(1, Metrics({"loss": 2.0})) == "accepted"  # ... and the genuine reply counts
+    assert c.done.is_set() and c.close().failures == {}
