@@ -149,7 +149,7 @@ async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batc
         latencies.append(max((a.latency_s for a in answers), default=0.0))
         miss = missing_rows(route, replies)
         local = learner.expert_logprobs(h) if bool(miss.any()) else None
-        out = assemble(route, replies, local)
+        out = assemble(route, replies, local, learner.exp.eval.combine)
         preds.append(out.probs.argmax(1))
         fallback += out.fallback_rows
         local_only += out.local_only_rows

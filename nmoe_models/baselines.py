@@ -51,10 +51,17 @@ def local_classifier(exp: ExperimentConfig, data: ClientData) -> Scores:
     return score(logits.argmax(1), data.test_y, data.num_classes)
 
 
-def centralized_moe(
-    exp: ExperimentConfig, union: ClientData, tests: Mapping[int, ClientData], progress: OnEpoch | None = None
-) -> dict[int, Scores]:
-    """Train one MoE on ``union`` end to end; score top-k routing on every client's test set."""
+def train_centralized(
+    exp: ExperimentConfig, union: ClientData, progress: OnEpoch | None = None
+) -> tuple[CentralizedMoE, torch.optim.Optimizer]:
+    """Train one MoE (F, n experts, one gate) end to end on ``union``; returns it and its optimizer.
+
+    One optimizer lives for the whole training, so Adam's moments (or SGD's momentum) carry over
+    from epoch to epoch as in any centralized training; a fresh optimizer per epoch would weaken
+    the upper bound. The learning rate follows Stage 1's schedule, stepped once per epoch:
+    cosine annealing over all epochs when ``stage1.optim.cosine`` is set, constant otherwise, so
+    the baseline and the federated methods it bounds share one recipe.
+    """
     s1, m = exp.stage1, exp.model
     inputs = Inputs(exp, union.dataset)
     with seeded_init(exp.seed, "centralized-init"):
@@ -65,9 +72,11 @@ def centralized_moe(
     gen = generator(exp.seed, "centralized")
     k = exp.stage3.train_top_k or exp.clients
     epochs = _epochs(exp)
+    opt = make_optimizer(params, s1.optim)
+    model.train()
     for epoch in range(epochs):
-        model.train()
-        opt = make_optimizer(params, s1.optim, cosine_lr(s1.optim, epoch, epochs))
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(s1.optim, epoch, epochs)
         for idx in batches(len(union.train_x), s1.batch_size, gen, drop_last=True):
             h = model.features(inputs.augment(union.train_x[idx], gen))  # (B, d)
             w = topk_weights(model.gate(h), k, exp.stage3.noise_std, gen)  # (B, n)
@@ -76,10 +85,19 @@ def centralized_moe(
         if progress is not None:
             progress(epoch + 1, epochs)
     model.eval()
+    return model, opt
+
+
+def centralized_moe(
+    exp: ExperimentConfig, union: ClientData, tests: Mapping[int, ClientData], progress: OnEpoch | None = None
+) -> dict[int, Scores]:
+    """Train one MoE on ``union`` end to end; score top-k routing on every client's test set."""
+    inputs = Inputs(exp, union.dataset)
+    model, _ = train_centralized(exp, union, progress)
     out: dict[int, Scores] = {}
     with torch.no_grad():
         for i, data in sorted(tests.items()):
             h = apply_batched(model.features, data.test_x, inputs.prep)
-            probs = combine(topk_weights(model.gate(h), exp.eval.top_k), model.expert_logprobs(h))
+            probs = combine(topk_weights(model.gate(h), exp.eval.top_k), model.expert_logprobs(h), exp.eval.combine)
             out[i] = score(probs.argmax(1), data.test_y, data.num_classes)
     return out

@@ -140,6 +140,11 @@ class FedSCConfig:
     """Final q of the 'schedule' option."""
     corr_passes: int = 1
     """Augmented passes over the local set when computing the shared R_i (1..100)."""
+    corr_bn: Literal["batch", "running"] = "batch"
+    """BatchNorm while computing the shared R_i: 'batch' normalizes by each batch's statistics
+    (train mode, batches of stage1.batch_size, running statistics untouched), as the local loss
+    computes its R_i, so Tr(R_i Rbar_{-i}) compares like with like; 'running' uses eval mode
+    with the FedAvg-averaged running statistics (the behaviour before, kept to reproduce it)."""
     projector: bool = True
     """Train with a projector MLP (latent -> 2x -> latent) that is dropped after Stage 1."""
 
@@ -157,6 +162,14 @@ def _check_loop(rounds: int, local_epochs: int, batch_size: int) -> None:
 
 
 @dataclass(frozen=True)
+class FedCEConfig:
+    share: Literal["all", "extractor"] = "all"
+    """What FedCE averages: the whole classifier, F and head ('all', plain FedAvg), or only F
+    ('extractor': the paper's Eq. 1, each client keeping a personal head, which then seeds its
+    Stage 2 expert under stage2.init: head)."""
+
+
+@dataclass(frozen=True)
 class Stage1Config:
     method: Literal["fedce", "fedsc"] = "fedsc"
     """How the shared feature extractor F is trained."""
@@ -169,11 +182,15 @@ class Stage1Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Local optimizer (state resets each round, as in FedAvg)."""
     augment: Literal["none", "weak", "strong"] = "weak"
-    """FedCE's augmentation: none, weak (pad-and-crop + flip) or strong (one SSL view)."""
+    """Augmentation of the supervised training (FedCE, and the local, FedAvg and centralized
+    baselines): none, weak (pad-and-crop + flip) or strong (one SSL view: resized crop, colour
+    jitter, flip, grayscale; the paper's Fig. 5 compares FedSC against FedCE with strong)."""
     bn: Literal["avg", "local"] = "avg"
     """BatchNorm under FedAvg: average statistics by name ('avg') or keep them local (FedBN)."""
     fedsc: FedSCConfig = field(default_factory=FedSCConfig)
     """FedSC settings (method: fedsc)."""
+    fedce: FedCEConfig = field(default_factory=FedCEConfig)
+    """FedCE settings (method: fedce)."""
 
     def __post_init__(self) -> None:
         _check_loop(self.rounds, self.local_epochs, self.batch_size)
@@ -219,7 +236,8 @@ class Stage3Config:
     noise_std: float = 1.0
     """Std of the Gaussian noise added to gate logits while training (noisy top-k)."""
     train_top_k: int = 0
-    """Experts mixed in the training loss (0: all, dense; at most clients); inference uses eval.top_k."""
+    """Experts mixed in the training loss (0: all, dense; else 2..clients); inference uses eval.top_k.
+    1 is refused: a softmax over one expert is the constant 1, so the gate would get no gradient."""
     reset_optimizer: bool = False
     """Reset optimizer state every round (default keeps it: the decision layer is local)."""
 
@@ -231,7 +249,10 @@ class Stage3Config:
         for name in ("weight_decay", "noise_std"):
             value = getattr(self, name)
             check(_finite(value) and value >= 0, name, f"must be a finite number >= 0 (got {value})")
-        check(self.train_top_k >= 0, "train_top_k", "must be >= 0")
+        check(self.train_top_k >= 0, "train_top_k", f"must be 0 (all experts) or >= 2 (got {self.train_top_k})")
+        check(self.train_top_k != 1, "train_top_k",
+              "1 gives the gate zero gradient (a softmax over one expert is constant); "
+              "use 0 (all experts, dense) or 2..clients")
 
 
 @dataclass(frozen=True)
@@ -256,6 +277,10 @@ class PrivacyConfig:
 class EvalConfig:
     top_k: int = 1
     """Experts each test sample is routed to (paper: 1)."""
+    combine: Literal["probs", "logits"] = "probs"
+    """How the chosen experts' answers are mixed: 'probs', y = sum_j G_j softmax(H_j) (the mixture
+    the gate is trained for), or 'logits', y = softmax(sum_j G_j H_j) as the paper writes y'. Both
+    are the same prediction under top-1 routing."""
     batch_size: int = 256
     """Inference batch size, 1..65,536."""
 

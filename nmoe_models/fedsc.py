@@ -32,10 +32,17 @@ def correlation(z1: torch.Tensor, z0: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def fedsc_loss(z1: torch.Tensor, z0: torch.Tensor, q: float, rbar: torch.Tensor | None) -> torch.Tensor:
-    """The local objective of Eq. 3 for one batch; ``rbar`` is Rbar_{-i}, fixed in the round."""
+    """The local objective of Eq. 3 for one batch; ``rbar`` is Rbar_{-i}, fixed in the round.
+
+    Without an Rbar (no other client has reported yet) the loss is the plain local spectral
+    contrastive loss -Tr(R^+) + 1/2 ||R||_F^2, whatever q is, as in the reference code: keeping
+    only q/2 ||R||^2 there would drop (1 - q) of the repulsion term and let representations grow.
+    """
     r, tr_plus = correlation(z1, z0)
+    if rbar is None:
+        return -tr_plus + 0.5 * (r * r).sum()
     loss = -tr_plus + 0.5 * q * (r * r).sum()
-    if rbar is not None and q < 1.0:
+    if q < 1.0:
         loss = loss + (1.0 - q) * (r * rbar).sum()  # Tr(R Rbar) with both symmetric
     return loss
 

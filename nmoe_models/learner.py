@@ -47,13 +47,24 @@ def build_stage1_model(exp: ExperimentConfig) -> Classifier | ContrastiveModel:
         return ContrastiveModel(features, exp.stage1.fedsc.projector)
 
 
+FEATURES_PREFIX = "features."
+
+
 def stage1_shared_keys(exp: ExperimentConfig, model: torch.nn.Module) -> list[str]:
-    """Names FedAvg averages in Stage 1: everything, or all but BatchNorm under FedBN."""
+    """Names FedAvg averages in Stage 1: everything, or all but BatchNorm under FedBN; FedCE with
+    ``stage1.fedce.share: extractor`` (Eq. 1) averages F alone and each client keeps its head.
+
+    The coordinator averages exactly these names and clients load exactly what it sends, so the
+    names left out here are personal without any change to the protocol.
+    """
+    keys = list(model.state_dict())
+    if exp.stage1.method == "fedce" and exp.stage1.fedce.share == "extractor":
+        keys = [k for k in keys if k.startswith(FEATURES_PREFIX)]
     if exp.stage1.bn == "avg":
-        return list(model.state_dict())
+        return keys
     bn_modules = [name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     bn_params = {f"{name}.{p}" for name in bn_modules for p in ("weight", "bias")}
-    return [k for k in model.state_dict() if k not in bn_params and not is_bn_buffer(k)]
+    return [k for k in keys if k not in bn_params and not is_bn_buffer(k)]
 
 
 def build_gate(exp: ExperimentConfig, client_id: int) -> Gate:
@@ -136,8 +147,10 @@ class ClientLearner:
         s1 = self.exp.stage1.fedsc
         gen = generator(self.exp.seed, "corr", round_index, self.id)
         x = self.ssl_images
+        # batch statistics: the same batches the local loss sees; eval mode: larger batches are faster
+        bs = self.exp.stage1.batch_size if s1.corr_bn == "batch" else max(self.exp.stage1.batch_size, 256)
         r = fedsc_correlation(self.stage1, x, self.inputs.views, mu=s1.mu, passes=s1.corr_passes,
-                              batch_size=max(self.exp.stage1.batch_size, 256), gen=gen)
+                              batch_size=bs, gen=gen, bn=s1.corr_bn)
         if self.exp.privacy.enabled:
             sigma = self.exp.privacy.noise_multiplier * sensitivity(s1.mu, len(x))
             r = privatize(r, sigma, noise_generator(self.exp, round_index, self.id))
@@ -162,7 +175,8 @@ class ClientLearner:
         return FitResult(self.stage1_state(), n, loss)
 
     def classifier_scores(self) -> Scores:
-        """FedCE: the Stage 1 end-to-end classifier on the local test set (the FedAvg baseline)."""
+        """FedCE: the Stage 1 end-to-end classifier (F + this client's head) on the local test set:
+        the FedAvg baseline when FedCE shares everything, personal heads under share: extractor."""
         assert isinstance(self.stage1, Classifier), "only FedCE trains a classifier in Stage 1"
         logits = apply_batched(self.stage1, self.data.test_x, self.inputs.prep)
         return score(logits.argmax(1), self.data.test_y, self.classes)

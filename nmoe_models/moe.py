@@ -9,6 +9,8 @@ gradient moves the gate toward the experts that are right.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,13 +109,18 @@ def topk_weights(
     return weights.scatter(1, idx, torch.softmax(top, dim=1))
 
 
-def combine(weights: torch.Tensor, expert_logprobs: torch.Tensor) -> torch.Tensor:
-    """y = sum_j w_j softmax(H_j(h)) -> (B, C) mixture probabilities.
+def combine(weights: torch.Tensor, expert_logprobs: torch.Tensor, mode: Literal["probs", "logits"] = "probs"
+            ) -> torch.Tensor:
+    """(B, C) class probabilities of the mixture: y = sum_j w_j softmax(H_j(h)) ('probs'), or the
+    paper's softmax(sum_j w_j H_j(h)) ('logits'; equal to softmax(sum_j w_j log p_j) since the
+    weights sum to 1, see routing.assemble).
 
     weights (B, n); expert_logprobs (B, n, C) log-softmax outputs of every expert (entries of
     unselected experts are ignored, they may hold anything finite).
     """
     assert weights.shape == expert_logprobs.shape[:2]
+    if mode == "logits":
+        return torch.softmax(torch.einsum("bn,bnc->bc", weights, expert_logprobs), dim=1)
     return torch.einsum("bn,bnc->bc", weights, expert_logprobs.exp())
 
 

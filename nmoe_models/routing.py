@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -27,7 +28,7 @@ class RoutePlan:
 @dataclass(frozen=True)
 class Mixture:
     probs: torch.Tensor
-    """(B, C) mixture probabilities."""
+    """(B, C) class probabilities of the mixture."""
     fallback_rows: int
     """Rows that lost at least one chosen expert's reply."""
     local_only_rows: int
@@ -42,12 +43,17 @@ def plan(gate_logits: torch.Tensor, k: int) -> RoutePlan:
 
 
 def assemble(
-    route: RoutePlan, replies: Mapping[int, torch.Tensor], local_logprobs: torch.Tensor | None = None
+    route: RoutePlan, replies: Mapping[int, torch.Tensor], local_logprobs: torch.Tensor | None = None,
+    combine: Literal["probs", "logits"] = "probs",
 ) -> Mixture:
     """Mix the replies (expert j -> (len(rows[j]), C) log-probabilities) into (B, C) probabilities.
 
-    ``local_logprobs`` (B, C) is the local expert on every row; it is needed only when some row
-    got no reply (pass it lazily: compute it when ``missing_rows`` says so).
+    ``combine``: 'probs' mixes probabilities, sum_j w_j p_j; 'logits' is the paper's
+    y' = sum_j w_j H_j, returned as softmax(y'). Experts answer log-probabilities
+    log p_j = H_j - logsumexp(H_j), and with weights summing to 1 the logsumexp terms add one
+    constant per row, so softmax(sum_j w_j log p_j) = softmax(sum_j w_j H_j) exactly: no change on
+    the wire. ``local_logprobs`` (B, C) is the local expert on every row; it is needed only when
+    some row got no reply (pass it lazily: compute it when ``missing_rows`` says so).
     """
     b, n = route.weights.shape
     some = next(iter(replies.values()), local_logprobs)
@@ -58,12 +64,15 @@ def assemble(
     for j, rows in route.rows.items():
         w = route.weights[rows, j]
         if j in replies:
-            probs.index_add_(0, rows, w.unsqueeze(1) * replies[j].exp())
+            answer = replies[j] if combine == "logits" else replies[j].exp()
+            probs.index_add_(0, rows, w.unsqueeze(1) * answer)
             mass.index_add_(0, rows, w)
         else:
             lost[rows] = True
     answered = mass > 0
-    probs[answered] /= mass[answered].unsqueeze(1)
+    probs[answered] /= mass[answered].unsqueeze(1)  # renormalized over the experts that answered
+    if combine == "logits":
+        probs[answered] = torch.softmax(probs[answered], dim=1)
     none = ~answered
     if bool(none.any()):
         if local_logprobs is None:

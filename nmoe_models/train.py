@@ -10,13 +10,15 @@ import hashlib
 import math
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import OptimConfig, Stage3Config
+from .fedavg import is_bn_buffer
 from .fedsc import clip_norm, correlation, fedsc_loss
 from .moe import mixture_nll, topk_weights
 
@@ -137,24 +139,49 @@ def train_fedsc(
     return run_epochs(len(x), epochs=epochs, batch_size=batch_size, gen=gen, step=step)
 
 
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` with train-mode BatchNorm (each batch normalized by its own statistics) and
+    leave its running statistics exactly as they were."""
+    saved = {k: v.clone() for k, v in model.state_dict().items() if is_bn_buffer(k)}
+    model.train()
+    try:
+        yield
+    finally:
+        model.load_state_dict(saved, strict=False)
+
+
 @torch.no_grad()
 def fedsc_correlation(
     model: nn.Module, x: torch.Tensor, views: Views,
-    *, mu: float, passes: int, batch_size: int, gen: torch.Generator,
+    *, mu: float, passes: int, batch_size: int, gen: torch.Generator, bn: Literal["batch", "running"] = "batch",
 ) -> torch.Tensor:
-    """R_i over the whole local set: the mean of z z^T over every view of every sample and pass."""
-    model.eval()
+    """R_i over the whole local set: the mean of z z^T over every view of every sample and pass.
+
+    ``bn: batch`` (default) computes z as the local loss does: BatchNorm in train mode, batches of
+    about ``batch_size`` (never smaller: the remainder joins the others), running statistics left
+    untouched. The shared R_j then measures the same representation as the R_i it is compared
+    with in Eq. 3's Tr(R_i Rbar_{-i}); eval mode would normalize with FedAvg-averaged running
+    statistics, which under non-IID data describe no client's features. ``bn: running`` is that
+    eval-mode computation (the behaviour before this was made consistent).
+    """
     acc: torch.Tensor | None = None
     count = 0
-    for _ in range(passes):
-        for start in range(0, len(x), batch_size):
-            v1, v0 = views(x[start : start + batch_size], gen)
-            z = clip_norm(model(torch.cat([v1, v0])), mu)
-            z1, z0 = z.chunk(2)
-            r, _ = correlation(z1, z0)
-            part = r * (2 * len(z1))  # sum of z z^T in this batch
-            acc = part if acc is None else acc + part
-            count += 2 * len(z1)
+    if bn == "running":
+        model.eval()
+        chunks = [torch.arange(s, min(s + batch_size, len(x))) for s in range(0, len(x), batch_size)]
+    else:
+        chunks = list(torch.arange(len(x)).tensor_split(max(1, len(x) // batch_size)))
+    with batch_statistics(model) if bn == "batch" else nullcontext():
+        for _ in range(passes):
+            for idx in chunks:
+                v1, v0 = views(x[idx], gen)
+                z = clip_norm(model(torch.cat([v1, v0])), mu)
+                z1, z0 = z.chunk(2)
+                r, _ = correlation(z1, z0)
+                part = r * (2 * len(z1))  # sum of z z^T in this batch
+                acc = part if acc is None else acc + part
+                count += 2 * len(z1)
     assert acc is not None, "fedsc_correlation needs at least one sample"
     return acc / count
 

@@ -35,8 +35,10 @@ from .schema import to_dict
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
-"""Bump when what a cached stage computes changes (an old entry then no longer matches)."""
+CACHE_VERSION = 2
+"""Bump when what a cached stage computes changes (an old entry then no longer matches).
+2: the centralized MoE keeps one optimizer for all its epochs; FedSC without an Rbar keeps the
+full 1/2 ||R||^2 (issue 9's fidelity fixes)."""
 
 
 def default_root() -> Path:
@@ -62,7 +64,9 @@ def key_fields(stage: str, exp: Any) -> dict[str, Any]:
         "stage1": stage1,
         "stage2": {**stage1, "stage2": cfg["stage2"]},
         "local": {**train, "stage1": cfg["stage1"], **everything_tested},
-        "fedavg": {**train, "stage1": {**cfg["stage1"], "method": "fedce"}, **everything_tested},
+        # the FedAvg baseline is whole-model FedCE whatever the run's own Stage 1 (scenarios.runner)
+        "fedavg": {**train, "stage1": {**cfg["stage1"], "method": "fedce", "fedce": {"share": "all"}},
+                   **everything_tested},
         "centralized": {**train, "stage1": cfg["stage1"], **everything_tested, "eval": cfg["eval"],
                         "stage3": {k: cfg["stage3"][k] for k in ("train_top_k", "noise_std")}},
     }

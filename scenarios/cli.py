@@ -1,4 +1,4 @@
-"""The `nmoe` command: run and validate scenarios, run one agent on an edge board."""
+"""The `nmoe` command: run, sweep and validate scenarios, run one agent on an edge board."""
 
 from __future__ import annotations
 
@@ -41,6 +41,19 @@ def parser() -> argparse.ArgumentParser:
                      help="in-process runs: compute every stage, ignoring the stage cache ($NMOE_CACHE, else "
                           "~/.cache/nmoe; networked runs always compute)")
     agent_args(sub.add_parser("agent", help="run one client agent by itself (e.g. on a Raspberry Pi)"))
+    sweep = sub.add_parser("sweep", help="run a grid of scenario settings x seeds (resumable), then summarize")
+    sweep.add_argument("file", help="a sweep YAML file: base, grid, set, seeds")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override a field in every run, e.g. --set data.name=cifar10 (repeatable)")
+    sweep.add_argument("--out", help="output folder (default sweeps/<sweep name>)")
+    sweep.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="runs in parallel, each in its own process with cores/N torch threads (default 1)")
+    mode = sweep.add_mutually_exclusive_group()
+    mode.add_argument("--inprocess", action="store_true", help="run each cell in process (the default)")
+    mode.add_argument("--networked", action="store_true",
+                      help="run each cell networked: broker, coordinator, agents (one run at a time)")
+    sweep.add_argument("--report", action="store_true",
+                       help="run nothing: redraw summary.csv, the table and the charts from the runs on disk")
     val = sub.add_parser("validate", help="check a scenario file and print its resolved settings")
     _scenario_args(val)
     sub.add_parser("scenarios", help="list the shipped scenarios")
@@ -71,6 +84,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return 0
     if args.command == "agent":
         return run_agent(args)
+    if args.command == "sweep":
+        return run_sweep_command(args, console)
     scn = load_scenario(args.scenario, args.overrides)
     if args.command == "validate":
         console.print(f"[green]ok[/green]: {scn.name}: {scn.clients} clients, {scn.data.name}, "
@@ -111,6 +126,37 @@ def check_external_broker(url: str) -> None:
             f"--broker {address.redacted()}: no password; give mqtt[s]://user:password@host:port or set "
             f"${PASSWORD_ENV} (nmoe needs a broker with authentication: its ACL proves who sent a message)"
         )
+
+
+def run_sweep_command(args: argparse.Namespace, console: Console) -> int:
+    """`nmoe sweep FILE`: validate everything, run what is missing, summarize from disk."""
+    from .runner import available_cpus
+    from .sweep import load_sweep, run_sweep
+    from .sweep_report import write_summary
+
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs: must be >= 1 (got {args.jobs})")
+    if args.networked and args.jobs > 1:
+        raise ConfigError("--jobs: networked sweeps run one cell at a time (each starts a broker and its agents)")
+    cores = available_cpus()
+    jobs = min(args.jobs, cores)
+    sweep = load_sweep(args.file, args.out, args.overrides, threads=max(1, cores // jobs))
+    cells = len({r.cell for r in sweep.runs})
+    console.print(f"[bold]sweep {sweep.name}[/bold]: base {sweep.base}, {cells} cell(s) x {len(sweep.seeds)} "
+                  f"seed(s) = {len(sweep.runs)} run(s) in {sweep.out}" + (f"; {sweep.description}" if sweep.description
+                                                                         else ""), highlight=False)
+    failed = 0
+    if not args.report:
+        if jobs < args.jobs:
+            console.print(f"--jobs {args.jobs} capped to {jobs}: this machine has {cores} core(s)")
+        outcomes = run_sweep(sweep, console, jobs, args.networked)
+        failed = sum(not o.ok for o in outcomes)
+    paths = write_summary(sweep, console)
+    console.print("outputs: " + ", ".join(str(p) for p in paths))
+    if failed:
+        console.print(f"[red]{failed} run(s) failed[/red]: see error.txt in their folders; run the sweep again "
+                      "to retry them")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

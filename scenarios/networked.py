@@ -35,7 +35,7 @@ from nmoe_models.partition import load_client_data
 from .agent_groups import AgentGroup, AgentsMode, ExternalAgents, agents_running, make_group
 from .bus_sizing import bus_config
 from .channel_process import ChannelProcess, channel_running
-from .runner import ProgressObserver, make_progress, run_baselines, set_threads
+from .runner import ProgressObserver, make_progress, run_baselines, set_threads, stage1_classifier
 from .scenario import Scenario
 from .schema import to_dict
 
@@ -199,7 +199,8 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
     summary, traffic = asyncio.run(run_networked(scn, out_dir, console, mode, broker_url, listen, broker_kind))
     with make_progress(console) as progress:
         clock = time.perf_counter()
-        baselines = run_baselines(scn, datas, progress, summary.methods.get("fedavg")) if scn.baselines else {}
+        classifier = stage1_classifier(scn, summary)
+        baselines = run_baselines(scn, datas, progress, classifier) if scn.baselines else {}
         summary.stage_seconds["baselines"] = time.perf_counter() - clock
     results = build_results(scn, "networked", summary, baselines, {"traffic": traffic},
                             time.perf_counter() - started)

@@ -23,7 +23,7 @@ from .scenario import Scenario
 from .schema import to_dict
 
 PerClient = Mapping[int, Mapping[str, float]]
-ORDER = ("centralized", "nmoe", "nmoe_fedavg_gate", "fedavg", "local")
+ORDER = ("centralized", "nmoe", "nmoe_fedavg_gate", "fedce_personal", "fedavg", "local")
 
 
 def method_labels(scn: Scenario) -> dict[str, str]:
@@ -32,6 +32,7 @@ def method_labels(scn: Scenario) -> dict[str, str]:
     return {
         "nmoe": f"{fe}-NMoE ({gate})",
         "nmoe_fedavg_gate": f"{fe}-NMoE (FedAvg-gate)",
+        "fedce_personal": "FedCE classifier (personal heads)",
         "fedavg": "FedAvg classifier",
         "local": "Local classifier",
         "centralized": "Centralized MoE",

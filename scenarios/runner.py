@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 
 from agents.inprocess import InProcessFleet
 from agents.messages import Op
-from agents.strategy import RoundRecord, Strategy
+from agents.strategy import RoundRecord, RunSummary, Strategy
 from nmoe_models.baselines import centralized_moe, local_classifier
+from nmoe_models.config import FedCEConfig
 from nmoe_models.learner import ClientLearner
 from nmoe_models.partition import ClientData, load_client_data, load_union
 
@@ -109,6 +110,17 @@ def run_baselines(scn: Scenario, datas: Mapping[int, ClientData], progress: Prog
     return out
 
 
+def stage1_classifier(scn: Scenario, summary: RunSummary) -> PerClient | None:
+    """The Stage 1 classifier's scores when they are the FedAvg baseline's (FedCE sharing the
+    whole model). FedCE with ``stage1.fedce.share: extractor`` ends with personal heads: its
+    scores move to ``fedce_personal`` and the FedAvg baseline, when asked for, is trained apart."""
+    scores = summary.methods.get("fedavg")
+    if scores is None or scn.stage1.fedce.share == "all":
+        return scores
+    summary.methods["fedce_personal"] = summary.methods.pop("fedavg")
+    return None
+
+
 def _local(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress) -> PerClient:
     task = progress.add_task("baseline: local classifiers", total=scn.clients, info="")
     local = {}
@@ -120,7 +132,7 @@ def _local(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress) -
 
 
 def _fedavg(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress) -> PerClient:
-    fedce = dataclasses.replace(scn, stage1=dataclasses.replace(scn.stage1, method="fedce"))
+    fedce = dataclasses.replace(scn, stage1=dataclasses.replace(scn.stage1, method="fedce", fedce=FedCEConfig()))
     learners = {i: ClientLearner(fedce, d) for i, d in datas.items()}
     strategy = Strategy(fedce, ProgressObserver(progress, None, "baseline: FedAvg classifier "))
     fleet = InProcessFleet(learners)
@@ -152,7 +164,7 @@ def run_inprocess(scn: Scenario, out_dir: Path, console: Console, cache: StageCa
         fleet = InProcessFleet(learners)
         summary = asyncio.run(strategy.run(fleet, CachedStages(cache, fleet) if cache is not None else None))
         clock = time.perf_counter()
-        baselines = run_baselines(scn, datas, progress, summary.methods.get("fedavg"), cache)
+        baselines = run_baselines(scn, datas, progress, stage1_classifier(scn, summary), cache)
         summary.stage_seconds["baselines"] = time.perf_counter() - clock
     extra = {"cache": {"root": str(cache.root), "stages": dict(cache.report)}} if cache is not None else {}
     results = build_results(scn, "inprocess", summary, baselines, extra, time.perf_counter() - started)

@@ -67,6 +67,7 @@ def test_a_damaged_or_foreign_entry_is_recomputed_never_used(tmp_path):
     ("stage3.rounds=7", False), ("eval.top_k=1", False), ("partition.test_distribution=iid", False),
     ("channel.preset=lte", False), ("network.min_clients=2", False), ("stage2.epochs=3", False),
     ("stage1.rounds=5", True), ("partition.tau=0.9", True), ("seed=4", True), ("privacy.noise_multiplier=2.0", True),
+    ("eval.combine=logits", False), ("stage1.fedsc.corr_bn=running", True),
 ])
 def test_stage1_keys_hold_exactly_the_fields_stage1_depends_on(tmp_path, override, stage1_changes):
     base = toy_scenario(tmp_path)

@@ -38,6 +38,7 @@ def _write(tmp_path: Path, text: str) -> str:
         ("name: 'bad name!'", "name: must be 1-64 letters"),
         ("[1, 2]", "the top level must be a mapping"),
         ("stage1: {rounds: [1", "s.yaml:1:20: expected ',' or ']', but got '<stream end>'"),
+        ("stage3: {train_top_k: 1}", "stage3.train_top_k: 1 gives the gate zero gradient"),
     ],
 )
 def test_bad_scenarios_name_the_problem(tmp_path, text, message):

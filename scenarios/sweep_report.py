@@ -1,0 +1,208 @@
+"""A sweep's summary, drawn from its run folders on disk: summary.csv, a table and line charts.
+
+One row per (grid cell, method): the cell's grid values, the method, and for each metric its mean
+over the seeds that finished and the half-width of its 95% confidence interval (Student's t,
+n - 1 degrees of freedom; empty with a single seed). Failed runs are counted and their first error
+line kept in the row, so a summary never hides a failure.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from .report import ORDER, _pyplot
+from .sweep import Run, Sweep, show
+
+METRICS = ("accuracy", "f1_macro")
+EXTRAS = ("bytes_per_sample", "latency_p50_ms", "latency_p95_ms")
+"""Inference figures reported where the method has them (NMoE's serverless routing)."""
+LINES = {"nmoe": "NMoE", "nmoe_fedavg_gate": "NMoE (FedAvg-gate)", "centralized": "Centralized MoE",
+         "fedce_personal": "FedCE classifier (personal heads)", "fedavg": "FedAvg classifier",
+         "local": "Local classifier"}
+"""Chart legends: one line per method whatever the cell (a row's label names its cell's Stage 1)."""
+RUN_EXTRAS = ("epsilon", "wall_s")
+"""Figures of the whole run: the DP budget spent (FedSC with privacy) and the wall time."""
+
+
+@dataclass
+class Row:
+    cell: str
+    values: Mapping[str, Any]
+    method: str
+    label: str = ""
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+
+
+def ci95(values: Sequence[float]) -> float:
+    """Half-width of the 95% confidence interval of the mean (t distribution); NaN for n < 2."""
+    n = len(values)
+    if n < 2:
+        return math.nan
+    from scipy.stats import t  # scikit-learn's own dependency
+
+    return float(t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
+
+
+def _read(run: Run) -> tuple[dict[str, Any] | None, str]:
+    """(results, error): the run's results.json, or why there is none ('' when not run yet)."""
+    error_file = run.folder / "error.txt"
+    if error_file.is_file():
+        lines = [ln for ln in error_file.read_text().splitlines() if ln.strip()]
+        return None, lines[-1] if lines else "failed"
+    path = run.folder / "results.json"
+    if not path.is_file():
+        return None, ""
+    try:
+        return json.loads(path.read_text()), ""
+    except json.JSONDecodeError as err:
+        return None, f"results.json is not valid JSON ({err})"
+
+
+def collect(sweep: Sweep) -> tuple[list[Row], int]:
+    """Rows in the sweep's cell order, methods in the usual order; and the number of runs missing."""
+    rows: dict[tuple[str, str], Row] = {}
+    failures: dict[str, list[str]] = {}
+    missing = 0
+    for run in sweep.runs:
+        results, error = _read(run)
+        if results is None:
+            if error:
+                failures.setdefault(run.cell, []).append(f"seed {run.seed}: {error}")
+                rows.setdefault((run.cell, ""), Row(run.cell, run.values, ""))
+            else:
+                missing += 1
+            continue
+        privacy = results.get("privacy") or {}
+        for method, summary in results["methods"].items():
+            row = rows.setdefault((run.cell, method), Row(run.cell, run.values, method, summary.get("label", method)))
+            for key in METRICS + EXTRAS:
+                if summary.get(key) is not None:
+                    row.samples.setdefault(key, []).append(float(summary[key]))
+            if privacy.get("epsilon") is not None and method.startswith("nmoe"):
+                row.samples.setdefault("epsilon", []).append(float(privacy["epsilon"]))
+            row.samples.setdefault("wall_s", []).append(float(results["wall_s"]))
+    cells = list(dict.fromkeys(r.cell for r in sweep.runs))
+    out = []
+    for cell in cells:
+        mine = [r for (c, _), r in rows.items() if c == cell and r.method]
+        mine.sort(key=lambda r: ORDER.index(r.method) if r.method in ORDER else len(ORDER))
+        if not mine and (cell, "") in rows:
+            mine = [rows[(cell, "")]]  # every seed failed: one row that says so
+        for r in mine:
+            r.failed = failures.get(cell, [])
+        out += mine
+    return out, missing
+
+
+def columns(sweep: Sweep, rows: Sequence[Row]) -> list[str]:
+    present = {k for r in rows for k in r.samples}
+    figures = [k for k in (*METRICS, *EXTRAS, *RUN_EXTRAS) if k in present or k in METRICS]
+    return [*sweep.grid, "method", "label", "n_seeds", *[f"{k}_{s}" for k in figures for s in ("mean", "ci95")],
+            "failed_seeds", "error"]
+
+
+def _fmt(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.6g}"
+
+
+def as_records(sweep: Sweep, rows: Sequence[Row]) -> list[dict[str, str]]:
+    cols = columns(sweep, rows)
+    records = []
+    for r in rows:
+        rec: dict[str, str] = {k: show(v) for k, v in r.values.items()}
+        rec |= {"method": r.method or "-", "label": r.label, "n_seeds": str(len(r.samples.get("accuracy", [])))}
+        for col in cols:
+            for stat in ("_mean", "_ci95"):
+                if col.endswith(stat):
+                    vals = r.samples.get(col[: -len(stat)], [])
+                    value = (float(np.mean(vals)) if vals else math.nan) if stat == "_mean" else ci95(vals)
+                    rec[col] = _fmt(value)
+        rec |= {"failed_seeds": str(len(r.failed)), "error": "; ".join(r.failed)[:500]}
+        records.append({c: rec.get(c, "") for c in cols})
+    return records
+
+
+def write_summary(sweep: Sweep, console: Console) -> list[Path]:
+    """summary.csv, the terminal table and one chart per swept key, from the folders on disk."""
+    rows, missing = collect(sweep)
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    path = sweep.out / "summary.csv"
+    records = as_records(sweep, rows)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns(sweep, rows))
+        writer.writeheader()
+        writer.writerows(records)
+    print_table(console, sweep, records)
+    if missing:
+        console.print(f"[yellow]{missing} run(s) not run yet[/yellow]: `nmoe sweep` without --report runs them")
+    charts = [plot_key(sweep, key, records) for key, values in sweep.grid.items() if len(values) > 1]
+    return [path, *charts]
+
+
+def print_table(console: Console, sweep: Sweep, records: Sequence[Mapping[str, str]]) -> None:
+    table = Table(title=f"sweep {sweep.name}: mean ± 95% CI over seeds")
+    for key in sweep.grid:
+        table.add_column(key)
+    for name in ("method", "n", "accuracy", "macro-F1", "failed"):
+        table.add_column(name, justify="left" if name == "method" else "right")
+
+    def pm(rec: Mapping[str, str], k: str) -> str:
+        mean, ci = rec[f"{k}_mean"], rec[f"{k}_ci95"]
+        return "-" if not mean else f"{float(mean):.4f}" + (f" ± {float(ci):.4f}" if ci else "")
+
+    for rec in records:
+        failed = rec["failed_seeds"]
+        table.add_row(*[rec[k] for k in sweep.grid], rec["label"] or rec["method"], rec["n_seeds"], pm(rec, "accuracy"),
+                      pm(rec, "f1_macro"), f"[red]{failed}[/red]" if failed != "0" else "0")
+    console.print(table)
+
+
+def plot_key(sweep: Sweep, key: str, records: Sequence[Mapping[str, str]]) -> Path:
+    """Metrics against one swept key: a line per method (and per value of the other keys)."""
+    plt = _pyplot()
+    metrics = [*METRICS] + (["bytes_per_sample"] if any(float(r.get("bytes_per_sample_mean") or 0) > 0
+                                                        for r in records) else [])
+    xs = [show(v) for v in sweep.grid[key]]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sweep.grid[key])
+    position = {x: (float(x) if numeric else float(i)) for i, x in enumerate(xs)}
+    others = [k for k in sweep.grid if k != key]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.0), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        lines: dict[str, list[tuple[float, float, float]]] = {}
+        for rec in records:
+            if not rec.get(f"{metric}_mean"):
+                continue
+            name = LINES.get(rec["method"], rec["method"])
+            if others:
+                name += " (" + ", ".join(f"{k.rsplit('.', 1)[-1]}={rec[k]}" for k in others) + ")"
+            ci = rec[f"{metric}_ci95"]
+            lines.setdefault(name, []).append((position[rec[key]], float(rec[f"{metric}_mean"]), float(ci or 0.0)))
+        for name, pts in lines.items():
+            pts.sort()
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=4,
+                        capsize=3, label=name)
+        if not numeric:
+            ax.set_xticks([position[x] for x in xs], xs)
+        if metric in METRICS:
+            ax.set_ylim(0, 1.02)  # a 2-seed t interval can be wider than the whole scale
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"sweep {sweep.name}: mean over seeds, error bars 95% CI")
+    fig.tight_layout()
+    path = sweep.out / f"chart_{key}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
