@@ -35,7 +35,7 @@ from .schema import to_dict
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Bump when what a cached stage computes changes (an old entry then no longer matches).
 2: the centralized MoE keeps one optimizer for all its epochs; FedSC without an Rbar keeps the
 full 1/2 ||R||^2 (issue 9's fidelity fixes)."""
@@ -60,14 +60,16 @@ def key_fields(stage: str, exp: Any) -> dict[str, Any]:
     stage1 = {**train, "stage1": cfg["stage1"], "aggregation": cfg["aggregation"],
               "privacy": cfg["privacy"] if cfg["stage1"]["method"] == "fedsc" else None}
     everything_tested = {"partition": cfg["partition"], "data": cfg["data"]}
+    # the baselines train on Stage 1's budget (rounds x epochs, batch, optimizer, augmentation), not its method
+    budget = {k: v for k, v in cfg["stage1"].items() if k not in ("method", "fedsc", "fedce")}
     fields: dict[str, dict[str, Any]] = {
         "stage1": stage1,
         "stage2": {**stage1, "stage2": cfg["stage2"]},
-        "local": {**train, "stage1": cfg["stage1"], **everything_tested},
+        "local": {**train, "stage1": budget, **everything_tested},
         # the FedAvg baseline is whole-model FedCE whatever the run's own Stage 1 (scenarios.runner)
-        "fedavg": {**train, "stage1": {**cfg["stage1"], "method": "fedce", "fedce": {"share": "all"}},
-                   **everything_tested},
-        "centralized": {**train, "stage1": cfg["stage1"], **everything_tested, "eval": cfg["eval"],
+        "fedavg": {**train, "stage1": {**budget, "method": "fedce", "fedce": {"share": "all"}},
+                   "aggregation": cfg["aggregation"], **everything_tested},
+        "centralized": {**train, "stage1": budget, **everything_tested, "eval": cfg["eval"],
                         "stage3": {k: cfg["stage3"][k] for k in ("train_top_k", "noise_std")}},
     }
     return {"stage": stage, "version": CACHE_VERSION, **fields[stage]}

@@ -52,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument("--inprocess", action="store_true", help="run each cell in process (the default)")
     mode.add_argument("--networked", action="store_true",
                       help="run each cell networked: broker, coordinator, agents (one run at a time)")
+    sweep.add_argument("--no-cache", action="store_true",
+                       help="compute every stage of every run, ignoring the stage cache ($NMOE_CACHE, else "
+                            "~/.cache/nmoe)")
     sweep.add_argument("--report", action="store_true",
                        help="run nothing: redraw summary.csv, the table and the charts from the runs on disk")
     val = sub.add_parser("validate", help="check a scenario file and print its resolved settings")
@@ -149,7 +152,10 @@ def run_sweep_command(args: argparse.Namespace, console: Console) -> int:
     if not args.report:
         if jobs < args.jobs:
             console.print(f"--jobs {args.jobs} capped to {jobs}: this machine has {cores} core(s)")
-        outcomes = run_sweep(sweep, console, jobs, args.networked)
+        from .cache import default_root
+
+        cache_root = None if args.no_cache or args.networked else str(default_root())
+        outcomes = run_sweep(sweep, console, jobs, args.networked, cache_root)
         failed = sum(not o.ok for o in outcomes)
     paths = write_summary(sweep, console)
     console.print("outputs: " + ", ".join(str(p) for p in paths))

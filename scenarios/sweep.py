@@ -208,7 +208,7 @@ def comparable(config: Any) -> Any:
     return json.loads(json.dumps({k: v for k, v in config.items() if k not in UNCOMPARED}, sort_keys=True))
 
 
-def execute(run: Run, networked: bool = False) -> Outcome:
+def execute(run: Run, networked: bool = False, cache_root: str | None = None) -> Outcome:
     """Run one cell x seed into its folder. Whatever the run raises is recorded there as data
     (error.txt with the traceback) and returned, so that one failed run never stops the sweep."""
     from .runner import run_inprocess
@@ -227,7 +227,9 @@ def execute(run: Run, networked: bool = False) -> Outcome:
 
                 run_networked_scenario(scn, run.folder, console, "subprocess")
             else:
-                run_inprocess(scn, run.folder, console)
+                from .cache import StageCache
+
+                run_inprocess(scn, run.folder, console, StageCache(Path(cache_root)) if cache_root else None)
         except Exception as err:  # noqa: BLE001 - recorded in error.txt and the summary, never dropped
             (run.folder / "error.txt").write_text(traceback.format_exc())
             (run.folder / "results.json").unlink(missing_ok=True)
@@ -235,8 +237,10 @@ def execute(run: Run, networked: bool = False) -> Outcome:
     return Outcome(run, True, time.perf_counter() - started)
 
 
-def run_sweep(sweep: Sweep, console: Console, jobs: int = 1, networked: bool = False) -> list[Outcome]:
-    """Run every unfinished run (``jobs`` at a time, in worker processes when more than one)."""
+def run_sweep(sweep: Sweep, console: Console, jobs: int = 1, networked: bool = False,
+              cache_root: str | None = None) -> list[Outcome]:
+    """Run every unfinished run (``jobs`` at a time, in worker processes when more than one); in-process
+    runs share the stage cache under ``cache_root`` (None: no cache)."""
     todo = [r for r in sweep.runs if not finished(r)]
     done = len(sweep.runs) - len(todo)
     if done:
@@ -262,11 +266,11 @@ def run_sweep(sweep: Sweep, console: Console, jobs: int = 1, networked: bool = F
 
         if jobs <= 1:
             for r in todo:
-                finish(execute(r, networked))
+                finish(execute(r, networked, cache_root))
         else:
             ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
             with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-                futures: list[Future[Outcome]] = [pool.submit(execute, r, networked) for r in todo]
+                futures: list[Future[Outcome]] = [pool.submit(execute, r, networked, cache_root) for r in todo]
                 try:
                     for future in as_completed(futures):
                         finish(future.result())

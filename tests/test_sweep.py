@@ -122,3 +122,16 @@ def test_a_tiny_sweep_runs_resumes_records_failures_and_reports(tmp_path, capsys
 def test_shipped_sweeps_validate(path, tmp_path):
     sweep = load_sweep(path, str(tmp_path / "out"))
     assert sweep.runs and sweep.name == path.stem
+
+
+def test_a_sweep_over_a_later_stage_trains_stage1_once(tmp_path):
+    import json
+
+    path = _files(tmp_path, "base: base.yaml\ngrid: {stage3.rounds: [1, 2]}\nseeds: [3]")
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 0
+    stages = [json.loads(p.read_text())["cache"]["stages"] for p in sorted((tmp_path / "out").rglob("results.json"))]
+    assert sorted(s["stage1"]["status"] for s in stages) == ["computed", "loaded"]
+    assert len({s["stage1"]["key"] for s in stages}) == 1
+    path.write_text("base: base.yaml\ngrid: {stage3.rounds: [1]}\nseeds: [3]")
+    assert main(["sweep", str(path), "--out", str(tmp_path / "nocache"), "--no-cache"]) == 0
+    assert all("cache" not in json.loads(p.read_text()) for p in (tmp_path / "nocache").rglob("results.json"))
