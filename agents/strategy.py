@@ -144,8 +144,9 @@ class Strategy:
         stage_no = {Stage.STAGE2: 2, Stage.STAGE3: 3, Stage.EVAL: 3, Stage.DONE: 3}.get(self.stage, 1)
         return Sync(self.global_stage1, stage_no)
 
-    async def run(self, fleet: Fleet, store: StageStore | None = None) -> RunSummary:
-        """Every stage; Stage 1 and 2 are brought back from ``store`` when it has them (and kept there)."""
+    async def run(self, fleet: Fleet, store: StageStore | None = None, until: Stage = Stage.DONE) -> RunSummary:
+        """Every stage (or up to and including ``until``: Stage 2 for the FedAvg baseline); Stage 1 and 2
+        are brought back from ``store`` when it has them (and kept there)."""
         clock = time.perf_counter()
         if store is None or not store.restore(Stage.STAGE1, self):
             first = len(self.summary.rounds)
@@ -162,6 +163,8 @@ class Strategy:
             if store is not None:
                 store.save(Stage.STAGE2, self, self.summary.rounds[first:])
         self.summary.stage_seconds["stage2"] = time.perf_counter() - clock
+        if until is Stage.STAGE2:
+            return self.summary
         clock = time.perf_counter()
         await self._step(fleet, Step(ReplySpec(Metrics), Stage3Prepare()))
         self.summary.stage_seconds["stage3_prepare"] = time.perf_counter() - clock

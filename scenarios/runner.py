@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from safetensors.torch import save_file
 
 from agents.inprocess import InProcessFleet
-from agents.messages import Op
+from agents.messages import Op, Stage
 from agents.strategy import RoundRecord, RunSummary, Strategy
 from nmoe_models.baselines import centralized_moe, local_classifier
 from nmoe_models.config import FedCEConfig
@@ -104,7 +104,7 @@ def run_baselines(scn: Scenario, datas: Mapping[int, ClientData], progress: Prog
     if "local" in scn.baselines:
         out["local"] = baseline_scores(cache, "local", scn, lambda: _local(scn, datas, progress))
     if "fedavg" in scn.baselines and classifier is None:
-        out["fedavg"] = baseline_scores(cache, "fedavg", scn, lambda: _fedavg(scn, datas, progress))
+        out["fedavg"] = _fedavg(scn, datas, progress, cache)
     if "centralized" in scn.baselines:
         out["centralized"] = baseline_scores(cache, "centralized", scn, lambda: _centralized(scn, datas, progress))
     return out
@@ -131,17 +131,20 @@ def _local(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress) -
     return local
 
 
-def _fedavg(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress) -> PerClient:
+def _fedavg(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress,
+            cache: StageCache | None) -> PerClient:
+    """Whole-model FedCE's Stage 1 and its classifier's scores: from the stage cache when a FedCE run
+    of the same settings (or an earlier FedAvg baseline) left them there."""
     fedce = dataclasses.replace(scn, stage1=dataclasses.replace(scn.stage1, method="fedce", fedce=FedCEConfig()))
     learners = {i: ClientLearner(fedce, d) for i, d in datas.items()}
     strategy = Strategy(fedce, ProgressObserver(progress, None, "baseline: FedAvg classifier "))
     fleet = InProcessFleet(learners)
-
-    async def fedavg_only() -> PerClient:
-        await strategy.stage1(fleet)
-        return await strategy.stage2(fleet)
-
-    return asyncio.run(fedavg_only())
+    own = StageCache(cache.root) if cache is not None else None  # its own report: the run's stages are others
+    summary = asyncio.run(strategy.run(fleet, CachedStages(own, fleet) if own is not None else None,
+                                       until=Stage.STAGE2))
+    if cache is not None and own is not None:
+        cache.report |= {f"fedavg.{stage}": entry for stage, entry in own.report.items()}
+    return summary.methods["fedavg"]
 
 
 def _centralized(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress) -> PerClient:

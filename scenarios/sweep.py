@@ -171,21 +171,21 @@ def _parse(file: Path, raw: dict[str, Any], out: str | None, overrides: Sequence
     base_data["name"] = name
     folder = Path(out) if out else Path("sweeps") / name
     runs = []
-    for combo in itertools.product(*grid.values()):
+    # seed by seed: a sweep cut short has run every cell once before any cell's second seed
+    for seed, combo in ((s, c) for s in seeds for c in itertools.product(*grid.values())):
         values = dict(zip(grid, combo, strict=True))
         cell = cell_name(values)
-        for seed in seeds:
-            data = json.loads(json.dumps(base_data))  # a deep copy of plain YAML data
-            for key, value in values.items():
-                set_path(data, key, value, f"grid.{key}")
-            data["seed"] = seed
-            if threads and not explicit_threads:
-                data["threads"] = threads
-            try:
-                build(Scenario, data)
-            except ConfigError as err:
-                raise ConfigError(f"grid cell {cell}, seed {seed}: {err}") from err
-            runs.append(Run(cell, values, seed, data, folder / cell / f"seed-{seed}"))
+        data = json.loads(json.dumps(base_data))  # a deep copy of plain YAML data
+        for key, value in values.items():
+            set_path(data, key, value, f"grid.{key}")
+        data["seed"] = seed
+        if threads and not explicit_threads:
+            data["threads"] = threads
+        try:
+            build(Scenario, data)
+        except ConfigError as err:
+            raise ConfigError(f"grid cell {cell}, seed {seed}: {err}") from err
+        runs.append(Run(cell, values, seed, data, folder / cell / f"seed-{seed}"))
     return Sweep(name, str(raw.get("description", "")), base, grid, tuple(seeds), tuple(runs), folder)
 
 
