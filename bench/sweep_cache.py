@@ -1,0 +1,90 @@
+"""What the stage cache saves: one sweep over Stage 3 and evaluation settings only, run with the
+cache (from an empty one) and with ``--no-cache``, side by side in one run, as a user runs them
+(``nmoe sweep FILE``, each its own command).
+
+Reported: ``cache_ratio`` = wall time of the cached sweep / wall time of the ``--no-cache`` sweep
+(goal < 0.15), and how many runs computed and loaded Stage 1.
+
+    python bench/sweep_cache.py            # Fashion-MNIST, 10 clients x 500, 8 cells (minutes)
+    python bench/sweep_cache.py --quick    # synthetic data, 6 cells (under a minute)
+
+The last line printed is ``cells=<n> cached_s=<x> nocache_s=<y> stage1_computed=<a> cache_ratio=<r>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+QUICK = """
+name: cachebench
+seed: 0
+clients: 4
+threads: 2
+data: {name: synthetic, synthetic_train: 4000}
+partition: {kind: noniid, tau: 0.5, train_per_client: 200, test_per_client: 50}
+model: {head_hidden: 16, gate_hidden: 8}
+stage1: {method: fedce, rounds: 3, local_epochs: 2, batch_size: 32}
+stage2: {epochs: 2}
+stage3: {rounds: 1, local_epochs: 1}
+"""
+FULL = """
+name: cachebench
+seed: 0
+clients: 10
+threads: 2
+data: {name: fashion_mnist}
+partition: {kind: noniid, tau: 0.5, train_per_client: 500, test_per_client: 200}
+stage1: {method: fedce, rounds: 3, local_epochs: 1, batch_size: 64}
+stage2: {epochs: 5}
+stage3: {rounds: 2, local_epochs: 1}
+baselines: [local]
+"""
+
+
+def sweep_file(folder: Path, quick: bool) -> Path:
+    (folder / "base.yaml").write_text(QUICK if quick else FULL)
+    grid = ("{eval.top_k: [1, 2, 3], stage3.local_epochs: [1, 2]}" if quick
+            else "{eval.top_k: [1, 2], stage3.rounds: [1, 2], eval.combine: [probs, logits]}")
+    path = folder / "sweep.yaml"
+    path.write_text(f"base: base.yaml\ngrid: {grid}\nseeds: [0]\n")
+    return path
+
+
+def run(path: Path, out: Path, cache: Path | None) -> float:
+    env = {**os.environ, "NMOE_CACHE": str(cache or out / "unused-cache")}
+    cmd = [sys.executable, "-m", "scenarios.cli", "sweep", str(path), "--out", str(out)]
+    if cache is None:
+        cmd.append("--no-cache")
+    clock = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - clock
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="synthetic data, under a minute")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        path = sweep_file(folder, args.quick)
+        nocache_s = run(path, folder / "nocache", None)
+        cached_s = run(path, folder / "cached", folder / "cache")
+        stages = [json.loads(p.read_text())["cache"]["stages"] for p in (folder / "cached").rglob("results.json")]
+        computed = sum(s["stage1"]["status"] == "computed" for s in stages)
+        print(f"no cache: {nocache_s:.1f}s; with the cache: {cached_s:.1f}s ({computed} of {len(stages)} runs "
+              f"computed Stage 1, the others loaded it)")
+        print(f"cells={len(stages)} cached_s={cached_s:.1f} nocache_s={nocache_s:.1f} stage1_computed={computed} "
+              f"cache_ratio={cached_s / nocache_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()
