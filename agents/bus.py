@@ -178,7 +178,7 @@ class BusSession:
         self._conn = Connection(
             cfg.address,
             ConnectionOptions(
-                identifier=f"nmoe-{cfg.run_id}-{self.agent_id}", status_topic=self.topics.status(self.agent_id),
+                status_topic=self.topics.status(self.agent_id),  # client id: the username (see ConnectionOptions)
                 clean_session=True, keepalive_s=cfg.keepalive_s, connect_timeout_s=cfg.connect_timeout_s,
                 reconnect_initial_s=cfg.reconnect_initial_s, reconnect_max_s=cfg.reconnect_max_s,
                 max_inflight=cfg.max_inflight,

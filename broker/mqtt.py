@@ -93,8 +93,10 @@ async def stay_connected(
 class ConnectionOptions:
     """How one client of the bus holds its connection (the same for agents and the emulator)."""
 
-    identifier: str
-    """MQTT client id."""
+    identifier: str | None = None
+    """MQTT client id; None (always, in nmoe): the account's username, which is what mosquitto's
+    ``use_username_as_clientid`` enforces anyway, so that no account can take over another's
+    connection (a client id is one connection at a time)."""
     status_topic: str | None = None
     """Where to publish a retained ``online`` once connected (``offline`` as the last will and on
     a clean exit); None: no status."""
@@ -180,8 +182,9 @@ class Connection:
         will = None
         if opts.status_topic is not None:
             will = aiomqtt.Will(opts.status_topic, Status.OFFLINE.value.encode(), qos=1, retain=True)
+        identifier = opts.identifier or addr.username or self.who
         client = aiomqtt.Client(
-            addr.host, addr.port, username=addr.username, password=addr.password, identifier=opts.identifier,
+            addr.host, addr.port, username=addr.username, password=addr.password, identifier=identifier,
             will=will, clean_session=opts.clean_session, keepalive=opts.keepalive_s,
             timeout=opts.connect_timeout_s, max_inflight_messages=opts.max_inflight,
             tls_context=client_context(addr.ca_file) if addr.tls else None,
