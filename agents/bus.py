@@ -156,11 +156,13 @@ class BusSession:
         cfg: BusConfig,
         schemas: Mapping[Kind | str, Schema] | None = None,
         watch_status: bool = False,
+        watch_agents: Iterable[str] = (),
     ) -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.run_id)
         self.stats = BusStats()
         self.watch_status = watch_status
+        self.watch_agents = tuple(watch_agents)  # whose status to track without watching all
         self._decoder = Decoder(
             self.topics, schemas={parse_kind(k): s for k, s in (schemas or {}).items()}, limits=cfg.limits
         )
@@ -175,6 +177,8 @@ class BusSession:
         filters = list(self.topics.inbox_filters(self.agent_id))
         if watch_status:
             filters.append(self.topics.status_filter())
+        else:
+            filters += [self.topics.status(a) for a in self.watch_agents]
         self._conn = Connection(
             cfg.address,
             ConnectionOptions(
@@ -227,7 +231,7 @@ class BusSession:
         topic = message.topic.value
         payload = message.payload
         if topic.startswith(f"{self.topics.prefix}/status/"):
-            if self.watch_status:
+            if self.watch_status or self.watch_agents:
                 self._on_status(topic, payload if isinstance(payload, bytes) else b"")
             return
         if not isinstance(payload, bytes | bytearray):
@@ -299,7 +303,8 @@ class BusSession:
 
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, str]:
-        """agent id -> ``online`` / ``offline`` as last seen (needs ``watch_status=True``)."""
+        """agent id -> ``online`` / ``offline`` as last seen (of all with ``watch_status=True``, else of
+        ``watch_agents``)."""
         return dict(self._status)
 
     def online(self) -> set[str]:
@@ -309,8 +314,8 @@ class BusSession:
         self, predicate: Callable[[Mapping[str, str]], bool], timeout: float | None = None
     ) -> dict[str, str]:
         """Wait until ``predicate(status)`` holds; raises asyncio.TimeoutError after ``timeout``."""
-        if not self.watch_status:
-            raise BusError("this session does not watch status (watch_status=False)")
+        if not self.watch_status and not self.watch_agents:
+            raise BusError("this session does not watch status (watch_status=False, no watch_agents)")
 
         async def wait() -> dict[str, str]:
             while True:

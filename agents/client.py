@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from broker.topics import Kind
+from broker.topics import Kind, Status
 from broker.wire import Message, Schema, TensorSpec
 from nmoe.errors import BusError, NmoeError, ProtocolError
 from nmoe_models.config import ExperimentConfig
@@ -94,6 +94,10 @@ class BusPool:
         return int(s.sent_bytes[Kind.LATENT.value] + s.received_bytes[Kind.LOGITS.value])
 
 
+class CoordinatorGone(BusError):
+    """The coordinator went offline (or the broker out of reach) and did not come back in time."""
+
+
 class ClientAgent:
     def __init__(self, exp: ExperimentConfig, net: NetworkConfig, index: int, bus_cfg: BusConfig,
                  time_scale: float = 1.0) -> None:
@@ -119,29 +123,60 @@ class ClientAgent:
         self.learner = await asyncio.to_thread(ClientLearner, self.exp, data)
         self.data_s = time.perf_counter() - clock
         queue: asyncio.Queue[Message | None] = asyncio.Queue()
-        async with BusSession(self.bus_cfg, self.schemas()) as bus:
+        async with BusSession(self.bus_cfg, self.schemas(), watch_agents=(COORDINATOR,)) as bus:
             worker = asyncio.create_task(self._work(bus, queue), name=f"{self.bus_cfg.agent_id}-worker")
             rejoin = asyncio.create_task(self._rejoin(bus), name=f"{self.bus_cfg.agent_id}-rejoin")
+            watch = asyncio.create_task(self._watch_coordinator(bus), name=f"{self.bus_cfg.agent_id}-watch")
+            serve = asyncio.create_task(self._serve_bus(bus, worker, queue), name=f"{self.bus_cfg.agent_id}-serve")
             try:
                 await self._hello(bus)
-                async for msg in bus.messages():
-                    if worker.done():  # the worker must never end before shutdown: surface why it did
-                        worker.result()
-                        raise BusError("the task worker stopped")
-                    if msg.kind is Kind.LATENT:
-                        await self._serve(bus, msg)
-                    elif msg.src == COORDINATOR and msg.kind in TASK_KINDS:
-                        if not is_control(msg.header.meta):
-                            queue.put_nowait(msg)
-                        elif await self._control(bus, msg):
-                            break
-                    else:
-                        log.debug("ignoring %s from %s", msg.kind.value, msg.src)
+                await asyncio.wait({serve, watch}, return_when=asyncio.FIRST_COMPLETED)
+                for ended in (watch, serve):
+                    if ended.done():
+                        ended.result()  # the watcher ends only by raising CoordinatorGone
             finally:
                 queue.put_nowait(None)
-                for task in (worker, rejoin):
+                for task in (worker, rejoin, watch, serve):
                     task.cancel()
-                await asyncio.gather(worker, rejoin, return_exceptions=True)
+                await asyncio.gather(worker, rejoin, watch, serve, return_exceptions=True)
+
+    async def _serve_bus(self, bus: BusSession, worker: asyncio.Task[None], queue: asyncio.Queue[Message | None],
+                         ) -> None:
+        """Hand tasks to the worker and answer latent requests, until shutdown."""
+        async for msg in bus.messages():
+            if worker.done():  # the worker must never end before shutdown: surface why it did
+                worker.result()
+                raise BusError("the task worker stopped")
+            if msg.kind is Kind.LATENT:
+                await self._serve(bus, msg)
+            elif msg.src == COORDINATOR and msg.kind in TASK_KINDS:
+                if not is_control(msg.header.meta):
+                    queue.put_nowait(msg)
+                elif await self._control(bus, msg):
+                    return
+            else:
+                log.debug("ignoring %s from %s", msg.kind.value, msg.src)
+
+    async def _watch_coordinator(self, bus: BusSession, poll_s: float = 0.25) -> None:
+        """Raise CoordinatorGone once the coordinator has been offline (its last will) or the broker
+        out of reach for ``network.coordinator_grace_s`` on end."""
+        grace = self.net.coordinator_grace_s
+        loop = asyncio.get_running_loop()
+        since: float | None = None
+        while True:
+            state = bus.status().get(COORDINATOR)
+            gone = not bus.connected or state == Status.OFFLINE.value
+            if not gone:
+                since = None
+            elif since is None:
+                since = loop.time()
+                log.warning("the %s is %s; waiting up to %gs for it", COORDINATOR if bus.connected else "broker",
+                            "offline" if bus.connected else "out of reach", grace)
+            elif loop.time() - since >= grace:
+                what = "coordinator has been offline" if bus.connected else "broker has been out of reach"
+                raise CoordinatorGone(f"{self.bus_cfg.agent_id}: the {what} for {grace:g}s "
+                                      "(network.coordinator_grace_s); the run is over, exiting")
+            await asyncio.sleep(poll_s)
 
     async def _control(self, bus: BusSession, msg: Message) -> bool:
         """A control message from the coordinator; True when it ends the run (shutdown)."""

@@ -5,8 +5,8 @@ One account per agent (username = agent id) with a generated password, per run. 
 ========== ============================================ ==========================================
 role       write                                        read
 ========== ============================================ ==========================================
-agent      ``tx/<id>/#``, ``status/<id>``, and in        ``rx/<id>/#``, ``rx/all/#``
-           direct mode ``rx/+/<id>/#``
+agent      ``tx/<id>/#``, ``status/<id>``, and in        ``rx/<id>/#``, ``rx/all/#``,
+           direct mode ``rx/+/<id>/#``                   ``status/coordinator``
 coordinator as agent                                    as agent, plus ``status/#``
 channel    ``rx/#``, ``status/<id>``                    ``tx/#``
 observer   nothing                                      ``status/#``
@@ -38,6 +38,7 @@ from nmoe.errors import BrokerError, WireError
 ChannelMode = Literal["direct", "emulated"]
 CHANNEL_MODES: tuple[str, ...] = ("direct", "emulated")
 PASSWORD_ENV = "NMOE_BROKER_PASSWORD"
+COORDINATOR_ID = "coordinator"  # agents may read its status (they give up when it is gone for good)
 PBKDF2_ITERATIONS = 101  # mosquitto_passwd's own default; the passwords are 192-bit random anyway
 
 
@@ -70,7 +71,7 @@ def new_password() -> str:
 def make_accounts(
     client_ids: Iterable[str],
     *,
-    coordinator: str | None = "coordinator",
+    coordinator: str | None = COORDINATOR_ID,
     channel: str | None = "channel",
     observers: Iterable[str] = (),
 ) -> list[Account]:
@@ -168,6 +169,8 @@ def acl_rules(account: Account, topics: Topics, channel_mode: ChannelMode) -> Ac
     read = list(topics.inbox_filters(me))
     if account.role is Role.COORDINATOR:
         read.append(topics.status_filter())
+    else:
+        read.append(topics.status(COORDINATOR_ID))
     return AclRules(read=tuple(read), write=tuple(write))
 
 

@@ -17,7 +17,6 @@ import pwd
 import shutil
 import string
 import subprocess
-import tempfile
 import time
 import weakref
 from collections.abc import AsyncIterator, Sequence
@@ -33,6 +32,7 @@ from broker.auth import (
     render_acl_file,
     render_password_file,
 )
+from broker.lifetime import dying_with, make_run_dir
 from broker.ports import free_port, port_open
 from broker.tls import TlsFiles, make_tls_files, server_names
 from broker.topics import Topics
@@ -113,7 +113,7 @@ class MosquittoBroker:
         self.persistence = persistence
         self.tls = tls
         self.tls_files: TlsFiles | None = None  # once write_files() made them
-        self.run_dir = Path(tempfile.mkdtemp(prefix=f"nmoe-{run_id}-"))
+        self.run_dir = make_run_dir(run_id)  # removed by close(), or by a later run if we are killed
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.run_dir, True)
         self._proc: subprocess.Popen[bytes] | None = None
         self._proc_finalizer: weakref.finalize[..., MosquittoBroker] | None = None
@@ -188,10 +188,15 @@ class MosquittoBroker:
 
     def _spawn(self, timeout: float) -> None:
         assert self.binary is not None
+        # It dies with us even by SIGKILL (broker/lifetime.py). As root, it starts as its own user: the
+        # kernel forgets the parent-death signal when a process drops privileges by itself.
+        user = pwd.getpwnam(_drop_user()) if os.geteuid() == 0 else None
         with open(self.log_path, "ab") as logf:
             proc = subprocess.Popen(
                 [self.binary, "-c", str(self.conf_path)],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                user=user.pw_uid if user else None, group=user.pw_gid if user else None,
+                extra_groups=[] if user else None, preexec_fn=dying_with(os.getpid()),
             )  # fmt: skip
         self._proc = proc
         self._proc_finalizer = weakref.finalize(self, _terminate, proc)
