@@ -13,6 +13,8 @@ sets a retained ``offline`` last will, subscribes the inbox (``rx/<self>/#``, ``
 ``status/#`` when watching), publishes a retained ``online``, then decodes what arrives. When the
 broker goes away it reconnects with exponential backoff (aiomqtt's Client is reusable by entering
 ``async with`` again) and re-subscribes; sends wait for the reconnection up to their timeout.
+The session is persistent (``clean_session=False``, the client id being the username), so a broker
+that keeps sessions queues our QoS 1 traffic while we reconnect.
 Received messages are validated by :class:`broker.wire.Decoder`, de-duplicated by message id (QoS 1
 may deliver twice), and either handed to the ``request`` awaiting them (by ``reply_to``) or queued
 for :meth:`BusSession.messages`. Rejections are counted in ``stats.rejected`` and never raise.
@@ -183,7 +185,7 @@ class BusSession:
             cfg.address,
             ConnectionOptions(
                 status_topic=self.topics.status(self.agent_id),  # client id: the username (see ConnectionOptions)
-                clean_session=True, keepalive_s=cfg.keepalive_s, connect_timeout_s=cfg.connect_timeout_s,
+                clean_session=False, keepalive_s=cfg.keepalive_s, connect_timeout_s=cfg.connect_timeout_s,
                 reconnect_initial_s=cfg.reconnect_initial_s, reconnect_max_s=cfg.reconnect_max_s,
                 max_inflight=cfg.max_inflight,
             ),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
@@ -23,7 +24,7 @@ from nmoe_models.config import ExperimentConfig
 from nmoe_models.learner import ClientLearner
 from nmoe_models.partition import load_client_data
 
-from .bus import BusConfig, BusSession, RequestTimeout
+from .bus import BusConfig, BusSession, PublishTimeout, RequestTimeout
 from .codec import (
     COORDINATOR,
     LATENTS,
@@ -108,6 +109,9 @@ class ClientAgent:
         self.time_scale = time_scale
         self.learner: ClientLearner | None = None
         self.data_s = 0.0  # loading the partition and building the models
+        self.answered: OrderedDict[str, Wire] = OrderedDict()  # task id -> our reply, the latest few
+        self.queued: set[str] = set()  # task ids waiting for or in the worker
+        self.resent = 0  # replies sent again from the cache (a task re-issued after a broker restart)
 
     def schemas(self) -> Mapping[Kind | str, Schema]:
         d, c = self.exp.model.latent_dim, self.learner.classes if self.learner else 10
@@ -151,6 +155,11 @@ class ClientAgent:
                 await self._serve(bus, msg)
             elif msg.src == COORDINATOR and msg.kind in TASK_KINDS:
                 if not is_control(msg.header.meta):
+                    task_id = str(msg.header.meta.get("task", ""))
+                    if task_id in self.queued:  # re-issued while we still work on it: one answer will do
+                        log.info("task %s is already queued", task_id[:40])
+                        continue
+                    self.queued.add(task_id)
                     queue.put_nowait(msg)
                 elif await self._control(bus, msg):
                     return
@@ -244,20 +253,42 @@ class ClientAgent:
         pool = BusPool(bus, self.net.inference_deadline_s * self.time_scale, self.time_scale)
         while (msg := await queue.get()) is not None:
             try:
-                task_id, task = decode_task(wire_of(msg))
-            except ProtocolError as err:
-                bus.stats.rejected[err.reason] += 1
-                log.warning("rejected a task: %s", err)
-                continue
-            log.info("task %s round %d", task.op.value, task.round)
-            try:
-                reply = await execute(self.learner, task, pool, in_thread)
-                await self._send(bus, encode_reply(reply, task_id, task.op, task.round))
-            except (NmoeError, ValueError, RuntimeError) as err:
-                # a task we cannot run (tensors that do not fit the model: torch raises ValueError or
-                # RuntimeError), or a result we cannot send (e.g. training diverged to NaN): say why
-                log.error("%s failed: %s", task.op.value, err)
-                await self._refuse(bus, task_id, task.op, task.round, err)
+                await self._one_task(bus, pool, msg)
+            finally:
+                self.queued.discard(str(msg.header.meta.get("task", "")))
+
+    async def _one_task(self, bus: BusSession, pool: BusPool, msg: Message) -> None:
+        assert self.learner is not None
+        try:
+            task_id, task = decode_task(wire_of(msg))
+        except ProtocolError as err:
+            bus.stats.rejected[err.reason] += 1
+            log.warning("rejected a task: %s", err)
+            return
+        log.info("task %s round %d", task.op.value, task.round)
+        try:
+            if (cached := self.answered.get(task_id)) is not None:
+                # the coordinator did not get our reply (lost with a broker restart) and asked again:
+                # the same answer again, not a second training run
+                self.resent += 1
+                await self._send(bus, cached)
+                return
+            reply = await execute(self.learner, task, pool, in_thread)
+            wire = encode_reply(reply, task_id, task.op, task.round)
+            self._remember(task_id, wire)
+            await self._send(bus, wire)
+        except PublishTimeout as err:  # the broker is away: the coordinator re-issues the task later
+            log.warning("could not send my answer to %s (kept for when it is asked again): %s", task.op.value, err)
+        except (NmoeError, ValueError, RuntimeError) as err:
+            # a task we cannot run (tensors that do not fit the model: torch raises ValueError or
+            # RuntimeError), or a result we cannot send (e.g. training diverged to NaN): say why
+            log.error("%s failed: %s", task.op.value, err)
+            await self._refuse(bus, task_id, task.op, task.round, err)
+
+    def _remember(self, task_id: str, wire: Wire, keep: int = 2) -> None:
+        self.answered[task_id] = wire
+        while len(self.answered) > keep:
+            self.answered.popitem(last=False)
 
     async def _refuse(self, bus: BusSession, task_id: str, op: Op, round_index: int, err: Exception) -> None:
         try:
