@@ -38,6 +38,7 @@ bench: setup
 	$(PY) bench/bus_throughput.py --quick
 	$(PY) bench/channel_relay.py --quick
 	$(PY) bench/round_overhead.py --quick
+	$(PY) bench/chaos.py --quick
 
 lint: setup
 	$(VENV)/bin/ruff check nmoe broker agents nmoe_models scenarios tests bench

@@ -13,6 +13,8 @@ sets a retained ``offline`` last will, subscribes the inbox (``rx/<self>/#``, ``
 ``status/#`` when watching), publishes a retained ``online``, then decodes what arrives. When the
 broker goes away it reconnects with exponential backoff (aiomqtt's Client is reusable by entering
 ``async with`` again) and re-subscribes; sends wait for the reconnection up to their timeout.
+The session is persistent (``clean_session=False``, the client id being the username), so a broker
+that keeps sessions queues our QoS 1 traffic while we reconnect.
 Received messages are validated by :class:`broker.wire.Decoder`, de-duplicated by message id (QoS 1
 may deliver twice), and either handed to the ``request`` awaiting them (by ``reply_to``) or queued
 for :meth:`BusSession.messages`. Rejections are counted in ``stats.rejected`` and never raise.
@@ -156,11 +158,13 @@ class BusSession:
         cfg: BusConfig,
         schemas: Mapping[Kind | str, Schema] | None = None,
         watch_status: bool = False,
+        watch_agents: Iterable[str] = (),
     ) -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.run_id)
         self.stats = BusStats()
         self.watch_status = watch_status
+        self.watch_agents = tuple(watch_agents)  # whose status to track without watching all
         self._decoder = Decoder(
             self.topics, schemas={parse_kind(k): s for k, s in (schemas or {}).items()}, limits=cfg.limits
         )
@@ -175,11 +179,13 @@ class BusSession:
         filters = list(self.topics.inbox_filters(self.agent_id))
         if watch_status:
             filters.append(self.topics.status_filter())
+        else:
+            filters += [self.topics.status(a) for a in self.watch_agents]
         self._conn = Connection(
             cfg.address,
             ConnectionOptions(
-                identifier=f"nmoe-{cfg.run_id}-{self.agent_id}", status_topic=self.topics.status(self.agent_id),
-                clean_session=True, keepalive_s=cfg.keepalive_s, connect_timeout_s=cfg.connect_timeout_s,
+                status_topic=self.topics.status(self.agent_id),  # client id: the username (see ConnectionOptions)
+                clean_session=False, keepalive_s=cfg.keepalive_s, connect_timeout_s=cfg.connect_timeout_s,
                 reconnect_initial_s=cfg.reconnect_initial_s, reconnect_max_s=cfg.reconnect_max_s,
                 max_inflight=cfg.max_inflight,
             ),
@@ -227,7 +233,7 @@ class BusSession:
         topic = message.topic.value
         payload = message.payload
         if topic.startswith(f"{self.topics.prefix}/status/"):
-            if self.watch_status:
+            if self.watch_status or self.watch_agents:
                 self._on_status(topic, payload if isinstance(payload, bytes) else b"")
             return
         if not isinstance(payload, bytes | bytearray):
@@ -299,7 +305,8 @@ class BusSession:
 
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, str]:
-        """agent id -> ``online`` / ``offline`` as last seen (needs ``watch_status=True``)."""
+        """agent id -> ``online`` / ``offline`` as last seen (of all with ``watch_status=True``, else of
+        ``watch_agents``)."""
         return dict(self._status)
 
     def online(self) -> set[str]:
@@ -309,8 +316,8 @@ class BusSession:
         self, predicate: Callable[[Mapping[str, str]], bool], timeout: float | None = None
     ) -> dict[str, str]:
         """Wait until ``predicate(status)`` holds; raises asyncio.TimeoutError after ``timeout``."""
-        if not self.watch_status:
-            raise BusError("this session does not watch status (watch_status=False)")
+        if not self.watch_status and not self.watch_agents:
+            raise BusError("this session does not watch status (watch_status=False, no watch_agents)")
 
         async def wait() -> dict[str, str]:
             while True:

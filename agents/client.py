@@ -11,19 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import torch
 
-from broker.topics import Kind
+from broker.topics import Kind, Status
 from broker.wire import Message, Schema, TensorSpec
 from nmoe.errors import BusError, NmoeError, ProtocolError
 from nmoe_models.config import ExperimentConfig
 from nmoe_models.learner import ClientLearner
 from nmoe_models.partition import load_client_data
 
-from .bus import BusConfig, BusSession, RequestTimeout
+from .bus import BusConfig, BusSession, PublishTimeout, RequestTimeout
 from .codec import (
     COORDINATOR,
     LATENTS,
@@ -94,6 +95,10 @@ class BusPool:
         return int(s.sent_bytes[Kind.LATENT.value] + s.received_bytes[Kind.LOGITS.value])
 
 
+class CoordinatorGone(BusError):
+    """The coordinator went offline (or the broker out of reach) and did not come back in time."""
+
+
 class ClientAgent:
     def __init__(self, exp: ExperimentConfig, net: NetworkConfig, index: int, bus_cfg: BusConfig,
                  time_scale: float = 1.0) -> None:
@@ -104,6 +109,9 @@ class ClientAgent:
         self.time_scale = time_scale
         self.learner: ClientLearner | None = None
         self.data_s = 0.0  # loading the partition and building the models
+        self.answered: OrderedDict[str, Wire] = OrderedDict()  # task id -> our reply, the latest few
+        self.queued: set[str] = set()  # task ids waiting for or in the worker
+        self.resent = 0  # replies sent again from the cache (a task re-issued after a broker restart)
 
     def schemas(self) -> Mapping[Kind | str, Schema]:
         d, c = self.exp.model.latent_dim, self.learner.classes if self.learner else 10
@@ -119,29 +127,65 @@ class ClientAgent:
         self.learner = await asyncio.to_thread(ClientLearner, self.exp, data)
         self.data_s = time.perf_counter() - clock
         queue: asyncio.Queue[Message | None] = asyncio.Queue()
-        async with BusSession(self.bus_cfg, self.schemas()) as bus:
+        async with BusSession(self.bus_cfg, self.schemas(), watch_agents=(COORDINATOR,)) as bus:
             worker = asyncio.create_task(self._work(bus, queue), name=f"{self.bus_cfg.agent_id}-worker")
             rejoin = asyncio.create_task(self._rejoin(bus), name=f"{self.bus_cfg.agent_id}-rejoin")
+            watch = asyncio.create_task(self._watch_coordinator(bus), name=f"{self.bus_cfg.agent_id}-watch")
+            serve = asyncio.create_task(self._serve_bus(bus, worker, queue), name=f"{self.bus_cfg.agent_id}-serve")
             try:
                 await self._hello(bus)
-                async for msg in bus.messages():
-                    if worker.done():  # the worker must never end before shutdown: surface why it did
-                        worker.result()
-                        raise BusError("the task worker stopped")
-                    if msg.kind is Kind.LATENT:
-                        await self._serve(bus, msg)
-                    elif msg.src == COORDINATOR and msg.kind in TASK_KINDS:
-                        if not is_control(msg.header.meta):
-                            queue.put_nowait(msg)
-                        elif await self._control(bus, msg):
-                            break
-                    else:
-                        log.debug("ignoring %s from %s", msg.kind.value, msg.src)
+                await asyncio.wait({serve, watch}, return_when=asyncio.FIRST_COMPLETED)
+                for ended in (watch, serve):
+                    if ended.done():
+                        ended.result()  # the watcher ends only by raising CoordinatorGone
             finally:
                 queue.put_nowait(None)
-                for task in (worker, rejoin):
+                for task in (worker, rejoin, watch, serve):
                     task.cancel()
-                await asyncio.gather(worker, rejoin, return_exceptions=True)
+                await asyncio.gather(worker, rejoin, watch, serve, return_exceptions=True)
+
+    async def _serve_bus(self, bus: BusSession, worker: asyncio.Task[None], queue: asyncio.Queue[Message | None],
+                         ) -> None:
+        """Hand tasks to the worker and answer latent requests, until shutdown."""
+        async for msg in bus.messages():
+            if worker.done():  # the worker must never end before shutdown: surface why it did
+                worker.result()
+                raise BusError("the task worker stopped")
+            if msg.kind is Kind.LATENT:
+                await self._serve(bus, msg)
+            elif msg.src == COORDINATOR and msg.kind in TASK_KINDS:
+                if not is_control(msg.header.meta):
+                    task_id = str(msg.header.meta.get("task", ""))
+                    if task_id in self.queued:  # re-issued while we still work on it: one answer will do
+                        log.info("task %s is already queued", task_id[:40])
+                        continue
+                    self.queued.add(task_id)
+                    queue.put_nowait(msg)
+                elif await self._control(bus, msg):
+                    return
+            else:
+                log.debug("ignoring %s from %s", msg.kind.value, msg.src)
+
+    async def _watch_coordinator(self, bus: BusSession, poll_s: float = 0.25) -> None:
+        """Raise CoordinatorGone once the coordinator has been offline (its last will) or the broker
+        out of reach for ``network.coordinator_grace_s`` on end."""
+        grace = self.net.coordinator_grace_s
+        loop = asyncio.get_running_loop()
+        since: float | None = None
+        while True:
+            state = bus.status().get(COORDINATOR)
+            gone = not bus.connected or state == Status.OFFLINE.value
+            if not gone:
+                since = None
+            elif since is None:
+                since = loop.time()
+                log.warning("the %s is %s; waiting up to %gs for it", COORDINATOR if bus.connected else "broker",
+                            "offline" if bus.connected else "out of reach", grace)
+            elif loop.time() - since >= grace:
+                what = "coordinator has been offline" if bus.connected else "broker has been out of reach"
+                raise CoordinatorGone(f"{self.bus_cfg.agent_id}: the {what} for {grace:g}s "
+                                      "(network.coordinator_grace_s); the run is over, exiting")
+            await asyncio.sleep(poll_s)
 
     async def _control(self, bus: BusSession, msg: Message) -> bool:
         """A control message from the coordinator; True when it ends the run (shutdown)."""
@@ -209,20 +253,42 @@ class ClientAgent:
         pool = BusPool(bus, self.net.inference_deadline_s * self.time_scale, self.time_scale)
         while (msg := await queue.get()) is not None:
             try:
-                task_id, task = decode_task(wire_of(msg))
-            except ProtocolError as err:
-                bus.stats.rejected[err.reason] += 1
-                log.warning("rejected a task: %s", err)
-                continue
-            log.info("task %s round %d", task.op.value, task.round)
-            try:
-                reply = await execute(self.learner, task, pool, in_thread)
-                await self._send(bus, encode_reply(reply, task_id, task.op, task.round))
-            except (NmoeError, ValueError, RuntimeError) as err:
-                # a task we cannot run (tensors that do not fit the model: torch raises ValueError or
-                # RuntimeError), or a result we cannot send (e.g. training diverged to NaN): say why
-                log.error("%s failed: %s", task.op.value, err)
-                await self._refuse(bus, task_id, task.op, task.round, err)
+                await self._one_task(bus, pool, msg)
+            finally:
+                self.queued.discard(str(msg.header.meta.get("task", "")))
+
+    async def _one_task(self, bus: BusSession, pool: BusPool, msg: Message) -> None:
+        assert self.learner is not None
+        try:
+            task_id, task = decode_task(wire_of(msg))
+        except ProtocolError as err:
+            bus.stats.rejected[err.reason] += 1
+            log.warning("rejected a task: %s", err)
+            return
+        log.info("task %s round %d", task.op.value, task.round)
+        try:
+            if (cached := self.answered.get(task_id)) is not None:
+                # the coordinator did not get our reply (lost with a broker restart) and asked again:
+                # the same answer again, not a second training run
+                self.resent += 1
+                await self._send(bus, cached)
+                return
+            reply = await execute(self.learner, task, pool, in_thread)
+            wire = encode_reply(reply, task_id, task.op, task.round)
+            self._remember(task_id, wire)
+            await self._send(bus, wire)
+        except PublishTimeout as err:  # the broker is away: the coordinator re-issues the task later
+            log.warning("could not send my answer to %s (kept for when it is asked again): %s", task.op.value, err)
+        except (NmoeError, ValueError, RuntimeError) as err:
+            # a task we cannot run (tensors that do not fit the model: torch raises ValueError or
+            # RuntimeError), or a result we cannot send (e.g. training diverged to NaN): say why
+            log.error("%s failed: %s", task.op.value, err)
+            await self._refuse(bus, task_id, task.op, task.round, err)
+
+    def _remember(self, task_id: str, wire: Wire, keep: int = 2) -> None:
+        self.answered[task_id] = wire
+        while len(self.answered) > keep:
+            self.answered.popitem(last=False)
 
     async def _refuse(self, bus: BusSession, task_id: str, op: Op, round_index: int, err: Exception) -> None:
         try:

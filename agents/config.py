@@ -65,6 +65,10 @@ class NetworkConfig:
     """Compression of float tensors on the wire (none keeps runs bit-identical to in-process)."""
     agent_threads: int = 1
     """torch threads per client agent process (several agents share the machine's cores), 1..1024."""
+    coordinator_grace_s: float = 60.0
+    """How long a client agent waits, once the coordinator went offline (its last will) or the
+    broker cannot be reached, before it exits with an error instead of waiting forever
+    (wall-clock seconds; a broker restart or a coordinator reconnecting takes far less)."""
     tls: bool = False
     """Encrypt the bus: the run's mosquitto gets a TLS-only listener with a CA and server certificate
     generated for the run (broker/tls.py), and every agent verifies it against that CA. With
@@ -73,7 +77,8 @@ class NetworkConfig:
     """Faults to inject (stress tests, at most 1000), e.g. [{client: client-2, op: stage1_fit, round: 1}]."""
 
     def __post_init__(self) -> None:
-        for name in ("join_timeout_s", "round_timeout_s", "stage2_timeout_s", "eval_timeout_s", "inference_deadline_s"):
+        for name in ("join_timeout_s", "round_timeout_s", "stage2_timeout_s", "eval_timeout_s", "inference_deadline_s",
+                     "coordinator_grace_s"):
             value = getattr(self, name)
             check(math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S, name,
                   f"must be a finite number > 0 and <= {MAX_TIMEOUT_S:.0f} (got {value})")

@@ -61,6 +61,8 @@ class BusFleet:
         self.on_event = on_event or (lambda text: None)
         self.on_task = on_task or (lambda task: None)  # told of every task once it is sent
         self._pump: asyncio.Task[None] | None = None
+        self._reissuer: asyncio.Task[None] | None = None
+        self.reissued = 0  # tasks sent again after the coordinator's session reconnected
 
     @property
     def clients(self) -> Sequence[int]:
@@ -68,12 +70,14 @@ class BusFleet:
 
     async def __aenter__(self) -> BusFleet:
         self._pump = asyncio.create_task(self._read(), name="coordinator-pump")
+        self._reissuer = asyncio.create_task(self._reissue_after_reconnects(), name="coordinator-reissue")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._pump is not None:
-            self._pump.cancel()
-            await asyncio.gather(self._pump, return_exceptions=True)
+        for task in (self._pump, self._reissuer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     # -- receiving ---------------------------------------------------------------------------------
     async def _read(self) -> None:
@@ -140,6 +144,30 @@ class BusFleet:
                     await self._send(client_name(client), encode_task(collector.step.task_for(client), task_id))
         except NmoeError as err:  # the pump must go on: the next hello tries again
             self.on_event(f"could not send {client_name(client)} the current state: {err}")
+
+    # -- broker restarts ------------------------------------------------------------------------------
+    async def _reissue_after_reconnects(self, poll_s: float = 0.25) -> None:
+        """After the coordinator's session reconnects (the broker went away), send each open task
+        once more to its targets that have not answered: the task, or their reply, may have been
+        lost with the broker. Clients answer a task id they already answered from their reply cache."""
+        seen = self.bus.stats.reconnects
+        while True:
+            await asyncio.sleep(poll_s)
+            if self.bus.stats.reconnects == seen or not self.bus.connected:
+                continue
+            seen = self.bus.stats.reconnects
+            for task_id, collector in list(self.book.open.items()):
+                silent = sorted(collector.silent())
+                if not silent:
+                    continue
+                self.on_event(f"reconnected to the broker: re-sending {collector.step.op.value} round "
+                              f"{collector.step.round} to {', '.join(client_name(i) for i in silent)}")
+                for i in silent:
+                    try:
+                        await self._send(client_name(i), encode_task(collector.step.task_for(i), task_id))
+                        self.reissued += 1
+                    except NmoeError as err:  # gone again: the next reconnection tries again
+                        self.on_event(f"could not re-send the open task to {client_name(i)}: {err}")
 
     # -- JOIN --------------------------------------------------------------------------------------
     async def join(self) -> None:

@@ -5,8 +5,8 @@ One account per agent (username = agent id) with a generated password, per run. 
 ========== ============================================ ==========================================
 role       write                                        read
 ========== ============================================ ==========================================
-agent      ``tx/<id>/#``, ``status/<id>``, and in        ``rx/<id>/#``, ``rx/all/#``
-           direct mode ``rx/+/<id>/#``
+agent      ``tx/<id>/#``, ``status/<id>``, and in        ``rx/<id>/#``, ``rx/all/#``,
+           direct mode ``rx/+/<id>/#``                   ``status/coordinator``
 coordinator as agent                                    as agent, plus ``status/#``
 channel    ``rx/#``, ``status/<id>``                    ``tx/#``
 observer   nothing                                      ``status/#``
@@ -25,17 +25,20 @@ import hashlib
 import hmac
 import os
 import secrets
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from broker.topics import Topics, check_agent_id
-from nmoe.errors import BrokerError
+from nmoe.errors import BrokerError, WireError
 
 ChannelMode = Literal["direct", "emulated"]
 CHANNEL_MODES: tuple[str, ...] = ("direct", "emulated")
 PASSWORD_ENV = "NMOE_BROKER_PASSWORD"
+COORDINATOR_ID = "coordinator"  # agents may read its status (they give up when it is gone for good)
 PBKDF2_ITERATIONS = 101  # mosquitto_passwd's own default; the passwords are 192-bit random anyway
 
 
@@ -68,7 +71,7 @@ def new_password() -> str:
 def make_accounts(
     client_ids: Iterable[str],
     *,
-    coordinator: str | None = "coordinator",
+    coordinator: str | None = COORDINATOR_ID,
     channel: str | None = "channel",
     observers: Iterable[str] = (),
 ) -> list[Account]:
@@ -90,6 +93,49 @@ def find_account(accounts: Sequence[Account], username: str) -> Account:
         if account.username == username:
             return account
     raise BrokerError(f"no broker account for {username!r}")
+
+
+def read_accounts_file(path: Path) -> dict[str, str]:
+    """Per-agent passwords for an external broker: one ``username:password`` a line (``#`` comments).
+
+    The file must be readable by its owner only (mode 0600 or stricter), like an SSH key: it holds
+    every agent's secret in clear. Usernames are agent ids; each may appear once.
+    """
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise BrokerError(f"cannot read broker accounts file {path}: {err}") from err
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise BrokerError(f"broker accounts file {path} is mode {stat.S_IMODE(mode):o}: it holds passwords, "
+                          f"make it readable by you only (chmod 600 {path})")
+    out: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        where = f"{path}, line {number}"
+        if not sep or not password:
+            raise BrokerError(f"{where}: expected username:password")
+        try:
+            check_agent_id(user, "username")
+        except WireError as err:
+            raise BrokerError(f"{where}: {err}") from err
+        if user in out:
+            raise BrokerError(f"{where}: {user} appears twice")
+        out[user] = password
+    return out
+
+
+def accounts_with_passwords(accounts: Iterable[Account], passwords: dict[str, str], source: str) -> list[Account]:
+    """The run's accounts with the passwords an external broker knows them by; every one is needed."""
+    accounts = list(accounts)
+    missing = [a.username for a in accounts if a.username not in passwords]
+    if missing:
+        raise BrokerError(f"{source} has no password for {', '.join(missing)} (one line per agent: "
+                          f"{', '.join(a.username for a in accounts)})")
+    return [Account(a.username, passwords[a.username], a.role) for a in accounts]
 
 
 @dataclass(frozen=True)
@@ -123,6 +169,8 @@ def acl_rules(account: Account, topics: Topics, channel_mode: ChannelMode) -> Ac
     read = list(topics.inbox_filters(me))
     if account.role is Role.COORDINATOR:
         read.append(topics.status_filter())
+    else:
+        read.append(topics.status(COORDINATOR_ID))
     return AclRules(read=tuple(read), write=tuple(write))
 
 

@@ -5,9 +5,12 @@ id, modeled stamps), then ``u32 index, u32 total, u64 total_len`` and a slice of
 frame. So the channel emulator reads a chunk's id/index/total with :func:`read_chunk` and rewrites
 its modeled stamps with ``envelope.restamp`` exactly as for a whole message.
 
-The :class:`Reassembler` is bounded: bytes per message, pending messages (in all and per source),
-pending bytes, and an expiry; chunks of one message must arrive on one topic. A reassembled
-message's modeled stamps are the earliest chunk send and the latest chunk arrival.
+The :class:`Reassembler` is bounded: bytes per message, pending messages and bytes per sender (the
+budgets that matter) and in all (a backstop), and an expiry; chunks of one message must arrive on
+one topic. A sender over its budget loses its own oldest incomplete messages, so a sender flooding
+never-completed chunks only hurts itself; when the backstop is reached, the sender holding the most
+loses its oldest. Every message dropped so is counted as ``chunk_overflow``. A reassembled message's
+modeled stamps are the earliest chunk send and the latest chunk arrival.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import math
 import struct
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -94,13 +97,15 @@ class ReassemblyLimits:
     """Bounds that keep a chunk storm from exhausting a receiver's memory."""
 
     max_message_bytes: int = 64 * 1024 * 1024  # one reassembled message
-    max_pending_messages: int = 64  # incomplete messages, all sources together
-    max_pending_per_source: int = 16  # incomplete messages from one sender
-    max_pending_bytes: int = 256 * 1024 * 1024  # bytes held by incomplete messages
+    max_pending_per_source: int = 16  # incomplete messages from one sender (its oldest go first)
+    max_pending_bytes_per_source: int = 128 * 1024 * 1024  # bytes of one sender's incomplete messages
+    max_pending_messages: int = 64  # backstop, all senders together (the biggest holder loses first)
+    max_pending_bytes: int = 256 * 1024 * 1024  # backstop: bytes held by all incomplete messages
     expiry_s: float = 30.0  # an incomplete message idle this long is dropped
 
     def __post_init__(self) -> None:
-        counts = ("max_message_bytes", "max_pending_messages", "max_pending_per_source", "max_pending_bytes")
+        counts = ("max_message_bytes", "max_pending_messages", "max_pending_per_source", "max_pending_bytes",
+                  "max_pending_bytes_per_source")
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -166,14 +171,25 @@ def _max(a: float | None, b: float | None) -> float | None:
 
 
 class Reassembler:
-    """Rebuilds chunked messages within fixed bounds; ``add`` raises WireError on a bad chunk."""
+    """Rebuilds chunked messages within fixed bounds; ``add`` raises WireError on a bad chunk.
 
-    def __init__(self, limits: ReassemblyLimits | None = None, clock: Callable[[], float] = time.monotonic):
+    ``on_drop`` hears of every other message dropped to make room (a ``chunk_overflow``).
+    """
+
+    def __init__(
+        self,
+        limits: ReassemblyLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_drop: Callable[[WireError], None] = lambda err: None,
+    ) -> None:
         self.limits = limits or ReassemblyLimits()
         self._clock = clock
+        self._on_drop = on_drop
         self._pending: OrderedDict[tuple[str, str], _Pending] = OrderedDict()  # least recent first
         self._settled: OrderedDict[tuple[str, str], None] = OrderedDict()  # rebuilt or rejected
         self._bytes = 0
+        self._by_source: dict[str, OrderedDict[tuple[str, str], None]] = {}  # least recent first
+        self._source_bytes: Counter[str] = Counter()
 
     @property
     def pending_messages(self) -> int:
@@ -183,10 +199,20 @@ class Reassembler:
     def pending_bytes(self) -> int:
         return self._bytes
 
+    def pending_from(self, src: str) -> tuple[int, int]:
+        """(messages, bytes) of ``src``'s incomplete messages."""
+        return len(self._by_source.get(src, ())), self._source_bytes[src]
+
     def _drop(self, key: tuple[str, str]) -> None:
         entry = self._pending.pop(key, None)
         if entry is not None:
             self._bytes -= entry.size
+            self._source_bytes[entry.src] -= entry.size
+            mine = self._by_source[entry.src]
+            del mine[key]
+            if not mine:
+                del self._by_source[entry.src]
+                del self._source_bytes[entry.src]
 
     def expire(self, now: float | None = None) -> int:
         """Drop incomplete messages idle for longer than the expiry; returns how many."""
@@ -206,6 +232,43 @@ class Reassembler:
         self._settled[key] = None
         if len(self._settled) > 4 * self.limits.max_pending_messages + 256:
             self._settled.popitem(last=False)
+
+    def _evict(self, src: str, keep: tuple[str, str], why: str) -> bool:
+        """Drop ``src``'s least recent incomplete message other than ``keep``; False if it has none."""
+        victim = next((k for k in self._by_source.get(src, ()) if k != keep), None)
+        if victim is None:
+            return False
+        self._finish(victim)
+        self._on_drop(WireError("chunk_overflow", f"{why}: an incomplete message of {src} dropped"))
+        return True
+
+    def _biggest(self, by_bytes: bool) -> str:
+        """The sender holding the most (bytes or messages) of the backstop's budget."""
+        if by_bytes:
+            return max(self._source_bytes, key=self._source_bytes.__getitem__)
+        return max(self._by_source, key=lambda s: len(self._by_source[s]))
+
+    def _make_room(self, key: tuple[str, str], src: str, nbytes: int) -> None:
+        """Evict until ``nbytes`` more of ``key`` (from ``src``) fit; WireError when they cannot."""
+        lim = self.limits
+        while self._source_bytes[src] + nbytes > lim.max_pending_bytes_per_source:
+            if not self._evict(src, key, f"{src} over its {lim.max_pending_bytes_per_source} pending bytes"):
+                raise WireError("chunk_overflow", f"one message of {src} exceeds its pending bytes budget")
+        while self._bytes + nbytes > lim.max_pending_bytes:
+            if not self._evict(self._biggest(True), key, f"{self._bytes} bytes pending"):
+                raise WireError("chunk_overflow", f"{self._bytes} bytes pending")
+
+    def _open(self, key: tuple[str, str], src: str, info: ChunkInfo) -> _Pending:
+        """A new incomplete message, after its sender (else the biggest holder) made room."""
+        lim = self.limits
+        while len(self._by_source.get(src, ())) >= lim.max_pending_per_source:
+            self._evict(src, key, f"{src} has {lim.max_pending_per_source} messages pending")
+        while len(self._pending) >= lim.max_pending_messages:
+            self._evict(self._biggest(False), key, f"{len(self._pending)} messages pending")
+        entry = _Pending(src, info.total, info.total_len, touched=self._clock())
+        self._pending[key] = entry
+        self._by_source.setdefault(src, OrderedDict())[key] = None
+        return entry
 
     def add(self, topic: str, src: str, payload: bytes) -> Assembled | None:
         """Take one chunk frame; returns the whole message once its last chunk is in.
@@ -229,12 +292,7 @@ class Reassembler:
             raise WireError("oversized", f"{info.total_len} bytes announced > {lim.max_message_bytes}")
         entry = self._pending.get(key)
         if entry is None:
-            if len(self._pending) >= lim.max_pending_messages:
-                raise WireError("chunk_overflow", f"{len(self._pending)} messages pending")
-            if sum(1 for p in self._pending.values() if p.src == src) >= lim.max_pending_per_source:
-                raise WireError("chunk_overflow", f"too many pending messages from {src}")
-            entry = _Pending(src, info.total, info.total_len, touched=self._clock())
-            self._pending[key] = entry
+            entry = self._open(key, src, info)
         elif (entry.total, entry.total_len) != (info.total, info.total_len):
             raise WireError("bad_chunk", f"chunks of {info.msg_id} disagree on their count or length")
         if info.index in entry.parts:
@@ -242,16 +300,17 @@ class Reassembler:
         data = memoryview(payload)[CHUNK_OVERHEAD:]
         if entry.size + len(data) > entry.total_len:
             raise WireError("bad_chunk", f"chunks of {info.msg_id} exceed the announced length")
-        if self._bytes + len(data) > lim.max_pending_bytes:
-            raise WireError("chunk_overflow", f"{self._bytes} bytes pending")
+        self._make_room(key, src, len(data))
         entry.parts[info.index] = data
         entry.size += len(data)
         entry.frames_bytes += len(payload)
         self._bytes += len(data)
+        self._source_bytes[src] += len(data)
         entry.t_send = _min(entry.t_send, info.t_model_send)
         entry.t_arrive = _max(entry.t_arrive, info.t_model_arrive)
         entry.touched = self._clock()
         self._pending.move_to_end(key)
+        self._by_source[src].move_to_end(key)
         if len(entry.parts) < entry.total:
             return None
         self._finish(key)

@@ -11,6 +11,10 @@ What amqtt 0.12 cannot enforce, unlike mosquitto:
 - There is no packet size limit (no ``max_packet_size``): the bus's chunking keeps packets small,
   but a misbehaving client may send one huge publish.
 - A subscription outside the ACL is refused in its SUBACK (0x80) rather than granted and filtered.
+- Client ids are not tied to accounts (no ``use_username_as_clientid``): one account connecting
+  under another agent's client id takes that agent's connection over (MQTT's session takeover).
+  nmoe's own clients use their username as client id, so honest runs behave as with mosquitto;
+  an authenticated but hostile client can knock another agent off. Use mosquitto where that matters.
 
 amqtt 0.12 also sends every connecting client the retained messages of *all* clients'
 subscriptions, without any ACL check; :class:`_Broker` closes that leak by sending retained

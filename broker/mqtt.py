@@ -93,13 +93,17 @@ async def stay_connected(
 class ConnectionOptions:
     """How one client of the bus holds its connection (the same for agents and the emulator)."""
 
-    identifier: str
-    """MQTT client id."""
+    identifier: str | None = None
+    """MQTT client id; None (always, in nmoe): the account's username, which is what mosquitto's
+    ``use_username_as_clientid`` enforces anyway, so that no account can take over another's
+    connection (a client id is one connection at a time)."""
     status_topic: str | None = None
     """Where to publish a retained ``online`` once connected (``offline`` as the last will and on
     a clean exit); None: no status."""
     clean_session: bool = True
-    """False: a persistent session, so the broker queues QoS 1 traffic while we reconnect."""
+    """False: a persistent session, so the broker queues QoS 1 traffic while we reconnect. Any
+    session left under our client id (an earlier process of ours) is discarded first, so nothing
+    queued for a previous life is delivered to this one."""
     keepalive_s: int = 30
     connect_timeout_s: float = 10.0
     """First connection (and each reconnection attempt)."""
@@ -180,8 +184,9 @@ class Connection:
         will = None
         if opts.status_topic is not None:
             will = aiomqtt.Will(opts.status_topic, Status.OFFLINE.value.encode(), qos=1, retain=True)
+        identifier = opts.identifier or addr.username or self.who
         client = aiomqtt.Client(
-            addr.host, addr.port, username=addr.username, password=addr.password, identifier=opts.identifier,
+            addr.host, addr.port, username=addr.username, password=addr.password, identifier=identifier,
             will=will, clean_session=opts.clean_session, keepalive=opts.keepalive_s,
             timeout=opts.connect_timeout_s, max_inflight_messages=opts.max_inflight,
             tls_context=client_context(addr.ca_file) if addr.tls else None,
@@ -191,8 +196,26 @@ class Connection:
         client.pending_calls_threshold = 1 << 30  # chunked sends and relays keep many publishes in flight
         return client
 
+    async def _discard_old_session(self) -> None:
+        """MQTT 3.1.1 has no "start clean, then persist": a clean connection, closed at once, ends
+        whatever session a previous process left under our client id (queued tasks of an earlier
+        run with the same name, say). Failing to connect here is reported by the real connection."""
+        addr, opts = self.address, self.options
+        purge = aiomqtt.Client(
+            addr.host, addr.port, username=addr.username, password=addr.password,
+            identifier=opts.identifier or addr.username or self.who, clean_session=True,
+            timeout=opts.connect_timeout_s, tls_context=client_context(addr.ca_file) if addr.tls else None,
+        )  # fmt: skip
+        try:
+            async with purge:
+                pass
+        except aiomqtt.MqttError as err:
+            log.debug("%s: no old session discarded (%s)", self.who, err)
+
     async def __aenter__(self) -> Connection:
         loop = asyncio.get_running_loop()
+        if not self.options.clean_session:
+            await self._discard_old_session()
         self._client = self._make_client()
         self._runner = loop.create_task(self._run(), name=f"mqtt-{self.who}")
         connected = loop.create_task(self.connected_event.wait())

@@ -10,6 +10,7 @@ An external broker (``--broker mqtt[s]://...``) is used as is: nothing is starte
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -17,7 +18,6 @@ import pwd
 import shutil
 import string
 import subprocess
-import tempfile
 import time
 import weakref
 from collections.abc import AsyncIterator, Sequence
@@ -33,6 +33,7 @@ from broker.auth import (
     render_acl_file,
     render_password_file,
 )
+from broker.lifetime import dying_with, make_run_dir
 from broker.ports import free_port, port_open
 from broker.tls import TlsFiles, make_tls_files, server_names
 from broker.topics import Topics
@@ -113,7 +114,7 @@ class MosquittoBroker:
         self.persistence = persistence
         self.tls = tls
         self.tls_files: TlsFiles | None = None  # once write_files() made them
-        self.run_dir = Path(tempfile.mkdtemp(prefix=f"nmoe-{run_id}-"))
+        self.run_dir = make_run_dir(run_id)  # removed by close(), or by a later run if we are killed
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.run_dir, True)
         self._proc: subprocess.Popen[bytes] | None = None
         self._proc_finalizer: weakref.finalize[..., MosquittoBroker] | None = None
@@ -188,10 +189,15 @@ class MosquittoBroker:
 
     def _spawn(self, timeout: float) -> None:
         assert self.binary is not None
+        # It dies with us even by SIGKILL (broker/lifetime.py). As root, it starts as its own user: the
+        # kernel forgets the parent-death signal when a process drops privileges by itself.
+        user = pwd.getpwnam(_drop_user()) if os.geteuid() == 0 else None
         with open(self.log_path, "ab") as logf:
             proc = subprocess.Popen(
                 [self.binary, "-c", str(self.conf_path)],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                user=user.pw_uid if user else None, group=user.pw_gid if user else None,
+                extra_groups=[] if user else None, preexec_fn=dying_with(os.getpid()),
             )  # fmt: skip
         self._proc = proc
         self._proc_finalizer = weakref.finalize(self, _terminate, proc)
@@ -209,6 +215,18 @@ class MosquittoBroker:
         raise BrokerError(
             f"mosquitto did not accept connections within {timeout:.0f}s; its log:\n{self.log_tail()}"
         )
+
+    def died(self) -> int | None:
+        """The exit status of our mosquitto if it ended without stop() (a crash, a kill), else None."""
+        if self._proc is None:
+            return None
+        return self._proc.poll()
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Start it again on the same port with the same files (accounts, ACL, CA, its database)."""
+        self.stop()
+        self._fixed_port = True  # agents know this port: a new one would strand them
+        self.start(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop our mosquitto by its own PID (the run directory stays until close())."""
@@ -260,6 +278,31 @@ class RunningBroker:
         return address.with_account(find_account(self.accounts, username))
 
 
+async def keep_running(mosq: MosquittoBroker, poll_s: float = 0.2, attempts: int = 5) -> None:
+    """Restart the run's mosquitto on its port whenever it dies, until cancelled.
+
+    It runs on the event loop's thread on purpose: mosquitto dies with the thread that started it
+    (PR_SET_PDEATHSIG), and a worker thread ends long before the run does.
+    """
+    while True:
+        await asyncio.sleep(poll_s)
+        status = mosq.died()
+        if status is None:
+            continue
+        log.warning("mosquitto exited (status %s) during the run; restarting it on port %d", status, mosq.port)
+        for attempt in range(1, attempts + 1):
+            try:
+                mosq.restart()
+                log.warning("mosquitto restarted (pid %s) on port %d", mosq.pid, mosq.port)
+                break
+            except BrokerError as err:
+                log.error("restarting mosquitto failed (attempt %d of %d): %s", attempt, attempts, err)
+                await asyncio.sleep(1.0)
+        else:
+            raise BrokerError(f"mosquitto died and could not be restarted on port {mosq.port}; its log:\n"
+                              f"{mosq.log_tail()}")
+
+
 @contextlib.asynccontextmanager
 async def launch_broker(
     run_id: str,
@@ -291,15 +334,21 @@ async def launch_broker(
         need = "network.tls needs mosquitto (amqtt has no TLS here)" if tls else "mosquitto was asked for"
         raise BrokerError(f"{need} but it is not installed (apt-get install mosquitto)")
     if binary is not None:
-        mosq = MosquittoBroker(
-            run_id, accounts, channel_mode=channel_mode, host=host, port=port, binary=binary, tls=tls
-        )
+        mosq = MosquittoBroker(run_id, accounts, channel_mode=channel_mode, host=host, port=port, binary=binary,
+                               tls=tls, persistence=True)  # fmt: skip
+        supervisor: asyncio.Task[None] | None = None
         try:
             mosq.start()
+            supervisor = asyncio.create_task(keep_running(mosq), name="mosquitto-supervisor")
             yield RunningBroker(
                 "mosquitto", mosq.host, mosq.port, mosq.accounts, tls=tls, pid=mosq.pid, ca_file=mosq.ca_file
             )
         finally:
+            if supervisor is not None:
+                supervisor.cancel()
+                for outcome in await asyncio.gather(supervisor, return_exceptions=True):
+                    if isinstance(outcome, BrokerError):
+                        log.error("%s", outcome)
             mosq.close()
         return
     from broker.embedded import AmqttBroker  # imported only when needed

@@ -142,8 +142,8 @@ class Decoder:
         self.schemas = {Kind(k): v for k, v in (schemas or {}).items()}
         self.limits = limits or ReassemblyLimits()
         self.direction = direction
-        self.reassembler = Reassembler(self.limits, clock)
         self.rejected: Counter[str] = Counter()
+        self.reassembler = Reassembler(self.limits, clock, on_drop=self.reject)
 
     def reject(self, err: WireError, topic: str = "") -> None:
         """Count and log one rejection."""

@@ -14,11 +14,12 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from agents.client import ClientAgent
 from agents.codec import client_name
 from broker.auth import PASSWORD_ENV
+from broker.lifetime import die_with_parent
 from broker.server import RunningBroker
 
 from .bus_sizing import bus_config
@@ -49,20 +50,28 @@ class AgentGroup(Protocol):
         ...
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGTERM when the fork server dies (it does when the run's process dies, even by
-    SIGKILL), so no agent outlives its run. Elsewhere the run's own cleanup is all there is."""
-    if sys.platform != "linux":
-        return
-    import ctypes
+def _leave_the_fork_server() -> None:
+    """Die with the run, even a SIGKILLed one (Linux).
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    multiprocessing hands every forked child the write end of the fork server's "alive" pipe, so
+    the fork server lives as long as any child does; and the children, told to die with their
+    parent (the fork server), lived on: a SIGKILLed run left both behind. Closing that end here
+    leaves the run the only holder: when it dies the fork server exits, and then each agent gets
+    SIGTERM (the PR_SET_PDEATHSIG asked for below).
+    """
+    from multiprocessing import forkserver
+
+    die_with_parent(signal.SIGTERM)
+    server: Any = forkserver._forkserver  # the fork server's state in this child (private)
+    fd = server._forkserver_alive_fd
+    if fd is not None:
+        os.close(fd)
+        server._forkserver_alive_fd = None
 
 
 def agent_process(argv: list[str], password: str, log_path: str) -> None:
     """Body of one agent process: `nmoe agent ARGV` with its output in its own log file."""
-    _die_with_parent()
+    _leave_the_fork_server()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)

@@ -30,7 +30,11 @@ def bus_config(scn: Scenario, run_id: str, agent_id: str, address: BrokerAddress
     mode: ChannelMode = "emulated" if scn.channel.model == "emulated" else "direct"
     largest = int(largest_message_bytes(scn) * 1.25)  # headers, chunk frames and safetensors metadata
     default = ReassemblyLimits()
+    # per sender: room for two of its largest messages at once (a retry behind a lost one); in all
+    # (the backstop): every client's plus the coordinator's, so honest senders never hit it
+    per_source = max(default.max_pending_bytes_per_source, 2 * largest)
     limits = ReassemblyLimits(max_message_bytes=max(default.max_message_bytes, 2 * largest),
-                              max_pending_bytes=max(default.max_pending_bytes, 4 * largest))
+                              max_pending_bytes_per_source=per_source,
+                              max_pending_bytes=max(default.max_pending_bytes, (scn.clients + 1) * per_source))
     return BusConfig(run_id, agent_id, address, channel_mode=mode, chunk_size=scn.network.chunk_size,
                      compression=scn.network.compression, limits=limits)

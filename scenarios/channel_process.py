@@ -16,6 +16,7 @@ from typing import Any
 
 from agents.codec import CHANNEL, COORDINATOR
 from broker.auth import PASSWORD_ENV
+from broker.lifetime import dying_with
 from broker.server import RunningBroker
 from nmoe.errors import ChannelError
 
@@ -44,7 +45,8 @@ class ChannelProcess:
         with open(self.log_path, "wb") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log,
-                env={**os.environ, PASSWORD_ENV: self.addr.password or ""})
+                env={**os.environ, PASSWORD_ENV: self.addr.password or ""},
+                preexec_fn=dying_with(os.getpid()))  # it dies with the run, even a SIGKILLed one
         assert self.proc.stdout is not None
         try:
             line = await asyncio.wait_for(self.proc.stdout.readline(), 30.0)

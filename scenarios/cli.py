@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -32,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
                           "or started by hand (e.g. on edge boards) with `nmoe agent`")
     run.add_argument("--broker", metavar="URL", help="use this broker, mqtt[s]://user:pass@host:port, "
                                                       "instead of starting one")
+    run.add_argument("--broker-accounts", metavar="FILE",
+                     help="with --broker: one username:password per line for coordinator, channel and every "
+                          "client-N (mode 0600), so each agent logs in as itself")
     run.add_argument("--broker-kind", choices=["auto", "mosquitto", "amqtt"], default="auto",
                      help="the broker to start: mosquitto when installed, else the embedded amqtt (auto)")
     run.add_argument("--listen", default="127.0.0.1", metavar="HOST",
@@ -96,8 +100,11 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
                       f"Stage 3 {scn.stage3.method} x {scn.stage3.rounds} rounds, top-{scn.eval.top_k}, "
                       f"baselines: {', '.join(scn.baselines) or 'none'}")
         return 0
+    if args.broker_accounts and not args.broker:
+        raise ConfigError("--broker-accounts needs --broker (a run's own broker makes its own accounts)")
+    accounts_file = Path(args.broker_accounts) if args.broker_accounts else None
     if args.broker and not args.inprocess:
-        check_external_broker(args.broker)
+        check_external_broker(args.broker, accounts_file, scn.clients)
     from .runner import output_dir, run_inprocess
 
     out = output_dir(scn, args.out)
@@ -110,20 +117,26 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return 0
     from .networked import run_networked_scenario
 
-    run_networked_scenario(scn, out, console, args.agents, args.broker, args.listen, args.broker_kind)
+    run_networked_scenario(scn, out, console, args.agents, args.broker, args.listen, args.broker_kind, accounts_file)
     return 0
 
 
-def check_external_broker(url: str) -> None:
-    """Refuse, before any work, an external broker URL without a password.
+def check_external_broker(url: str, accounts_file: Path | None = None, clients: int = 0) -> None:
+    """Refuse, before any work, an external broker URL without a password (or accounts file), or an
+    accounts file that is unreadable, readable by others, or lacks an agent.
 
     Supporting a broker without authentication was considered and refused: the run's security
     rests on each agent's login (the ACL proves who sent a message, see broker/auth.py), and an open
     broker would let anyone on its network answer for any client. Giving the password is one step.
     """
-    from broker.auth import PASSWORD_ENV, BrokerAddress
+    from agents.codec import client_name
+    from broker.auth import PASSWORD_ENV, BrokerAddress, accounts_with_passwords, make_accounts, read_accounts_file
 
     address = BrokerAddress.parse(url)
+    if accounts_file is not None:
+        needed = make_accounts([client_name(i) for i in range(clients)])
+        accounts_with_passwords(needed, read_accounts_file(accounts_file), str(accounts_file))
+        return
     if address.password is None:
         raise ConfigError(
             f"--broker {address.redacted()}: no password; give mqtt[s]://user:password@host:port or set "

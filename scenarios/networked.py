@@ -27,7 +27,7 @@ from agents.codec import COORDINATOR, client_index, client_name
 from agents.coordinator import BusFleet
 from agents.messages import Bye, Task
 from agents.strategy import RunSummary, Strategy
-from broker.auth import Account, BrokerAddress, ChannelMode, make_accounts
+from broker.auth import Account, BrokerAddress, ChannelMode, accounts_with_passwords, make_accounts, read_accounts_file
 from broker.server import Prefer, launch_broker
 from nmoe.errors import ConfigError, NmoeError
 from nmoe_models.partition import load_client_data
@@ -118,13 +118,19 @@ async def _coordinate(strategy: Strategy, fleet: BusFleet, watcher: asyncio.Task
 
 async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: AgentsMode = "subprocess",
                         broker_url: str | None = None, listen: str = "127.0.0.1",
-                        broker_kind: Prefer = "auto") -> tuple[RunSummary, dict[str, Any]]:
-    """Run the method over the bus; returns the Strategy's summary and the traffic report."""
+                        broker_kind: Prefer = "auto", broker_accounts: Path | None = None,
+                        ) -> tuple[RunSummary, dict[str, Any]]:
+    """Run the method over the bus; returns the Strategy's summary and the traffic report.
+
+    With an external broker, every agent logs in as itself (username = agent id) with its password
+    from ``broker_accounts`` (``--broker-accounts FILE``), or else all with the URL's one password."""
     run_id = scn.name
     ids = [client_name(i) for i in range(scn.clients)]
     accounts: list[Account] = make_accounts(ids)
     external = BrokerAddress.parse(broker_url) if broker_url else None
-    if external is not None:  # an external broker knows its own accounts: everyone uses the URL's
+    if external is not None and broker_accounts is not None:  # the broker's operator made one per agent
+        accounts = accounts_with_passwords(accounts, read_accounts_file(broker_accounts), str(broker_accounts))
+    elif external is not None:  # one shared password: the ACL then cannot tell agents apart
         if external.password is None:
             raise ConfigError(f"--broker {external.redacted()}: no password (see cli.check_external_broker)")
         accounts = [Account(a.username, external.password, a.role) for a in accounts]
@@ -144,7 +150,7 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
             console.print(f"waiting for {scn.clients} agents; their command lines (with passwords) are in "
                           f"{group.instructions}")
         channel = await stack.enter_async_context(channel_running(scn, run_id, broker, ids, out_dir))
-        coord = external if external is not None else broker.address_for(COORDINATOR)
+        coord = external if external is not None and broker_accounts is None else broker.address_for(COORDINATOR)
         bus = await stack.enter_async_context(BusSession(bus_config(scn, run_id, COORDINATOR, coord),
                                                          watch_status=True))
         progress = stack.enter_context(make_progress(console))
@@ -189,14 +195,15 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
 
 def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode: AgentsMode = "subprocess",
                            broker_url: str | None = None, listen: str = "127.0.0.1",
-                           broker_kind: Prefer = "auto") -> dict[str, Any]:
+                           broker_kind: Prefer = "auto", broker_accounts: Path | None = None) -> dict[str, Any]:
     from .report import build_results, print_summary, write_outputs
 
     set_threads(scn.threads)
     started = time.perf_counter()
     # the baselines train here on every client's data: check it is here before hours of training
     datas = {i: load_client_data(scn, i) for i in range(scn.clients)} if scn.baselines else {}
-    summary, traffic = asyncio.run(run_networked(scn, out_dir, console, mode, broker_url, listen, broker_kind))
+    summary, traffic = asyncio.run(run_networked(scn, out_dir, console, mode, broker_url, listen, broker_kind,
+                                                 broker_accounts))
     with make_progress(console) as progress:
         clock = time.perf_counter()
         classifier = stage1_classifier(scn, summary)

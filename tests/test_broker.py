@@ -197,3 +197,68 @@ async def test_mosquitto_checks_the_will_topic(mosquitto: MosquittoBroker) -> No
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.__aexit__(None, None, None)
         assert await collect(observer) == [(f"{p}/status/client-1", b"will-client-1")]
+
+
+# -- connection takeover ---------------------------------------------------------------------------
+@needs_mosquitto
+async def test_one_account_cannot_knock_another_off(mosquitto: MosquittoBroker) -> None:
+    """With client-0's login, connecting under client-1's client id (the old predictable one, or its
+    username) or as client-1 with a wrong password leaves client-1's session connected."""
+    from agents.bus import BusConfig, BusSession
+    from broker.topics import Kind
+
+    fast = dict(reconnect_initial_s=0.05, reconnect_max_s=0.3, connect_timeout_s=5.0)
+    c0 = mosquitto.address_for("client-0")
+    async with (
+        BusSession(BusConfig(RUN, "client-1", mosquitto.address_for("client-1"), **fast)) as victim,
+        BusSession(BusConfig(RUN, "client-2", mosquitto.address_for("client-2"), **fast)) as peer,
+    ):
+        for identifier in ("client-1", f"nmoe-{RUN}-client-1") * 5:
+            async with aiomqtt.Client(c0.host, c0.port, username="client-0", password=c0.password,
+                                      identifier=identifier):  # fmt: skip
+                await asyncio.sleep(0.05)
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client(c0.host, c0.port, username="client-1", password=c0.password,
+                                      identifier="client-1"):  # fmt: skip
+                pass
+        await asyncio.sleep(0.3)
+        assert victim.connected and victim.stats.reconnects == 0
+        await peer.send("client-1", Kind.METRICS, meta={"still": 1})
+        assert (await victim.receive(timeout=5)).src == "client-2"
+    assert "use_username_as_clientid true" in mosquitto.conf_path.read_text()
+
+
+def test_accounts_file_gives_each_agent_its_password(tmp_path: Path) -> None:
+    from broker.auth import accounts_with_passwords, read_accounts_file
+
+    path = tmp_path / "accounts"
+    path.write_text("# operator's file\ncoordinator:pw-c\nchannel:pw-ch\nclient-0:pw:0\n\nclient-1:pw-1\n")
+    path.chmod(0o600)
+    accounts = accounts_with_passwords(make_accounts(["client-0", "client-1"]), read_accounts_file(path), "f")
+    assert {a.username: a.password for a in accounts} == {
+        "client-0": "pw:0", "client-1": "pw-1", "coordinator": "pw-c", "channel": "pw-ch"}
+    with pytest.raises(BrokerError, match="no password for client-2"):
+        accounts_with_passwords(make_accounts(["client-2"]), read_accounts_file(path), "f")
+    path.chmod(0o640)
+    with pytest.raises(BrokerError, match="chmod 600"):
+        read_accounts_file(path)
+    for bad, why in (("client-0\n", "username:password"), ("a b:x\n", "invalid username"),
+                     ("client-0:x\nclient-0:y\n", "twice")):
+        path.write_text(bad)
+        path.chmod(0o600)
+        with pytest.raises(BrokerError, match=why):
+            read_accounts_file(path)
+
+
+def test_cli_refuses_an_accounts_file_readable_by_others(tmp_path: Path) -> None:
+    from scenarios.cli import check_external_broker
+
+    path = tmp_path / "accounts"
+    path.write_text("coordinator:a\nchannel:b\nclient-0:c\n")
+    path.chmod(0o644)
+    with pytest.raises(BrokerError, match="mode 644"):
+        check_external_broker("mqtt://coordinator@localhost:1883", path, 1)
+    path.chmod(0o600)
+    check_external_broker("mqtt://coordinator@localhost:1883", path, 1)
+    with pytest.raises(BrokerError, match="no password for client-1"):
+        check_external_broker("mqtt://coordinator@localhost:1883", path, 2)

@@ -170,6 +170,36 @@ async def test_bad_messages_are_counted_and_receiving_goes_on(mosquitto: Mosquit
 
 
 @needs_mosquitto
+async def test_a_chunk_flood_does_not_crowd_out_an_honest_sender(mosquitto: MosquittoBroker) -> None:
+    """client-0 floods client-1 with 20 MB of never-completed chunks (more than client-1's whole
+    reassembly budget) while client-2 sends it a 2.6 MB chunked message: that one arrives."""
+    limits = ReassemblyLimits(max_message_bytes=4_000_000, max_pending_bytes_per_source=4_000_000,
+                              max_pending_bytes=8_000_000)  # fmt: skip
+    flood = [split(frame({"h": np.full((2_500, 64), i, np.float32)}), f"{i:032x}", 256 * 1024)[:2]
+             for i in range(40)]  # 40 messages of 3 chunks, 2 sent: 20 MB  # fmt: skip
+    x = np.random.default_rng(2).standard_normal((10_000, 64)).astype(np.float32)
+    async with (
+        BusSession(cfg(mosquitto, "client-1", limits=limits)) as c1,
+        BusSession(cfg(mosquitto, "client-2")) as c2,
+        raw_client(mosquitto.address_for("client-0")) as flooder,
+    ):
+        async def flood_all() -> None:
+            for frames in flood:
+                for f in frames:
+                    await flooder.publish(T.rx("client-1", "client-0", Kind.LATENT), f, qos=1)
+
+        flooding = asyncio.create_task(flood_all())
+        await asyncio.sleep(0.05)
+        await c2.send("client-1", Kind.LATENT, {"h": x})
+        await flooding
+        msg = await c1.receive(timeout=20)
+        assert msg.src == "client-2" and np.array_equal(msg.tensors["h"], x)
+        await asyncio.sleep(0.3)  # the rest of the flood
+        held = c1._decoder.reassembler.pending_from("client-0")
+    assert held[1] <= 4_000_000 and c1.stats.rejected["chunk_overflow"] == 40 - held[0] >= 30
+
+
+@needs_mosquitto
 async def test_qos1_duplicates_are_dropped(mosquitto: MosquittoBroker) -> None:
     good = frame({"h": np.ones((1, 2), np.float32)})
     async with (

@@ -257,10 +257,13 @@ async def test_garbage_on_the_air_is_counted_and_traffic_goes_on(mosq: Mosquitto
     ]
     async with AsyncExitStack() as stack:
         emu = await stack.enter_async_context(emulator(mosq, channel()))
-        co, c0 = await sessions(stack, mosq, "coordinator", "client-0")
-        raw = await stack.enter_async_context(raw_client(mosq.address_for("client-0"), "garbage"))
-        for topic, payload in garbage:
-            await raw.publish(topic, payload, qos=1)
+        (co,) = await sessions(stack, mosq, "coordinator")
+        # client-0's login, before client-0's session: one account is one connection at a time
+        # (mosquitto's use_username_as_clientid), so a second login would knock the session off
+        async with raw_client(mosq.address_for("client-0"), "garbage") as raw:
+            for topic, payload in garbage:
+                await raw.publish(topic, payload, qos=1)
+        (c0,) = await sessions(stack, mosq, "client-0")
         await c0.send("coordinator", Kind.LATENT, {"h": np.ones((2, 64), np.float32)})
         msg = await co.receive(timeout=5)
         stats = emu.stats()

@@ -301,6 +301,28 @@ def test_chunk_storm_is_bounded_and_good_messages_still_pass():
     assert feed_all(d, other, split(e.payload, e.header.id, 1024)) is not None
 
 
+def test_a_flooding_sender_only_evicts_its_own_messages():
+    """Over the whole backstop (8 messages, 40 KB) one sender's flood drops only its own oldest; an
+    honest sender's message, its chunks interleaved with the flood, still completes."""
+    limits = ReassemblyLimits(max_pending_per_source=4, max_pending_bytes_per_source=20_000,
+                              max_pending_messages=8, max_pending_bytes=40_000)  # fmt: skip
+    d = Decoder(T, limits=limits)
+    honest_topic = T.rx("coordinator", "client-1", Kind.UPDATE)
+    e = enc({"x": np.ones(4000, np.float32)}, src="client-1")  # 16 KB in 17 chunks
+    honest = split(e.payload, e.header.id, 1024)
+    got = None
+    for i, chunk in enumerate(honest):
+        flood = enc({"x": np.full(1000, i, np.float32)})
+        for f in split(flood.payload, flood.header.id, 1024)[:3]:  # never completed
+            d.feed(TO_COORD, f)
+        got = d.feed(honest_topic, chunk)
+    assert got is not None and np.array_equal(got.tensors["x"], np.ones(4000, np.float32))
+    assert d.reassembler.pending_from("client-1") == (0, 0)
+    messages, held = d.reassembler.pending_from("client-0")
+    assert messages <= 4 and held <= 20_000
+    assert d.rejected == {"chunk_overflow": len(honest) - messages}
+
+
 def test_incomplete_messages_expire():
     now = [0.0]
     d = Decoder(T, limits=ReassemblyLimits(expiry_s=5.0), clock=lambda: now[0])

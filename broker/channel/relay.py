@@ -53,8 +53,6 @@ class RelayOptions:
     reconnect_max_s: float = 5.0
     """... up to this."""
     keepalive_s: int = 30
-    identifier: str | None = None
-    """MQTT client id; default ``nmoe-<run>-<username>`` (stable, so the broker keeps the session)."""
     announce_status: bool = True
     """Publish a retained ``online`` on status/<username> (``offline`` as the last will)."""
     flush_on_exit_s: float = 2.0
@@ -184,7 +182,7 @@ class RelaySession:
         self._conn = Connection(
             address,
             ConnectionOptions(
-                identifier=opts.identifier or f"nmoe-{topics.run_id}-{self.username}",
+                # client id: the username (stable, so the broker keeps the session; see ConnectionOptions)
                 status_topic=topics.status(self.username) if opts.announce_status else None,
                 clean_session=False, keepalive_s=opts.keepalive_s, connect_timeout_s=opts.connect_timeout_s,
                 reconnect_initial_s=opts.reconnect_initial_s, reconnect_max_s=opts.reconnect_max_s,
