@@ -6,7 +6,7 @@ Reported: ``cache_ratio`` = wall time of the cached sweep / wall time of the ``-
 (goal < 0.15), and how many runs computed and loaded Stage 1.
 
     python bench/sweep_cache.py            # Fashion-MNIST, 10 clients x 500, 8 cells (minutes)
-    python bench/sweep_cache.py --quick    # synthetic data, 6 cells (under a minute)
+    python bench/sweep_cache.py --quick    # synthetic data, 6 cells (about a minute on an idle machine)
 
 The last line printed is ``cells=<n> cached_s=<x> nocache_s=<y> stage1_computed=<a> cache_ratio=<r>``.
 """
@@ -27,12 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICK = """
 name: cachebench
 seed: 0
-clients: 4
+clients: 3
 threads: 2
-data: {name: synthetic, synthetic_train: 4000}
-partition: {kind: noniid, tau: 0.5, train_per_client: 200, test_per_client: 50}
+data: {name: synthetic, synthetic_train: 3000}
+partition: {kind: noniid, tau: 0.5, train_per_client: 200, test_per_client: 30}
 model: {head_hidden: 16, gate_hidden: 8}
-stage1: {method: fedce, rounds: 3, local_epochs: 2, batch_size: 32}
+stage1: {method: fedce, rounds: 4, local_epochs: 2, batch_size: 32}
 stage2: {epochs: 2}
 stage3: {rounds: 1, local_epochs: 1}
 """
@@ -52,7 +52,7 @@ baselines: [local]
 
 def sweep_file(folder: Path, quick: bool) -> Path:
     (folder / "base.yaml").write_text(QUICK if quick else FULL)
-    grid = ("{eval.top_k: [1, 2, 3], stage3.local_epochs: [1, 2]}" if quick
+    grid = ("{eval.top_k: [1, 2, 3], eval.combine: [probs, logits]}" if quick
             else "{eval.top_k: [1, 2], stage3.rounds: [1, 2], eval.combine: [probs, logits]}")
     path = folder / "sweep.yaml"
     path.write_text(f"base: base.yaml\ngrid: {grid}\nseeds: [0]\n")

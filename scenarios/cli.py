@@ -26,7 +26,13 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nmoe", description="Networked Mixture-of-Experts over MQTT")
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a scenario (networked by default)")
-    _scenario_args(run)
+    run.add_argument("scenario", nargs="?",
+                     help="a scenario YAML file, or the name of a shipped one (e.g. quickstart)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a field, e.g. --set stage1.rounds=5 (repeatable)")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue a run that stopped (a crash, a kill) from its latest checkpoint, in its folder, "
+                          "with its own scenario.yaml; no completed Stage 1 round is redone")
     run.add_argument("--inprocess", action="store_true", help="run every client in this process, no network")
     run.add_argument("--agents", choices=["subprocess", "inprocess", "external"], default="subprocess",
                      help="networked runs: client agents as subprocesses (default), as tasks in this process, "
@@ -93,6 +99,20 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return run_agent(args)
     if args.command == "sweep":
         return run_sweep_command(args, console)
+    checkpoint = None
+    if args.command == "run" and args.resume:
+        from .runner import Checkpoint
+
+        if args.scenario or args.overrides or args.out:
+            raise ConfigError("--resume RUN_DIR takes the run's own scenario.yaml and folder: give no scenario, "
+                              "--set or --out with it")
+        run_dir = Path(args.resume)
+        if not (run_dir / "scenario.yaml").is_file():
+            raise ConfigError(f"--resume {run_dir}: no scenario.yaml there (is it a run folder?)")
+        checkpoint = Checkpoint.load(run_dir)
+        args.scenario, args.out = str(run_dir / "scenario.yaml"), str(run_dir)
+    if args.scenario is None:
+        raise ConfigError("run: give a scenario (a file or a shipped name), or --resume RUN_DIR")
     scn = load_scenario(args.scenario, args.overrides)
     if args.command == "validate":
         console.print(f"[green]ok[/green]: {scn.name}: {scn.clients} clients, {scn.data.name}, "
@@ -113,11 +133,12 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.inprocess:
         from .cache import StageCache, default_root
 
-        run_inprocess(scn, out, console, None if args.no_cache else StageCache(default_root()))
+        run_inprocess(scn, out, console, None if args.no_cache else StageCache(default_root()), checkpoint)
         return 0
     from .networked import run_networked_scenario
 
-    run_networked_scenario(scn, out, console, args.agents, args.broker, args.listen, args.broker_kind, accounts_file)
+    run_networked_scenario(scn, out, console, args.agents, args.broker, args.listen, args.broker_kind, accounts_file,
+                           checkpoint)
     return 0
 
 

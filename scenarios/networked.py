@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.progress import Progress
 
@@ -35,7 +34,16 @@ from nmoe_models.partition import load_client_data
 from .agent_groups import AgentGroup, AgentsMode, ExternalAgents, agents_running, make_group
 from .bus_sizing import bus_config
 from .channel_process import ChannelProcess, channel_running
-from .runner import ProgressObserver, make_progress, run_baselines, set_threads, stage1_classifier
+from .runner import (
+    Checkpoint,
+    ProgressObserver,
+    make_progress,
+    resume_strategy,
+    run_baselines,
+    set_threads,
+    stage1_classifier,
+    write_scenario,
+)
 from .scenario import Scenario
 from .schema import to_dict
 
@@ -44,13 +52,6 @@ __all__ = ["AgentsMode", "bus_config", "run_networked", "run_networked_scenario"
 
 class AgentsFailed(NmoeError):
     """Client agent processes exited before the run ended."""
-
-
-def write_scenario(scn: Scenario, path: Path) -> Path:
-    """The resolved scenario (overrides applied), which subprocess agents load."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(scn), sort_keys=False))
-    return path
 
 
 @dataclass
@@ -119,7 +120,7 @@ async def _coordinate(strategy: Strategy, fleet: BusFleet, watcher: asyncio.Task
 async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: AgentsMode = "subprocess",
                         broker_url: str | None = None, listen: str = "127.0.0.1",
                         broker_kind: Prefer = "auto", broker_accounts: Path | None = None,
-                        ) -> tuple[RunSummary, dict[str, Any]]:
+                        resume: Checkpoint | None = None) -> tuple[RunSummary, dict[str, Any]]:
     """Run the method over the bus; returns the Strategy's summary and the traffic report.
 
     With an external broker, every agent logs in as itself (username = agent id) with its password
@@ -139,6 +140,7 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
     started = time.perf_counter()
     timeline = {"started_at": time.time()}
     strategy = Strategy(scn, None, scn.network.min_clients)
+    resume_strategy(strategy, resume, console)
     async with contextlib.AsyncExitStack() as stack:
         broker = await stack.enter_async_context(launch_broker(
             run_id, accounts, channel_mode=channel_mode, prefer=broker_kind, external=external, host=listen,
@@ -195,7 +197,8 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
 
 def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode: AgentsMode = "subprocess",
                            broker_url: str | None = None, listen: str = "127.0.0.1",
-                           broker_kind: Prefer = "auto", broker_accounts: Path | None = None) -> dict[str, Any]:
+                           broker_kind: Prefer = "auto", broker_accounts: Path | None = None,
+                           resume: Checkpoint | None = None) -> dict[str, Any]:
     from .report import build_results, print_summary, write_outputs
 
     set_threads(scn.threads)
@@ -203,7 +206,7 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
     # the baselines train here on every client's data: check it is here before hours of training
     datas = {i: load_client_data(scn, i) for i in range(scn.clients)} if scn.baselines else {}
     summary, traffic = asyncio.run(run_networked(scn, out_dir, console, mode, broker_url, listen, broker_kind,
-                                                 broker_accounts))
+                                                 broker_accounts, resume))
     with make_progress(console) as progress:
         clock = time.perf_counter()
         classifier = stage1_classifier(scn, summary)

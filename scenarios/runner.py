@@ -7,18 +7,22 @@ import dataclasses
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from agents.inprocess import InProcessFleet
 from agents.messages import Op, Stage
 from agents.strategy import RoundRecord, RunSummary, Strategy
+from nmoe.errors import ConfigError
 from nmoe_models.baselines import centralized_moe, local_classifier
 from nmoe_models.config import FedCEConfig
 from nmoe_models.learner import ClientLearner
@@ -27,6 +31,7 @@ from nmoe_models.partition import ClientData, load_client_data, load_union
 from .cache import CachedStages, StageCache, baseline_scores
 from .report import PerClient, build_results, print_summary, write_outputs
 from .scenario import Scenario
+from .schema import to_dict
 
 
 def available_cpus() -> int:
@@ -35,6 +40,13 @@ def available_cpus() -> int:
 
 def set_threads(threads: int) -> None:
     torch.set_num_threads(threads or available_cpus())
+
+
+def write_scenario(scn: Scenario, path: Path) -> Path:
+    """The resolved scenario (overrides applied), which subprocess agents load."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(scn), sort_keys=False))
+    return path
 
 
 def output_dir(scn: Scenario, out: str | None) -> Path:
@@ -46,6 +58,38 @@ def output_dir(scn: Scenario, out: str | None) -> Path:
 def make_progress(console: Console) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The coordinator's latest checkpoint of a run folder (``checkpoint.safetensors``)."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, str]
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Checkpoint:
+        path = run_dir / "checkpoint.safetensors"
+        if not path.is_file():
+            raise ConfigError(f"--resume {run_dir}: no checkpoint.safetensors there (a run writes one after each "
+                              f"round; this one stopped before its first)")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = dict(fh.metadata() or {})
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError) as err:
+            raise ConfigError(f"--resume {run_dir}: checkpoint.safetensors is not readable ({err})") from err
+        missing = {"stage", "round", "samples", "releases", "rounds"} - meta.keys()
+        if missing:
+            raise ConfigError(f"--resume {run_dir}: the checkpoint lacks {sorted(missing)} (written by an older nmoe?)")
+        return cls(tensors, meta)
+
+
+def resume_strategy(strategy: Strategy, checkpoint: Checkpoint | None, console: Console) -> None:
+    if checkpoint is not None:
+        where = strategy.resume(checkpoint.tensors, checkpoint.meta)
+        console.print(f"resuming from the checkpoint after {checkpoint.meta['stage']} round "
+                      f"{checkpoint.meta['round']}: going on at {where}")
 
 
 ROUND_ENDS = frozenset({Op.STAGE1_FIT, Op.STAGE2_FIT, Op.STAGE3_FIT, Op.EVALUATE})  # a round's last step
@@ -155,17 +199,21 @@ def _centralized(scn: Scenario, datas: Mapping[int, ClientData], progress: Progr
     return {i: {"accuracy": s.accuracy, "f1_macro": s.f1_macro} for i, s in scores.items()}
 
 
-def run_inprocess(scn: Scenario, out_dir: Path, console: Console, cache: StageCache | None = None) -> dict[str, Any]:
+def run_inprocess(scn: Scenario, out_dir: Path, console: Console, cache: StageCache | None = None,
+                  resume: Checkpoint | None = None) -> dict[str, Any]:
     """The whole method and its baselines in this process; Stage 1, Stage 2 and the baselines come
     from ``cache`` when it holds them for these settings (results.json says what was loaded)."""
     set_threads(scn.threads)
     started = time.perf_counter()
+    write_scenario(scn, out_dir / "scenario.yaml")  # the resolved settings, for --resume
     with make_progress(console) as progress:
         datas = load_all(scn, progress)
         learners = {i: ClientLearner(scn, d) for i, d in datas.items()}
         strategy = Strategy(scn, ProgressObserver(progress, out_dir))
+        resume_strategy(strategy, resume, progress.console)
         fleet = InProcessFleet(learners)
-        summary = asyncio.run(strategy.run(fleet, CachedStages(cache, fleet) if cache is not None else None))
+        store = CachedStages(cache, fleet) if cache is not None and resume is None else None
+        summary = asyncio.run(strategy.run(fleet, store))
         clock = time.perf_counter()
         baselines = run_baselines(scn, datas, progress, stage1_classifier(scn, summary), cache)
         summary.stage_seconds["baselines"] = time.perf_counter() - clock
