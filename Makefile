@@ -39,6 +39,8 @@ bench: setup
 	$(PY) bench/channel_relay.py --quick
 	$(PY) bench/round_overhead.py --quick
 	$(PY) bench/chaos.py --quick
+	$(PY) bench/sweep_cache.py --quick
+	$(PY) bench/robust_aggregation.py --quick
 
 lint: setup
 	$(VENV)/bin/ruff check nmoe broker agents nmoe_models scenarios tests bench
