@@ -17,7 +17,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-from nmoe.errors import ConfigError
+from nmoe.errors import ConfigError, check
 
 from . import yamlload
 
@@ -110,18 +110,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set stage1.rounds=5")
         key, raw = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
+        if not [p for p in key.strip().split(".") if p]:
             raise ConfigError(f"--set {item!r}: empty key path")
-        value = yamlload.loads(raw, f"--set {key}")
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
-            node = child
-        node[parts[-1]] = value
+        set_path(out, key.strip(), yamlload.loads(raw, f"--set {key}"), f"--set {key}")
     return out
+
+
+def set_path(data: dict[str, Any], path: str, value: Any, where: str) -> None:
+    """data[a][b][c] = value for path 'a.b.c', creating sections; refuses to descend into a value."""
+    parts = [p for p in path.split(".") if p]
+    check(bool(parts), where, "empty key path")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def to_dict(obj: Any) -> Any:

@@ -38,7 +38,7 @@ from rich.progress import (
 from nmoe.errors import ConfigError, NmoeError, check
 
 from .scenario import Scenario, read_yaml, resolve_path
-from .schema import apply_overrides, build, to_dict
+from .schema import apply_overrides, build, set_path, to_dict
 
 SWEEP_KEYS = ("base", "name", "description", "grid", "set", "seeds")
 UNCOMPARED = ("threads",)  # how a run was executed, not what it computed
@@ -75,19 +75,6 @@ class Outcome:
     ok: bool
     seconds: float
     error: str = ""
-
-
-def set_path(data: dict[str, Any], path: str, value: Any, where: str) -> None:
-    """data[a][b][c] = value for path 'a.b.c', creating sections; refuses to descend into a value."""
-    parts = [p for p in path.split(".") if p]
-    check(bool(parts), where, "empty key path")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{where}: {'.'.join(parts[: i + 1])} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
