@@ -37,18 +37,40 @@ def _epochs(exp: ExperimentConfig) -> int:
     return max(1, exp.stage1.rounds * exp.stage1.local_epochs)
 
 
+def new_local_model(exp: ExperimentConfig, data: ClientData) -> Classifier:
+    """Client ``data.client_id``'s local classifier (F + head) at its seeded initialization."""
+    with seeded_init(exp.seed, "local-init", data.client_id):
+        return Classifier(resnet20(data.image_shape[0], exp.model.width, exp.model.channels_last),
+                          exp.model.head_hidden, data.num_classes)
+
+
+def train_local(exp: ExperimentConfig, data: ClientData) -> Classifier:
+    """Client ``data.client_id`` alone: F + head trained on its own data, with Stage 1's budget."""
+    s1 = exp.stage1
+    model = new_local_model(exp, data)
+    gen = generator(exp.seed, "local", data.client_id)
+    train_classifier(model, data.train_x, data.train_y, Inputs(exp, data.dataset).augment, epochs=_epochs(exp),
+                     batch_size=s1.batch_size, optim=s1.optim, lr=s1.optim.lr, gen=gen)
+    return model
+
+
+def score_local(exp: ExperimentConfig, model: Classifier, data: ClientData) -> Scores:
+    logits = apply_batched(model, data.test_x, Inputs(exp, data.dataset).prep)
+    return score(logits.argmax(1), data.test_y, data.num_classes)
+
+
 def local_classifier(exp: ExperimentConfig, data: ClientData) -> Scores:
     """Client ``data.client_id`` alone: F + head trained on its data, scored on its test set."""
-    s1 = exp.stage1
-    inputs = Inputs(exp, data.dataset)
-    with seeded_init(exp.seed, "local-init", data.client_id):
-        model = Classifier(resnet20(data.image_shape[0], exp.model.width, exp.model.channels_last),
-                           exp.model.head_hidden, data.num_classes)
-    gen = generator(exp.seed, "local", data.client_id)
-    train_classifier(model, data.train_x, data.train_y, inputs.augment, epochs=_epochs(exp),
-                     batch_size=s1.batch_size, optim=s1.optim, lr=s1.optim.lr, gen=gen)
-    logits = apply_batched(model, data.test_x, inputs.prep)
-    return score(logits.argmax(1), data.test_y, data.num_classes)
+    return score_local(exp, train_local(exp, data), data)
+
+
+def new_centralized(exp: ExperimentConfig, channels: int, num_classes: int) -> CentralizedMoE:
+    """The centralized MoE (F, n experts, one gate) at its seeded initialization."""
+    m = exp.model
+    with seeded_init(exp.seed, "centralized-init"):
+        features = resnet20(channels, m.width, m.channels_last)
+        gate = Gate(m.latent_dim, m.gate_hidden, exp.clients, m.gate_layers, m.gate_shared_layers)
+        return CentralizedMoE(features, m.head_hidden, num_classes, exp.clients, gate)
 
 
 def train_centralized(
@@ -62,12 +84,9 @@ def train_centralized(
     cosine annealing over all epochs when ``stage1.optim.cosine`` is set, constant otherwise, so
     the baseline and the federated methods it bounds share one recipe.
     """
-    s1, m = exp.stage1, exp.model
+    s1 = exp.stage1
     inputs = Inputs(exp, union.dataset)
-    with seeded_init(exp.seed, "centralized-init"):
-        features = resnet20(union.image_shape[0], m.width, m.channels_last)
-        gate = Gate(m.latent_dim, m.gate_hidden, exp.clients, m.gate_layers, m.gate_shared_layers)
-        model = CentralizedMoE(features, m.head_hidden, union.num_classes, exp.clients, gate)
+    model = new_centralized(exp, union.image_shape[0], union.num_classes)
     params = list(model.parameters())
     gen = generator(exp.seed, "centralized")
     k = exp.stage3.train_top_k or exp.clients
@@ -92,12 +111,18 @@ def centralized_moe(
     exp: ExperimentConfig, union: ClientData, tests: Mapping[int, ClientData], progress: OnEpoch | None = None
 ) -> dict[int, Scores]:
     """Train one MoE on ``union`` end to end; score top-k routing on every client's test set."""
-    inputs = Inputs(exp, union.dataset)
     model, _ = train_centralized(exp, union, progress)
+    return score_centralized(exp, model, tests)
+
+
+def score_centralized(exp: ExperimentConfig, model: CentralizedMoE,
+                      tests: Mapping[int, ClientData]) -> dict[int, Scores]:
+    """Top-k routing (``eval``'s k and combination) of the centralized MoE on every client's test set."""
+    model.eval()
     out: dict[int, Scores] = {}
     with torch.no_grad():
         for i, data in sorted(tests.items()):
-            h = apply_batched(model.features, data.test_x, inputs.prep)
+            h = apply_batched(model.features, data.test_x, Inputs(exp, data.dataset).prep)
             probs = combine(topk_weights(model.gate(h), exp.eval.top_k), model.expert_logprobs(h), exp.eval.combine)
             out[i] = score(probs.argmax(1), data.test_y, data.num_classes)
     return out

@@ -59,18 +59,16 @@ def key_fields(stage: str, exp: Any) -> dict[str, Any]:
     train = _training_data(cfg)
     stage1 = {**train, "stage1": cfg["stage1"], "aggregation": cfg["aggregation"],
               "privacy": cfg["privacy"] if cfg["stage1"]["method"] == "fedsc" else None}
-    everything_tested = {"partition": cfg["partition"], "data": cfg["data"]}
     # the baselines train on Stage 1's budget (rounds x epochs, batch, optimizer, augmentation), not its method
     budget = {k: v for k, v in cfg["stage1"].items() if k not in ("method", "fedsc", "fedce")}
     fields: dict[str, dict[str, Any]] = {
         "stage1": stage1,
         "stage2": {**stage1, "stage2": cfg["stage2"]},
-        "local": {**train, "stage1": budget, **everything_tested},
-        # the FedAvg baseline is whole-model FedCE whatever the run's own Stage 1 (scenarios.runner)
-        "fedavg": {**train, "stage1": {**budget, "method": "fedce", "fedce": {"share": "all"}},
-                   "aggregation": cfg["aggregation"], **everything_tested},
-        "centralized": {**train, "stage1": budget, **everything_tested, "eval": cfg["eval"],
-                        "stage3": {k: cfg["stage3"][k] for k in ("train_top_k", "noise_std")}},
+        # the baselines' trained models: scored again on the run's own test sets, so a sweep over
+        # partition.test_distribution or eval.* does not train them again
+        "local_models": {**train, "stage1": budget},
+        "centralized_models": {**train, "stage1": budget,
+                               "stage3": {k: cfg["stage3"][k] for k in ("train_top_k", "noise_std")}},
     }
     return {"stage": stage, "version": CACHE_VERSION, **fields[stage]}
 
@@ -199,15 +197,16 @@ def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, tor
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def baseline_scores(cache: StageCache | None, name: str, exp: Any, compute: Any) -> Any:
-    """A baseline's per-client scores from the cache, else ``compute()`` (and cached)."""
-    if cache is None:
-        return compute()
-    hit = cache.load(name, exp)
+def cached_models(cache: StageCache | None, name: str, exp: Any, models: Mapping[str, torch.nn.Module],
+                  train: Any) -> None:
+    """Fill ``models`` (freshly initialized, by name) from the cache's ``name`` entry, else ``train()``
+    them (which trains them in place) and keep their states there."""
+    hit = cache.load(name, exp) if cache is not None else None
     if hit is not None:
-        return {int(i): s for i, s in hit[1]["scores"].items()}
-    scores = compute()
-    cache.save(name, exp, {}, {"scores": scores, "rounds": []})
-    return scores
-
-
+        for key, model in models.items():
+            model.load_state_dict(_prefixed(hit[0], f"{key}."))
+        return
+    train()
+    if cache is not None:
+        tensors = {f"{key}.{k}": v for key, model in models.items() for k, v in model.state_dict().items()}
+        cache.save(name, exp, tensors, {"rounds": []})

@@ -23,12 +23,19 @@ from agents.inprocess import InProcessFleet
 from agents.messages import Op, Stage
 from agents.strategy import RoundRecord, RunSummary, Strategy
 from nmoe.errors import ConfigError
-from nmoe_models.baselines import centralized_moe, local_classifier
+from nmoe_models.baselines import (
+    new_centralized,
+    new_local_model,
+    score_centralized,
+    score_local,
+    train_centralized,
+    train_local,
+)
 from nmoe_models.config import FedCEConfig
 from nmoe_models.learner import ClientLearner
 from nmoe_models.partition import ClientData, load_client_data, load_union
 
-from .cache import CachedStages, StageCache, baseline_scores
+from .cache import CachedStages, StageCache, cached_models
 from .report import PerClient, build_results, print_summary, write_outputs
 from .scenario import Scenario
 from .schema import to_dict
@@ -146,11 +153,11 @@ def run_baselines(scn: Scenario, datas: Mapping[int, ClientData], progress: Prog
     their scores come from ``cache`` when it has them for these settings."""
     out: dict[str, PerClient] = {}
     if "local" in scn.baselines:
-        out["local"] = baseline_scores(cache, "local", scn, lambda: _local(scn, datas, progress))
+        out["local"] = _local(scn, datas, progress, cache)
     if "fedavg" in scn.baselines and classifier is None:
         out["fedavg"] = _fedavg(scn, datas, progress, cache)
     if "centralized" in scn.baselines:
-        out["centralized"] = baseline_scores(cache, "centralized", scn, lambda: _centralized(scn, datas, progress))
+        out["centralized"] = _centralized(scn, datas, progress, cache)
     return out
 
 
@@ -165,21 +172,35 @@ def stage1_classifier(scn: Scenario, summary: RunSummary) -> PerClient | None:
     return None
 
 
-def _local(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress) -> PerClient:
-    task = progress.add_task("baseline: local classifiers", total=scn.clients, info="")
+def _local(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress,
+           cache: StageCache | None) -> PerClient:
+    models = {f"client{i}": new_local_model(scn, d) for i, d in datas.items()}
+
+    def train() -> None:
+        task = progress.add_task("baseline: local classifiers", total=scn.clients, info="")
+        for i, data in datas.items():
+            models[f"client{i}"].load_state_dict(train_local(scn, data).state_dict())
+            progress.advance(task)
+
+    cached_models(cache, "local_models", scn, models, train)
     local = {}
     for i, data in datas.items():
-        s = local_classifier(scn, data)
+        s = score_local(scn, models[f"client{i}"], data)
         local[i] = {"accuracy": s.accuracy, "f1_macro": s.f1_macro}
-        progress.advance(task)
     return local
+
+
+def fedavg_scenario(scn: Scenario) -> Scenario:
+    """The FedAvg baseline's own scenario: whole-model FedCE with the run's budget (so its Stage 1
+    is the very one, cached or not, of a FedCE run of the same settings)."""
+    return dataclasses.replace(scn, stage1=dataclasses.replace(scn.stage1, method="fedce", fedce=FedCEConfig()))
 
 
 def _fedavg(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress,
             cache: StageCache | None) -> PerClient:
     """Whole-model FedCE's Stage 1 and its classifier's scores: from the stage cache when a FedCE run
     of the same settings (or an earlier FedAvg baseline) left them there."""
-    fedce = dataclasses.replace(scn, stage1=dataclasses.replace(scn.stage1, method="fedce", fedce=FedCEConfig()))
+    fedce = fedavg_scenario(scn)
     learners = {i: ClientLearner(fedce, d) for i, d in datas.items()}
     strategy = Strategy(fedce, ProgressObserver(progress, None, "baseline: FedAvg classifier "))
     fleet = InProcessFleet(learners)
@@ -191,11 +212,19 @@ def _fedavg(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress,
     return summary.methods["fedavg"]
 
 
-def _centralized(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress) -> PerClient:
-    epochs = max(1, scn.stage1.rounds * scn.stage1.local_epochs)
-    task = progress.add_task("baseline: centralized MoE", total=epochs, info="epochs")
+def _centralized(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress,
+                 cache: StageCache | None) -> PerClient:
     union = load_union(scn)
-    scores = centralized_moe(scn, union, datas, lambda done, total: progress.update(task, completed=done))
+    model = new_centralized(scn, union.image_shape[0], union.num_classes)
+
+    def train() -> None:
+        epochs = max(1, scn.stage1.rounds * scn.stage1.local_epochs)
+        task = progress.add_task("baseline: centralized MoE", total=epochs, info="epochs")
+        trained, _ = train_centralized(scn, union, lambda done, total: progress.update(task, completed=done))
+        model.load_state_dict(trained.state_dict())
+
+    cached_models(cache, "centralized_models", scn, {"moe": model}, train)
+    scores = score_centralized(scn, model, datas)
     return {i: {"accuracy": s.accuracy, "f1_macro": s.f1_macro} for i, s in scores.items()}
 
 

@@ -22,12 +22,12 @@ def test_a_later_stage_sweep_reuses_stage1_and_2_with_the_same_numbers(tmp_path)
     cache = StageCache(tmp_path / "cache")
     first = run_inprocess(toy_scenario(tmp_path, FAST), tmp_path / "a", quiet(), cache)
     assert {s: e["status"] for s, e in first["cache"]["stages"].items()} == {
-        "stage1": "computed", "stage2": "computed", "local": "computed"}
+        "stage1": "computed", "stage2": "computed", "local_models": "computed"}
     changed = [*FAST, "stage3.local_epochs=2", "eval.top_k=1"]
     cache.report.clear()
     again = run_inprocess(toy_scenario(tmp_path, changed), tmp_path / "b", quiet(), cache)
     assert {s: e["status"] for s, e in again["cache"]["stages"].items()} == {
-        "stage1": "loaded", "stage2": "loaded", "local": "loaded"}
+        "stage1": "loaded", "stage2": "loaded", "local_models": "loaded"}
     assert again["cache"]["stages"]["stage1"]["key"] == first["cache"]["stages"]["stage1"]["key"]
     fresh = run_inprocess(toy_scenario(tmp_path, changed), tmp_path / "c", quiet(), None)
     assert "cache" not in fresh
@@ -80,3 +80,13 @@ def test_stage1_keys_hold_exactly_the_fields_stage1_depends_on(tmp_path, overrid
 def test_the_cache_folder_follows_nmoe_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NMOE_CACHE", str(tmp_path / "x"))
     assert default_root() == tmp_path / "x"
+
+
+@pytest.mark.parametrize(("override", "retrains"), [
+    ("partition.test_distribution=iid", False), ("eval.top_k=1", False), ("stage1.method=fedce", False),
+    ("stage3.rounds=7", False), ("stage1.rounds=5", True), ("partition.tau=0.9", True),
+])
+def test_baseline_models_are_keyed_by_what_trains_them_not_by_the_test_set(tmp_path, override, retrains):
+    base, other = toy_scenario(tmp_path), toy_scenario(tmp_path, [override])
+    for name in ("local_models", "centralized_models"):
+        assert (cache_key(key_fields(name, base)) != cache_key(key_fields(name, other))) == retrains, name

@@ -25,7 +25,7 @@ from nmoe_models.partition import load_client_data, load_union
 from nmoe_models.routing import assemble, plan
 from nmoe_models.train import fedsc_correlation
 from scenarios.cache import cache_key, key_fields
-from scenarios.runner import run_inprocess
+from scenarios.runner import fedavg_scenario, run_inprocess
 from scenarios.schema import build
 
 
@@ -220,5 +220,6 @@ def test_serverless_eval_combines_as_eval_combine_says(tmp_path):
 def test_the_fedavg_baseline_is_cached_as_whole_model_fedce_whatever_the_run_shares(tmp_path):
     shared_f = toy_scenario(tmp_path, ["stage1.method=fedce", "stage1.fedce.share=extractor"])
     everything = toy_scenario(tmp_path, ["stage1.method=fedce"])
-    assert cache_key(key_fields("fedavg", shared_f)) == cache_key(key_fields("fedavg", everything))
+    assert cache_key(key_fields("stage1", fedavg_scenario(shared_f))) == cache_key(
+        key_fields("stage1", fedavg_scenario(everything)))
     assert cache_key(key_fields("stage1", shared_f)) != cache_key(key_fields("stage1", everything))
