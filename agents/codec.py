@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
 import math
 import re
 import typing
@@ -97,6 +98,7 @@ def to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
 TASKS_BY_OP: dict[str, type[Task]] = {cls.op.value: cls for cls in TASK_TYPES}
 
 
+@functools.cache  # a class's fields never change: resolve its annotations once
 def _task_fields(cls: type[Task]) -> list[tuple[str, Any]]:
     hints = typing.get_type_hints(cls)
     return [(f.name, hints[f.name]) for f in dataclasses.fields(cls) if f.name != "round"]

@@ -95,6 +95,7 @@ class Collector:
         outcome: Offered
         if isinstance(reply, Refusal):
             self.failures[client] = f"error: {reply.reason}"
+            self._rejected_at.pop(client, None)  # its own word settles it, whatever came before
             outcome = "refused"
         else:
             try:

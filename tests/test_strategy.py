@@ -209,3 +209,10 @@ def test_a_rejected_reply_waits_its_grace_for_a_genuine_one_before_the_step_sett
     assert not c.settled(grace_s=60) and c.settled(grace_s=0)  # it waits (up to the grace) ...
     assert c.offer(1, Metrics({"loss": 2.0})) == "accepted"  # ... and the genuine reply counts
     assert c.done.is_set() and c.close().failures == {}
+
+
+def test_a_refusal_after_a_rejected_reply_settles_the_client_at_once():
+    c = Collector(Step(ReplySpec(Metrics, metrics={"loss": (0.0, 10.0)}), Stage2Fit({}, False)), [0])
+    assert c.offer(0, Metrics({"loss": 99.0})) == "rejected"
+    assert c.offer(0, Refusal("out of memory")) == "refused"
+    assert c.done.is_set() and c.close().failures == {0: "error: out of memory"}
