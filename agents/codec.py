@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
-import functools
 import math
 import re
 import typing
@@ -98,10 +97,16 @@ def to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
 TASKS_BY_OP: dict[str, type[Task]] = {cls.op.value: cls for cls in TASK_TYPES}
 
 
-@functools.cache  # a class's fields never change: resolve its annotations once
+_FIELDS: dict[str, list[tuple[str, Any]]] = {}  # a class's fields never change: resolve its annotations once
+
+
 def _task_fields(cls: type[Task]) -> list[tuple[str, Any]]:
-    hints = typing.get_type_hints(cls)
-    return [(f.name, hints[f.name]) for f in dataclasses.fields(cls) if f.name != "round"]
+    fields = _FIELDS.get(cls.__qualname__)
+    if fields is None:
+        hints = typing.get_type_hints(cls)
+        fields = _FIELDS[cls.__qualname__] = [(f.name, hints[f.name]) for f in dataclasses.fields(cls)
+                                              if f.name != "round"]
+    return fields
 
 
 def _is_state(tp: Any) -> bool:
