@@ -150,7 +150,8 @@ def load_all(scn: Scenario, progress: Progress) -> dict[int, ClientData]:
 def run_baselines(scn: Scenario, datas: Mapping[int, ClientData], progress: Progress,
                   classifier: PerClient | None, cache: StageCache | None = None) -> dict[str, PerClient]:
     """The reference methods, always trained in this process (none of them is federated but FedAvg);
-    their scores come from ``cache`` when it has them for these settings."""
+    their trained models (the FedAvg baseline's Stage 1 and 2) come from ``cache`` when it has them
+    for these settings, and are scored on this run's test sets."""
     out: dict[str, PerClient] = {}
     if "local" in scn.baselines:
         out["local"] = _local(scn, datas, progress, cache)
