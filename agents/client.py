@@ -9,7 +9,10 @@ keeps answering the bus while the CPU trains.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -51,6 +54,16 @@ TASK_KINDS = (Kind.MODEL, Kind.CORR, Kind.CTRL)
 
 async def in_thread(fn: Callable[[], T]) -> T:
     return await asyncio.to_thread(fn)
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc keeps what a training step freed, tens of
+    MB per agent, until the next one); about a millisecond, after each task."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def wire_of(msg: Message) -> Wire:
@@ -256,6 +269,7 @@ class ClientAgent:
                 await self._one_task(bus, pool, msg)
             finally:
                 self.queued.discard(str(msg.header.meta.get("task", "")))
+                release_free_memory()
 
     async def _one_task(self, bus: BusSession, pool: BusPool, msg: Message) -> None:
         assert self.learner is not None

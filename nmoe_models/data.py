@@ -16,9 +16,12 @@ from __future__ import annotations
 import codecs
 import functools
 import gzip
+import hashlib
 import os
 import pickle
+import shutil
 import threading
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,28 +187,68 @@ _FMNIST_FILES = {
 }
 
 
-def read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Read an unsigned-byte IDX file (optionally gzipped) with `ndim` dimensions, validating it."""
-    opener = gzip.open if path.suffix == ".gz" else open
+def data_cache_dir() -> Path:
+    """Where decompressed copies of gzipped IDX files go: ``$NMOE_DATA_CACHE``, else
+    ``~/.cache/nmoe-data`` (apart from the stage cache: clearing one leaves the other)."""
+    env = os.environ.get("NMOE_DATA_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "nmoe-data"
+
+
+def _decompressed(path: Path) -> Path:
+    """An uncompressed copy of a gzipped file, made once and named by the source's path, size and
+    mtime (a changed source gets a new copy); written under a temporary name, then renamed, so
+    agents starting together never read half a file."""
+    st = path.stat()
+    tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    target = data_cache_dir() / f"{path.name.removesuffix('.gz')}-{tag}-{st.st_size}-{st.st_mtime_ns}"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as err:
-        raise DataError(f"{path}: cannot read ({err})") from err
+        with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read an unsigned-byte IDX file (optionally gzipped) with `ndim` dimensions, validating it.
+
+    The array maps the file copy-on-write (a gzipped file is decompressed once into
+    :func:`data_cache_dir`): a process pays only for the pages it touches (a client agent: its own
+    partition's rows), and processes reading the same file share them in the page cache.
+    """
+    if path.suffix == ".gz":
+        try:
+            path = _decompressed(path)
+        except (OSError, EOFError, zlib.error) as err:
+            raise DataError(f"{path}: cannot decompress into {data_cache_dir()} ({err}); "
+                            "set $NMOE_DATA_CACHE to a writable folder") from err
     header = 4 + 4 * ndim
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(header)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err})") from err
     if len(raw) < header:
-        raise DataError(f"{path}: {len(raw)} bytes, shorter than an IDX header")
+        raise DataError(f"{path}: {size} bytes, shorter than an IDX header")
     magic = int.from_bytes(raw[:4], "big")
     if magic != _IDX_MAGIC[ndim]:
         raise DataError(f"{path}: IDX magic {magic:#010x}, expected {_IDX_MAGIC[ndim]:#010x} "
                         f"(unsigned bytes, {ndim} dimension(s)); is it the right file?")
     dims = tuple(int.from_bytes(raw[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim))
     expected = header + int(np.prod(dims))
-    if len(raw) != expected:
-        raise DataError(f"{path}: {len(raw)} bytes, but its header {dims} needs {expected}; "
+    if size != expected:
+        raise DataError(f"{path}: {size} bytes, but its header {dims} needs {expected}; "
                         "the file is truncated or corrupt")
-    # bytearray -> writable array, so torch.from_numpy needs no extra copy and warns about nothing.
-    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=header).reshape(dims)
+    if expected == header:  # mmap cannot map zero bytes
+        return np.zeros(dims, dtype=np.uint8)
+    # mode "c": writable for torch.from_numpy (no warning, no copy), but writes never reach the file
+    return np.memmap(path, dtype=np.uint8, mode="c", offset=header, shape=dims)
 
 
 def _find_idx(folder: Path) -> dict[str, Path] | None:

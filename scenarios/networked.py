@@ -29,6 +29,7 @@ from agents.strategy import RunSummary, Strategy
 from broker.auth import Account, BrokerAddress, ChannelMode, accounts_with_passwords, make_accounts, read_accounts_file
 from broker.server import Prefer, launch_broker
 from nmoe.errors import ConfigError, NmoeError
+from nmoe_models.data import load_dataset
 from nmoe_models.partition import load_client_data
 
 from .agent_groups import AgentGroup, AgentsMode, ExternalAgents, agents_running, make_group
@@ -205,6 +206,8 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
     started = time.perf_counter()
     # the baselines train here on every client's data: check it is here before hours of training
     datas = {i: load_client_data(scn, i) for i in range(scn.clients)} if scn.baselines else {}
+    if mode != "external":  # once here, so agents on this machine map the files it decompressed
+        load_dataset(scn.data, scn.seed)
     summary, traffic = asyncio.run(run_networked(scn, out_dir, console, mode, broker_url, listen, broker_kind,
                                                  broker_accounts, resume))
     with make_progress(console) as progress:
