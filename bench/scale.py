@@ -3,10 +3,10 @@
 Each point is one ``nmoe run`` of a toy scenario (Fashion-MNIST, N clients x 20 samples, ResNet20,
 one FedCE round, no Stage 2/3, no baselines), launched as a user launches it:
 
-- ``--agents subprocess`` (the default): N agent processes forked from the run's fork server. While
+- ``--agents subprocess`` (the default): N agent processes forked from the run's agent host. While
   the run lives, every agent's PSS (``/proc/PID/smaps_rollup``: private pages plus its share of the
-  pages it shares with the fork server and the other agents) is sampled; an agent's figure is its
-  peak, ``pss_mb`` the median over agents;
+  pages it shares with the run, the host and the other agents) is sampled every 0.3 s; ``pss_mb`` is
+  the highest median over agents among the samples that saw all N alive (training included);
 - ``--agents inprocess``: N agents as asyncio tasks in the run's process, each with its own bus
   session; the figure is the run process's peak PSS over N (everything, coordinator included).
 
@@ -102,12 +102,13 @@ def _cmdline(pid: int) -> str:
 
 
 class Sampler(threading.Thread):
-    """Polls the PSS of the run process and of every agent (the fork server's children)."""
+    """Polls the PSS of the run process and of every agent (the children of its agent host)."""
 
-    def __init__(self, pid: int, period_s: float = 0.3) -> None:
+    def __init__(self, pid: int, agents: int, period_s: float = 0.3) -> None:
         super().__init__(daemon=True)
-        self.pid, self.period_s = pid, period_s
-        self.peak: dict[int, int] = {}  # agent pid -> peak PSS (kB)
+        self.pid, self.agents, self.period_s = pid, agents, period_s
+        self.seen = 0
+        self.peak_median = 0.0  # the highest median agent PSS (kB) over samples that saw every agent
         self.run_peak = 0
         self.server_peak = 0
         self.stop = threading.Event()
@@ -116,13 +117,14 @@ class Sampler(threading.Thread):
         while not self.stop.is_set():
             kids = _children()
             self.run_peak = max(self.run_peak, pss_kb(self.pid) or 0)
-            for child in kids.get(self.pid, []):
-                if "forkserver" not in _cmdline(child):
+            for child in kids.get(self.pid, []):  # the agent host (or fork server): the python child with children
+                if "python" not in _cmdline(child) or not kids.get(child):
                     continue
                 self.server_peak = max(self.server_peak, pss_kb(child) or 0)
-                for agent in kids.get(child, []):
-                    if (kb := pss_kb(agent)) is not None:
-                        self.peak[agent] = max(self.peak.get(agent, 0), kb)
+                now = [kb for agent in kids.get(child, []) if (kb := pss_kb(agent)) is not None]
+                self.seen = max(self.seen, len(now))
+                if len(now) >= self.agents:  # all there: a lone early agent shares pages with fewer
+                    self.peak_median = max(self.peak_median, statistics.median(now))
             self.stop.wait(self.period_s)
 
 
@@ -134,7 +136,7 @@ def one_run(mode: str, n: int, tmp: Path) -> Point:
     launched = time.time()
     with open(tmp / "run.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        sampler = Sampler(proc.pid)
+        sampler = Sampler(proc.pid, n)
         sampler.start()
         code = proc.wait()
         sampler.stop.set()
@@ -147,14 +149,14 @@ def one_run(mode: str, n: int, tmp: Path) -> Point:
     with open(out / "metrics.csv") as fh:
         rounds = [float(r["seconds"]) for r in csv.DictReader(fh) if r["op"] == "stage1_fit"]
     if mode == "subprocess":
-        if len(sampler.peak) < n:
-            raise SystemExit(f"sampled {len(sampler.peak)} of {n} agent processes; the run was too quick to see")
-        pss = statistics.median(sampler.peak.values()) / 1024
+        if sampler.peak_median == 0:
+            raise SystemExit(f"saw at most {sampler.seen} of {n} agent processes at once; the run was too quick")
+        pss = sampler.peak_median / 1024
     else:
         pss = sampler.run_peak / 1024 / n
     return Point(mode, n, tl["all_joined_at"] - launched, tl["first_task_at"] - launched,
                  statistics.mean(rounds), pss, wall,
-                 {"run_pss_mb": sampler.run_peak / 1024, "forkserver_pss_mb": sampler.server_peak / 1024,
+                 {"run_pss_mb": sampler.run_peak / 1024, "host_pss_mb": sampler.server_peak / 1024,
                   "max_data_s": tl["max_data_s"]})
 
 
@@ -196,7 +198,7 @@ def main(args: argparse.Namespace) -> None:
     table = Table(title=f"toy scenario (Fashion-MNIST, 20 samples per client, 1 FedCE round), {os.cpu_count()} CPUs, "
                         f"median of {args.repeat}")
     for col in ("agents", "N", "join s", "round 0 sent s", "round s", "PSS/agent MB", "run PSS MB",
-                "fork server MB", "slowest data s", "wall s"):
+                "host MB", "slowest data s", "wall s"):
         table.add_column(col, justify="right")
     medians: list[Point] = []
     with tempfile.TemporaryDirectory(prefix="nmoe-scale-") as tmp:
@@ -210,7 +212,7 @@ def main(args: argparse.Namespace) -> None:
             m = median_point(tries)
             medians.append(m)
             table.add_row(m.mode, str(m.agents), f"{m.join_s:.2f}", f"{m.startup_s:.2f}", f"{m.round_s:.2f}",
-                          f"{m.pss_mb:.1f}", f"{m.extra['run_pss_mb']:.0f}", f"{m.extra['forkserver_pss_mb']:.0f}",
+                          f"{m.pss_mb:.1f}", f"{m.extra['run_pss_mb']:.0f}", f"{m.extra['host_pss_mb']:.0f}",
                           f"{m.extra['max_data_s']:.2f}", f"{m.wall_s:.1f}")
     console.print(table)
     if args.chart:

@@ -6,23 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import multiprocessing
 import multiprocessing.process
 import os
 import shutil
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from agents.client import ClientAgent
 from agents.codec import client_name
-from broker.auth import PASSWORD_ENV
-from broker.lifetime import die_with_parent
 from broker.server import RunningBroker
 
+from .agent_host import AgentHost, agent_process
 from .bus_sizing import bus_config
 from .scenario import Scenario
 
@@ -51,81 +48,69 @@ class AgentGroup(Protocol):
         ...
 
 
-def _leave_the_fork_server() -> None:
-    """Die with the run, even a SIGKILLed one (Linux).
-
-    multiprocessing hands every forked child the write end of the fork server's "alive" pipe, so
-    the fork server lives as long as any child does; and the children, told to die with their
-    parent (the fork server), lived on: a SIGKILLed run left both behind. Closing that end here
-    leaves the run the only holder: when it dies the fork server exits, and then each agent gets
-    SIGTERM (the PR_SET_PDEATHSIG asked for below).
-    """
-    from multiprocessing import forkserver
-
-    die_with_parent(signal.SIGTERM)
-    server: Any = forkserver._forkserver  # the fork server's state in this child (private)
-    fd = server._forkserver_alive_fd
-    if fd is not None:
-        os.close(fd)
-        server._forkserver_alive_fd = None
-
-
-def agent_process(argv: list[str], password: str, log_path: str) -> None:
-    """Body of one agent process: `nmoe agent ARGV` with its output in its own log file."""
-    # Every object inherited from the fork server (torch, the agent code: most of its 400 MB) into
-    # the permanent generation: the cyclic GC would otherwise write to each one's header on its
-    # next full collection and copy nearly every shared page into this process (+85 MB measured).
-    gc.freeze()
-    _leave_the_fork_server()
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.environ[PASSWORD_ENV] = password  # this process only; never on a command line
-    from .edge import main
-
-    sys.exit(main(argv))
-
-
-
 class AgentProcesses:
     """Client agents as child processes; each logs to <out>/logs/<id>.log; stopped by their PIDs.
 
-    They are forked from a multiprocessing fork server that has imported torch and the agent code
-    once (torch alone costs a second or two of CPU per process; ten agents on two cores would spend
-    over 15 s just importing). Each agent runs exactly ``nmoe agent --id ... --scenario ...``.
+    They are forked from the run's agent host (``agent_host``: a copy of the run process, so no
+    imports at all), or, where there is none (a run inside an event loop that was already going,
+    not Linux), from a multiprocessing fork server that has imported torch and the agent code once
+    (torch alone costs a second or two of CPU per process; ten agents on two cores would spend over
+    15 s just importing). Each agent runs exactly ``nmoe agent --id ... --scenario ...``.
     """
 
-    PRELOAD = ["torch", "torch._dynamo", "sklearn.metrics", "agents.client", "scenarios.edge", "scenarios.agent_groups"]
+    PRELOAD = ["torch", "torch._dynamo", "sklearn.metrics", "agents.client", "scenarios.edge", "scenarios.agent_host"]
 
-    def __init__(self, scenario_file: Path, run_id: str, broker: RunningBroker, ids: list[str], log_dir: Path) -> None:
+    def __init__(self, scenario_file: Path, run_id: str, broker: RunningBroker, ids: list[str], log_dir: Path,
+                 host: AgentHost | None = None) -> None:
         self.scenario_file = scenario_file
         self.run_id = run_id
         self.broker = broker
         self.ids = ids
         self.log_dir = log_dir
+        self.host = host
         self.procs: dict[str, multiprocessing.process.BaseProcess] = {}
+
+    def _argv(self, agent: str) -> tuple[list[str], str]:
+        addr = self.broker.address_for(agent)
+        return (["--id", agent, "--scenario", str(self.scenario_file), "--run-id", self.run_id,
+                 "--broker", addr.url()], addr.password or "")
 
     async def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.host is not None:
+            for agent in self.ids:
+                argv, password = self._argv(agent)
+                self.host.spawn(agent, argv, password, str(self.log_dir / f"{agent}.log"))
+            # as with the fork server: JOIN's clock starts once the processes exist
+            while not self.host.started(self.ids):
+                await asyncio.sleep(0.02)
+            return
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(self.PRELOAD)
         for agent in self.ids:
-            addr = self.broker.address_for(agent)
-            argv = ["--id", agent, "--scenario", str(self.scenario_file), "--run-id", self.run_id,
-                    "--broker", addr.url()]
+            argv, password = self._argv(agent)
             proc = ctx.Process(target=agent_process, name=agent,
-                               args=(argv, addr.password or "", str(self.log_dir / f"{agent}.log")))
+                               args=(argv, password, str(self.log_dir / f"{agent}.log")))
             await asyncio.to_thread(proc.start)  # the first start launches the fork server
             self.procs[agent] = proc
 
+    def _alive(self, agent: str) -> bool:
+        if self.host is not None:
+            return self.host.alive(agent) or agent not in self.host.pids and agent not in self.host.exits
+        return self.procs[agent].is_alive()
+
     def kill(self, agent: str) -> None:
         """SIGKILL one agent (fault injection): no clean goodbye, its last will says offline."""
-        proc = self.procs[agent]
-        if proc.is_alive():
-            proc.kill()
+        if self.host is not None:
+            self.host.signal(agent, signal.SIGKILL)
+        elif self.procs[agent].is_alive():
+            self.procs[agent].kill()
 
     def failed(self) -> dict[str, int]:
         """Agents that already exited with an error: id -> exit status."""
+        if self.host is not None:
+            self.host.poll()
+            return {a: c for a, c in self.host.exits.items() if c != 0}
         return {a: p.exitcode for a, p in self.procs.items() if p.exitcode not in (None, 0)}
 
     def log_tail(self, agent: str, lines: int = 8) -> str:
@@ -135,22 +120,32 @@ class AgentProcesses:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    async def _until_exited(self, procs: list[multiprocessing.process.BaseProcess], timeout: float) -> None:
+    async def _until_exited(self, agents: list[str], timeout: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while any(p.is_alive() for p in procs) and loop.time() < deadline:
+        while any(self._alive(a) for a in agents) and loop.time() < deadline:
             await asyncio.sleep(0.1)
 
     async def wait(self, timeout: float) -> None:
-        await self._until_exited(list(self.procs.values()), timeout)
+        await self._until_exited(self.ids, timeout)
 
     async def stop(self) -> None:
         """Terminate what still runs (SIGTERM, then SIGKILL after 5 s), by PID."""
-        alive = [p for p in self.procs.values() if p.is_alive()]
-        for p in alive:
+        if self.host is not None:
+            self.host.poll()
+            alive = [a for a in self.ids if self.host.alive(a)]
+            for a in alive:
+                self.host.signal(a, signal.SIGTERM)
+            await self._until_exited(alive, 5.0)
+            for a in alive:
+                self.host.signal(a, signal.SIGKILL)
+            await asyncio.to_thread(self.host.close)
+            return
+        alive_procs = [p for p in self.procs.values() if p.is_alive()]
+        for p in alive_procs:
             p.terminate()
-        await self._until_exited(alive, 5.0)
-        for p in alive:
+        await self._until_exited([a for a, p in self.procs.items() if p in alive_procs], 5.0)
+        for p in alive_procs:
             if p.is_alive():
                 p.kill()
         for p in self.procs.values():
@@ -241,10 +236,10 @@ def external_instructions(scn: Scenario, run_id: str, broker: RunningBroker, sce
 
 
 def make_group(mode: AgentsMode, scn: Scenario, run_id: str, broker: RunningBroker, scenario_file: Path,
-               out_dir: Path) -> AgentGroup:
+               out_dir: Path, host: AgentHost | None = None) -> AgentGroup:
     if mode == "subprocess":
         return AgentProcesses(scenario_file, run_id, broker, [client_name(i) for i in range(scn.clients)],
-                              out_dir / "logs")
+                              out_dir / "logs", host)
     if mode == "inprocess":
         return AgentTasks(scn, run_id, broker)
     return ExternalAgents(scn, run_id, broker, scenario_file, out_dir)

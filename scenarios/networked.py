@@ -33,6 +33,7 @@ from nmoe_models.data import load_dataset
 from nmoe_models.partition import load_client_data
 
 from .agent_groups import AgentGroup, AgentsMode, ExternalAgents, agents_running, make_group
+from .agent_host import AgentHost, can_fork_host
 from .bus_sizing import bus_config
 from .channel_process import ChannelProcess, channel_running
 from .runner import (
@@ -121,7 +122,8 @@ async def _coordinate(strategy: Strategy, fleet: BusFleet, watcher: asyncio.Task
 async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: AgentsMode = "subprocess",
                         broker_url: str | None = None, listen: str = "127.0.0.1",
                         broker_kind: Prefer = "auto", broker_accounts: Path | None = None,
-                        resume: Checkpoint | None = None) -> tuple[RunSummary, dict[str, Any]]:
+                        resume: Checkpoint | None = None, host: AgentHost | None = None,
+                        ) -> tuple[RunSummary, dict[str, Any]]:
     """Run the method over the bus; returns the Strategy's summary and the traffic report.
 
     With an external broker, every agent logs in as itself (username = agent id) with its password
@@ -148,7 +150,7 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
             tls=scn.network.tls))
         timeline["broker_ready_at"] = time.time()
         console.print(f"broker: {broker.kind} on {broker.host}:{broker.port}; agents: {mode}")
-        group = make_group(mode, scn, run_id, broker, scenario_file, out_dir)
+        group = make_group(mode, scn, run_id, broker, scenario_file, out_dir, host)
         if isinstance(group, ExternalAgents):
             console.print(f"waiting for {scn.clients} agents; their command lines (with passwords) are in "
                           f"{group.instructions}")
@@ -202,14 +204,20 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
                            resume: Checkpoint | None = None) -> dict[str, Any]:
     from .report import build_results, print_summary, write_outputs
 
-    set_threads(scn.threads)
     started = time.perf_counter()
-    # the baselines train here on every client's data: check it is here before hours of training
-    datas = {i: load_client_data(scn, i) for i in range(scn.clients)} if scn.baselines else {}
-    if mode != "external":  # once here, so agents on this machine map the files it decompressed
-        load_dataset(scn.data, scn.seed)
-    summary, traffic = asyncio.run(run_networked(scn, out_dir, console, mode, broker_url, listen, broker_kind,
-                                                 broker_accounts, resume))
+    # first, while this process is still single-threaded: agents are then forked from a copy of it
+    host = AgentHost.fork() if mode == "subprocess" and can_fork_host() else None
+    try:
+        set_threads(scn.threads)
+        # the baselines train here on every client's data: check it is here before hours of training
+        datas = {i: load_client_data(scn, i) for i in range(scn.clients)} if scn.baselines else {}
+        if mode != "external":  # once here, so agents on this machine map the files it decompressed
+            load_dataset(scn.data, scn.seed)
+        summary, traffic = asyncio.run(run_networked(scn, out_dir, console, mode, broker_url, listen, broker_kind,
+                                                     broker_accounts, resume, host))
+    finally:
+        if host is not None:
+            host.close()
     with make_progress(console) as progress:
         clock = time.perf_counter()
         classifier = stage1_classifier(scn, summary)

@@ -1,0 +1,256 @@
+"""The agent host: a copy of the run process, made by ``fork()`` before the run starts anything,
+that forks client agents on request.
+
+A run process has imported torch and the agent code by the time it starts, so a copy of it needs
+no imports at all: agents forked from it start in milliseconds and share every page of those
+libraries with the run and with each other (copy-on-write). multiprocessing's fork server, the
+other way (``agent_groups.AgentProcesses`` without a host), is a fresh interpreter that imports
+torch again: seconds of CPU before the first agent, more on a loaded machine.
+
+It is forked while the run is still single-threaded but for the BLAS pool numpy starts (which
+handles fork itself, as in multiprocessing's fork server), before asyncio, the broker or any torch
+computation; it stays single-threaded. Requests (agent id, argv, password, log file) and answers
+(``started``/``exited`` with PID and exit status) travel as JSON lines over two pipes, so the
+passwords never appear on a command line. The host and every agent ask for SIGTERM when their
+parent dies (``PR_SET_PDEATHSIG``): a SIGKILLed run takes them along. Linux only (``fork``,
+``prctl``); elsewhere the fork server is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import json
+import logging
+import multiprocessing
+import os
+import select
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.auth import PASSWORD_ENV
+from broker.lifetime import die_with_parent
+
+log = logging.getLogger(__name__)
+# What an agent imports that a run may not have yet; imported once here, shared by every agent.
+PRELOAD = ("torch._dynamo", "sklearn.metrics", "agents.client", "scenarios.edge",
+           "logging.handlers", "torch._subclasses.schema_check_mode")
+MAX_LINE = 1 << 20  # a request or an answer; anything longer is a bug, not a longer agent list
+
+
+def _leave_the_fork_server() -> None:
+    """Die with the run, even a SIGKILLed one (Linux).
+
+    multiprocessing hands every forked child the write end of the fork server's "alive" pipe, so
+    the fork server lives as long as any child does; and the children, told to die with their
+    parent (the fork server), lived on: a SIGKILLed run left both behind. Closing that end here
+    leaves the run the only holder: when it dies the fork server exits, and then each agent gets
+    SIGTERM (the PR_SET_PDEATHSIG asked for below).
+    """
+    from multiprocessing import forkserver
+
+    die_with_parent(signal.SIGTERM)
+    server: Any = forkserver._forkserver  # the fork server's state in this child (private)
+    fd = server._forkserver_alive_fd
+    if fd is not None:
+        os.close(fd)
+        server._forkserver_alive_fd = None
+
+
+def agent_process(argv: list[str], password: str, log_path: str) -> None:
+    """Body of one agent process: `nmoe agent ARGV` with its output in its own log file."""
+    # Every object inherited from the fork server (torch, the agent code: most of its 400 MB) into
+    # the permanent generation: the cyclic GC would otherwise write to each one's header on its
+    # next full collection and copy nearly every shared page into this process (+85 MB measured).
+    gc.freeze()
+    if multiprocessing.parent_process() is not None:  # forked by multiprocessing's fork server
+        _leave_the_fork_server()
+    else:  # forked by the run's agent host
+        die_with_parent(signal.SIGTERM)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    # a copy of the run (the agent host) inherits its Python-level streams and log handlers too
+    # (under pytest: capture buffers): point both at the log file again
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives as long as the process
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    for handler in list(logging.root.handlers):
+        logging.root.removeHandler(handler)
+    os.environ[PASSWORD_ENV] = password  # this process only; never on a command line
+    from .edge import main
+
+    sys.exit(main(argv))
+
+
+def _serve(requests: int, answers: int) -> None:
+    """The host's loop: fork an agent per request, report each start and exit, until the run
+    closes the request pipe and every agent has ended."""
+    die_with_parent(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # die quietly with the run (not the run's KeyboardInterrupt)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's to handle; it stops us by PID
+    children: dict[int, str] = {}
+    buffer = b""
+    open_ = True
+    out = os.fdopen(answers, "wb", buffering=0)
+
+    def say(**event: Any) -> None:
+        out.write(json.dumps(event).encode() + b"\n")
+
+    while open_ or children:
+        ready, _, _ = select.select([requests] if open_ else [], [], [], 0.1)
+        if ready:
+            chunk = os.read(requests, 65536)
+            if not chunk:
+                open_ = False
+            buffer += chunk
+            if len(buffer) > MAX_LINE:
+                raise RuntimeError("agent host: request line over 1 MiB")
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                req = json.loads(line)
+                pid = os.fork()
+                if pid == 0:  # the agent
+                    os.close(requests)
+                    out.close()
+                    signal.signal(signal.SIGINT, signal.default_int_handler)
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # `nmoe agent` installs its own
+                    code = 1
+                    try:
+                        agent_process(req["argv"], req["password"], req["log"])
+                    except SystemExit as stop:
+                        code = stop.code if isinstance(stop.code, int) else 1
+                    finally:
+                        logging.shutdown()
+                        with contextlib.suppress(OSError, ValueError):
+                            sys.stdout.flush()
+                            sys.stderr.flush()
+                        os._exit(code)
+                children[pid] = req["id"]
+                say(started=req["id"], pid=pid)
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            say(exited=children.pop(pid), code=os.waitstatus_to_exitcode(status))
+
+
+def can_fork_host() -> bool:
+    """Linux, no thread of ours yet (a fork copies only the calling thread; a lock another thread
+    held would stay locked forever in the copy), and not switched off (``NMOE_AGENT_HOST=0``: the
+    fork server instead, for side-by-side measurements)."""
+    return sys.platform == "linux" and threading.active_count() == 1 and os.environ.get("NMOE_AGENT_HOST") != "0"
+
+
+@dataclass
+class AgentHost:
+    """The run's side: ask for agents, learn their PIDs and exit statuses."""
+
+    pid: int
+    requests: Any
+    answers: int
+    pids: dict[str, int] = field(default_factory=dict)
+    exits: dict[str, int] = field(default_factory=dict)
+    _buffer: bytes = b""
+    closed: bool = False
+
+    @classmethod
+    def fork(cls) -> AgentHost:
+        if not can_fork_host():
+            raise RuntimeError("the agent host must be forked before the run starts any thread")
+        req_r, req_w = os.pipe()
+        ans_r, ans_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.close(req_w)
+            os.close(ans_r)
+            code = 0
+            try:
+                for module in PRELOAD:  # what the run has not imported yet (torch imports dynamo lazily)
+                    importlib.import_module(module)
+                gc.freeze()  # inherited objects out of the GC's reach: their pages stay shared
+                _serve(req_r, ans_w)
+            except BaseException:  # noqa: BLE001 - the host's last word goes to stderr; nothing else can hear it
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(req_r)
+        os.close(ans_w)
+        os.set_blocking(ans_r, False)
+        return cls(pid, os.fdopen(req_w, "wb", buffering=0), ans_r)
+
+    def spawn(self, agent: str, argv: list[str], password: str, log_path: str) -> None:
+        self.requests.write(json.dumps({"id": agent, "argv": argv, "password": password, "log": log_path}).encode()
+                            + b"\n")
+
+    def poll(self) -> None:
+        """Read what the host said so far (non-blocking)."""
+        while True:
+            try:
+                chunk = os.read(self.answers, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                return
+            self._buffer += chunk
+            while b"\n" in self._buffer:
+                line, self._buffer = self._buffer.split(b"\n", 1)
+                event = json.loads(line)
+                if "started" in event:
+                    self.pids[event["started"]] = int(event["pid"])
+                else:
+                    self.exits[event["exited"]] = int(event["code"])
+
+    def started(self, agents: list[str]) -> bool:
+        """Whether every one of ``agents`` has been forked; raises when the host is gone."""
+        self.poll()
+        if all(a in self.pids for a in agents):
+            return True
+        if os.waitpid(self.pid, os.WNOHANG)[0]:
+            self.closed = True
+            raise RuntimeError("the agent host ended before starting every agent (its error is on stderr)")
+        return False
+
+    def alive(self, agent: str) -> bool:
+        self.poll()
+        return agent in self.pids and agent not in self.exits
+
+    def signal(self, agent: str, sig: int) -> None:
+        if self.alive(agent):
+            with contextlib.suppress(ProcessLookupError):  # it ended after the poll
+                os.kill(self.pids[agent], sig)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """No more agents: the host exits once the last one has; reaped here (SIGKILL after ``timeout``)."""
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.requests.close()
+        deadline = _now() + timeout
+        while _now() < deadline:
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                break
+            select.select([], [], [], 0.05)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        self.poll()
+        os.close(self.answers)
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic()
