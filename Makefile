@@ -41,6 +41,7 @@ bench: setup
 	$(PY) bench/chaos.py --quick
 	$(PY) bench/sweep_cache.py --quick
 	$(PY) bench/robust_aggregation.py --quick
+	$(PY) bench/scale.py --quick
 
 lint: setup
 	$(VENV)/bin/ruff check nmoe broker agents nmoe_models scenarios tests bench

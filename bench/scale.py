@@ -193,7 +193,7 @@ def chart(points: list[Point], path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    console = Console()
+    console = Console(width=max(Console().width, 150))  # a wide table; never truncate figures
     plan = [("subprocess", n) for n in args.agents] + [("inprocess", n) for n in args.inprocess]
     table = Table(title=f"toy scenario (Fashion-MNIST, 20 samples per client, 1 FedCE round), {os.cpu_count()} CPUs, "
                         f"median of {args.repeat}")
