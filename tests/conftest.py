@@ -19,10 +19,17 @@ CLIENTS = ("client-0", "client-1", "client-2")
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
 
 
+@pytest.fixture(scope="session")
+def _session_data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data-cache")
+
+
 @pytest.fixture(autouse=True)
-def _own_stage_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test gets an empty stage cache of its own (never the user's ~/.cache/nmoe)."""
+def _own_stage_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _session_data_cache: Path) -> None:
+    """Every test gets an empty stage cache of its own (never the user's ~/.cache/nmoe), and the
+    session one folder for decompressed datasets (never the user's ~/.cache/nmoe-data)."""
     monkeypatch.setenv("NMOE_CACHE", str(tmp_path / "stage-cache"))
+    monkeypatch.setenv("NMOE_DATA_CACHE", str(_session_data_cache))
 
 
 @pytest.fixture

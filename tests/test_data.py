@@ -278,3 +278,25 @@ def test_dataset_info():
     assert (info.channels, info.size, info.classes) == (3, 32, 10)
     with pytest.raises(DataError):
         dataset_info("imagenet")
+
+
+def test_a_gzipped_dataset_is_decompressed_once_and_mapped_copy_on_write(tmp_path, monkeypatch):
+    # Prepare: gzipped files, an empty data cache
+    arrays = fake_fmnist(tmp_path / "store" / "fashion-mnist", gz=True)
+    monkeypatch.setenv("NMOE_DATA", str(tmp_path / "store"))
+    monkeypatch.setenv("NMOE_DATA_CACHE", str(tmp_path / "cache"))
+    data.clear_cache()
+    # Execute: load, forget, load again
+    first = load_dataset(DataConfig(name="fashion_mnist"))
+    copies = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+    data.clear_cache()
+    second = load_dataset(DataConfig(name="fashion_mnist"))
+    second.train_x[0, 0, 0, 0] = 255 - second.train_x[0, 0, 0, 0]  # a write stays in this process
+    data.clear_cache()
+    third = load_dataset(DataConfig(name="fashion_mnist"))
+    # Assert: four uncompressed copies, made once; the same images; the file untouched by the write
+    assert len(copies) == 4 and not any(p.name.endswith(".tmp") for p in copies)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == copies
+    assert np.array_equal(first.train_x[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
+    assert np.array_equal(third.train_x[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
+    data.clear_cache()

@@ -1,0 +1,71 @@
+"""The agent host: agents forked from a copy of the run process, their starts and exits reported
+back, their output in their own log file, and nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# In a fresh interpreter: the host must be forked while the process is single-threaded, which a
+# pytest process that already ran other tests may no longer be.
+SCRIPT = r"""
+import json, os, sys, time
+from scenarios.agent_host import AgentHost, can_fork_host
+assert can_fork_host()
+host = AgentHost.fork()
+log = sys.argv[1]
+# an agent whose scenario does not exist: `nmoe agent` says so on stderr (its log) and exits 2
+host.spawn("client-0", ["--id", "client-0", "--scenario", sys.argv[2], "--broker", "mqtt://client-0@127.0.0.1:1"],
+           "secret", log)
+deadline = time.monotonic() + 60
+while "client-0" not in host.exits and time.monotonic() < deadline:
+    host.poll()
+    time.sleep(0.05)
+pid = host.pids["client-0"]
+host.close()
+print(json.dumps({"pid": pid, "exits": host.exits, "host": host.pid, "me": os.getpid()}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the agent host is Linux's (fork, prctl)")
+def test_an_agent_forked_by_the_host_logs_to_its_file_and_its_exit_status_comes_back(tmp_path: Path) -> None:
+    # Prepare
+    log = tmp_path / "client-0.log"
+    missing = tmp_path / "nowhere.yaml"
+    # Execute
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(log), str(missing)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    # Assert
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["exits"] == {"client-0": 2}
+    assert report["pid"] not in (report["host"], report["me"])
+    text = log.read_text()
+    assert "error:" in text and "nowhere.yaml" in text
+    assert "secret" not in text
+    assert (log.stat().st_mode & 0o777) == 0o600
+    for pid in (report["pid"], report["host"]):  # both reaped: no process, not even a zombie
+        assert not Path(f"/proc/{pid}").exists()
+
+
+def test_no_host_is_forked_once_a_thread_runs() -> None:
+    import threading
+
+    from scenarios.agent_host import AgentHost, can_fork_host
+
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    try:
+        assert not can_fork_host()
+        with pytest.raises(RuntimeError, match="single|thread"):
+            AgentHost.fork()
+    finally:
+        stop.set()
+        worker.join()
