@@ -48,8 +48,8 @@ def parser() -> argparse.ArgumentParser:
                      help="interface the started broker listens on (0.0.0.0 for agents on other machines)")
     run.add_argument("--out", help="output folder (default runs/<scenario>/<timestamp>)")
     run.add_argument("--no-cache", action="store_true",
-                     help="in-process runs: compute every stage, ignoring the stage cache ($NMOE_CACHE, else "
-                          "~/.cache/nmoe; networked runs always compute)")
+                     help="compute every stage, ignoring the stage cache ($NMOE_CACHE, else ~/.cache/nmoe; "
+                          "networked runs always compute the federated stages, and take only the baselines from it)")
     agent_args(sub.add_parser("agent", help="run one client agent by itself (e.g. on a Raspberry Pi)"))
     sweep = sub.add_parser("sweep", help="run a grid of scenario settings x seeds (resumable), then summarize")
     sweep.add_argument("file", help="a sweep YAML file: base, grid, set, seeds")
@@ -135,10 +135,11 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
         run_inprocess(scn, out, console, None if args.no_cache else StageCache(default_root()), checkpoint)
         return 0
+    from .cache import StageCache, default_root
     from .networked import run_networked_scenario
 
     run_networked_scenario(scn, out, console, args.agents, args.broker, args.listen, args.broker_kind, accounts_file,
-                           checkpoint)
+                           checkpoint, None if args.no_cache else StageCache(default_root()))
     return 0
 
 

@@ -35,6 +35,7 @@ from nmoe_models.partition import load_client_data
 from .agent_groups import AgentGroup, AgentsMode, ExternalAgents, agents_running, make_group
 from .agent_host import AgentHost, can_fork_host
 from .bus_sizing import bus_config
+from .cache import StageCache
 from .channel_process import ChannelProcess, channel_running
 from .runner import (
     Checkpoint,
@@ -201,7 +202,10 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
 def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode: AgentsMode = "subprocess",
                            broker_url: str | None = None, listen: str = "127.0.0.1",
                            broker_kind: Prefer = "auto", broker_accounts: Path | None = None,
-                           resume: Checkpoint | None = None) -> dict[str, Any]:
+                           resume: Checkpoint | None = None, cache: StageCache | None = None) -> dict[str, Any]:
+    """A networked run, then the baselines in this process. The federated stages are always
+    computed over the bus; the baselines' trained models (none of them networked) come from
+    ``cache`` when it holds them for these settings, as in an in-process run (results.json says)."""
     from .report import build_results, print_summary, write_outputs
 
     started = time.perf_counter()
@@ -221,10 +225,15 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
     with make_progress(console) as progress:
         clock = time.perf_counter()
         classifier = stage1_classifier(scn, summary)
-        baselines = run_baselines(scn, datas, progress, classifier) if scn.baselines else {}
+        baselines = run_baselines(scn, datas, progress, classifier, cache) if scn.baselines else {}
         summary.stage_seconds["baselines"] = time.perf_counter() - clock
-    results = build_results(scn, "networked", summary, baselines, {"traffic": traffic},
-                            time.perf_counter() - started)
+    extra: dict[str, Any] = {"traffic": traffic}
+    if cache is not None and cache.report:
+        extra["cache"] = {"root": str(cache.root), "stages": dict(cache.report)}
+        for stage, entry in cache.report.items():
+            if entry["status"] != "computed":
+                console.print(f"{stage}: {entry['status']} from the stage cache ({entry['key']})", highlight=False)
+    results = build_results(scn, "networked", summary, baselines, extra, time.perf_counter() - started)
     paths = write_outputs(out_dir, results, summary.rounds)
     print_summary(console, results)
     console.print("outputs: " + ", ".join(str(p) for p in paths))
