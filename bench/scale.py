@@ -51,7 +51,8 @@ stage1: {{method: fedce, rounds: 1, local_epochs: 1, batch_size: 20}}
 stage2: {{epochs: 0}}
 stage3: {{rounds: 0}}
 baselines: []
-network: {{join_timeout_s: 600, round_timeout_s: 900, eval_timeout_s: 900, min_clients: 1}}
+network: {{join_timeout_s: 300, round_timeout_s: 300, stage2_timeout_s: 300, eval_timeout_s: 300,
+          min_clients: {clients}}}
 """
 
 
@@ -128,6 +129,10 @@ class Sampler(threading.Thread):
             self.stop.wait(self.period_s)
 
 
+class Failed(Exception):
+    """A run that did not finish; the point is reported as failed, the other points still run."""
+
+
 def one_run(mode: str, n: int, tmp: Path) -> Point:
     scenario = tmp / f"scale-{mode}-{n}.yaml"
     scenario.write_text(TOY.format(clients=n))
@@ -143,14 +148,15 @@ def one_run(mode: str, n: int, tmp: Path) -> Point:
         sampler.join()
     wall = time.time() - launched
     if code != 0:
-        raise SystemExit(f"{mode} run with {n} agents failed ({code}):\n{(tmp / 'run.log').read_text()[-3000:]}")
+        lines = [ln for ln in (tmp / "run.log").read_text(errors="replace").splitlines() if ln.strip()]
+        raise Failed(lines[-1][-300:] if lines else f"exit status {code}")
     results = json.loads((out / "results.json").read_text())
     tl = results["traffic"]["timeline"]
     with open(out / "metrics.csv") as fh:
         rounds = [float(r["seconds"]) for r in csv.DictReader(fh) if r["op"] == "stage1_fit"]
     if mode == "subprocess":
         if sampler.peak_median == 0:
-            raise SystemExit(f"saw at most {sampler.seen} of {n} agent processes at once; the run was too quick")
+            raise Failed(f"saw at most {sampler.seen} of {n} agent processes at once; the run was too quick")
         pss = sampler.peak_median / 1024
     else:
         pss = sampler.run_peak / 1024 / n
@@ -201,14 +207,23 @@ def main(args: argparse.Namespace) -> None:
                 "host MB", "slowest data s", "wall s"):
         table.add_column(col, justify="right")
     medians: list[Point] = []
+    failed: list[tuple[str, int]] = []
     with tempfile.TemporaryDirectory(prefix="nmoe-scale-") as tmp:
         for mode, n in plan:
             tries = []
             for k in range(args.repeat):
-                p = one_run(mode, n, Path(tmp))
+                try:
+                    p = one_run(mode, n, Path(tmp))
+                except Failed as err:
+                    console.print(f"{mode} x{n} (try {k + 1}): [red]failed[/red]: {err}", highlight=False)
+                    failed.append((mode, n))
+                    break
                 console.print(f"{mode} x{n} (try {k + 1}): join_s={p.join_s:.2f} round_s={p.round_s:.2f} "
                               f"pss_mb={p.pss_mb:.1f}", highlight=False)
                 tries.append(p)
+            if not tries or (mode, n) in failed:
+                table.add_row(mode, str(n), *(["failed"] + [""] * 8), style="red")
+                continue
             m = median_point(tries)
             medians.append(m)
             table.add_row(m.mode, str(m.agents), f"{m.join_s:.2f}", f"{m.startup_s:.2f}", f"{m.round_s:.2f}",
@@ -223,6 +238,8 @@ def main(args: argparse.Namespace) -> None:
     if procs:
         p = max(procs, key=lambda p: p.agents)
         line.append(f"agents={p.agents} join_s={p.join_s:.2f} pss_mb={p.pss_mb:.1f} round_s={p.round_s:.2f}")
+    for mode, n in failed:
+        line.append(f"{'inprocess_' if mode == 'inprocess' else ''}failed_at={n}")
     tasks = [p for p in medians if p.mode == "inprocess"]
     if tasks:
         p = max(tasks, key=lambda p: p.agents)
