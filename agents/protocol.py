@@ -86,11 +86,10 @@ async def execute(learner: ClientLearner, task: Task, pool: ExpertPool, blocking
             return Update(fit.state, fit.samples, fit.loss)
         case Stage2Fit(state=state, score_classifier=score_classifier):
             learner.load_stage1(state)
-            metrics: dict[str, float] = {}
-            if score_classifier:
+            metrics: dict[str, float] = {"loss": await blocking(learner.stage2_fit)}
+            if score_classifier:  # after the fit, so the head runs on the latents Stage 2 computed
                 s = await blocking(learner.classifier_scores)
                 metrics |= {"classifier_accuracy": s.accuracy, "classifier_f1_macro": s.f1_macro}
-            metrics["loss"] = await blocking(learner.stage2_fit)
             return Metrics(metrics, samples=len(learner.data.train_x))
         case Stage3Prepare():
             answered = await gather_expert_outputs(learner, pool)
