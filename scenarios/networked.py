@@ -123,11 +123,13 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
                         broker_url: str | None = None, listen: str = "127.0.0.1",
                         broker_kind: Prefer = "auto", broker_accounts: Path | None = None,
                         resume: Checkpoint | None = None, dashboard: int | None = None,
-                        live: LiveRun | None = None) -> tuple[RunSummary, dict[str, Any]]:
+                        live: LiveRun | None = None, dashboard_token: bool | None = None
+                        ) -> tuple[RunSummary, dict[str, Any]]:
     """Run the method over the bus; returns the Strategy's summary and the traffic report.
 
     ``live`` (made here when not given) follows the run for the dashboard and ``live.json``;
-    ``dashboard`` is the port to serve the dashboard on (on ``listen``; 0: a free one; None: none).
+    ``dashboard`` is the port to serve the dashboard on (on ``listen``; 0: a free one; None: none);
+    it needs a token off loopback, or as ``dashboard_token`` says.
 
     With an external broker, every agent logs in as itself (username = agent id) with its password
     from ``broker_accounts`` (``--broker-accounts FILE``), or else all with the URL's one password."""
@@ -151,7 +153,8 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
     live = live or LiveRun(to_dict(scn), mode, out_dir, lambda: channel.live_stats() if channel is not None else None)
     async with contextlib.AsyncExitStack() as stack:
         if dashboard is not None:  # first: a port in use fails the run before anything starts
-            served = await stack.enter_async_context(serving(live, listen, dashboard))
+            served = await stack.enter_async_context(serving(live, listen, dashboard,
+                                                                      require_token=dashboard_token))
             console.print(f"dashboard: {served.login_url}" + ("  (the token is for you only: it is on no page)"
                                                              if served.token else ""), highlight=False)
         broker = await stack.enter_async_context(launch_broker(
@@ -219,7 +222,8 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
 def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode: AgentsMode = "subprocess",
                            broker_url: str | None = None, listen: str = "127.0.0.1",
                            broker_kind: Prefer = "auto", broker_accounts: Path | None = None,
-                           resume: Checkpoint | None = None, dashboard: int | None = None) -> dict[str, Any]:
+                           resume: Checkpoint | None = None, dashboard: int | None = None, *,
+                           dashboard_token: bool | None = None) -> dict[str, Any]:
     from .report import build_results, print_summary, write_outputs
 
     set_threads(scn.threads)
@@ -227,7 +231,8 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
     # the baselines train here on every client's data: check it is here before hours of training
     datas = {i: load_client_data(scn, i) for i in range(scn.clients)} if scn.baselines else {}
     summary, traffic = asyncio.run(run_networked(scn, out_dir, console, mode, broker_url, listen, broker_kind,
-                                                 broker_accounts, resume, dashboard))
+                                                 broker_accounts, resume, dashboard,
+                                                 dashboard_token=dashboard_token))
     with make_progress(console) as progress:
         clock = time.perf_counter()
         classifier = stage1_classifier(scn, summary)

@@ -80,6 +80,7 @@ class LiveRun:
         self._text = ""
         self.header = {"name": config.get("name"), "mode": mode, "clients": len(self.clients),
                        "channel": {k: channel.get(k) for k in ("model", "preset", "time_scale")}}
+        self.update()  # a view from the start: the page has something to draw before the first poll
 
     # -- told by the strategy and the fleet ----------------------------------------------------------
     def on_stage(self, stage: str, rounds: int) -> None:

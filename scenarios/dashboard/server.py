@@ -82,7 +82,7 @@ def make_app(source: ViewSource, token: str | None, closing: asyncio.Event) -> w
             return await handler(request)
         given = request.query.get("token")
         if given is not None and hmac.compare_digest(given.encode(), token.encode()):
-            response = web.HTTPFound(request.path)  # the token leaves the address bar at once
+            response = web.Response(status=302, headers={"Location": request.path})  # out of the address bar
             response.set_cookie(COOKIE, token, httponly=True, samesite="Strict")
             return response
         cookie = request.cookies.get(COOKIE)
@@ -131,10 +131,12 @@ def make_app(source: ViewSource, token: str | None, closing: asyncio.Event) -> w
 
 
 @contextlib.asynccontextmanager
-async def serving(source: ViewSource, host: str, port: int, flag: str = "--dashboard") -> AsyncIterator[Served]:
+async def serving(source: ViewSource, host: str, port: int, flag: str = "--dashboard",
+                  require_token: bool | None = None) -> AsyncIterator[Served]:
     """Serve the dashboard on host:port (0: a free port) until the block ends. A port in use is a
-    ConfigError naming it; off loopback a token is generated and required."""
-    token = None if is_loopback(host) else secrets.token_urlsafe(24)
+    ConfigError naming it; off loopback (or with ``require_token``) a token is generated and required."""
+    needed = not is_loopback(host) if require_token is None else require_token
+    token = secrets.token_urlsafe(24) if needed else None
     closing = asyncio.Event()
     runner = web.AppRunner(make_app(source, token, closing), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
