@@ -126,10 +126,15 @@ class LiveRun:
             fleet_view[name] = {"online": None if state is None else state == "online", "link": link,
                                 "device": device, "joined": name in joined,
                                 "last": self.last.get(name, ""), "failures": self.failures.get(name, 0)}
+        open_round = self._open_round(fleet)
+        if open_round is not None:  # answers to the step in progress count as soon as they arrive
+            where = f"{open_round['stage']} round {open_round['round']} ({open_round['op']})"
+            for name in open_round["answered"]:
+                fleet_view[name]["last"] = f"answered {where}"
         view: dict[str, Any] = {
             "run": {**self.header, "status": self.status, "stage": self.stage},
             "fleet": fleet_view,
-            "round": self._open_round(fleet),
+            "round": open_round,
             "rounds": self.rounds,
             "events": self.events,
         }
