@@ -120,6 +120,7 @@ async def measure(args: argparse.Namespace, out: Path, console: Console) -> tupl
     live = LiveRun(to_dict(scn), "subprocess", out)
     page: Chromium | StreamReader | None = None
     by_state: dict[bool, list[float]] = {True: [], False: []}
+    in_order: list[tuple[int, bool, float]] = []  # (round, page open, seconds)
     state = {"open": False}
 
     async def toggle() -> None:
@@ -131,6 +132,7 @@ async def measure(args: argparse.Namespace, out: Path, console: Console) -> tupl
                 for r in fits[seen:]:
                     if r["round"] > 0:  # round 0 warms up
                         by_state[state["open"]].append(r["seconds"])
+                        in_order.append((r["round"], state["open"], r["seconds"]))
                 seen = len(fits)
                 want = seen % 2 == 0  # the next round's index is `seen`: even rounds open
                 if page is None:
@@ -150,6 +152,7 @@ async def measure(args: argparse.Namespace, out: Path, console: Console) -> tupl
         await asyncio.gather(watcher, return_exceptions=True)
         if page is not None:
             page.quit()
+    args.in_order = in_order
     return by_state, page.kind if page is not None else "none"
 
 
@@ -162,8 +165,8 @@ def main() -> None:
     parser.add_argument("--no-browser", action="store_true", help="use the event-stream reader even with chromium")
     args = parser.parse_args()
     args.rounds = args.rounds or (7 if args.quick else 21)
-    args.clients = args.clients or (3 if args.quick else 6)
-    args.samples = args.samples or (96 if args.quick else 600)
+    args.clients = args.clients or 3
+    args.samples = args.samples or (96 if args.quick else 300)
     console = Console()
     set_threads(1)
     started = time.perf_counter()
@@ -183,8 +186,11 @@ def main() -> None:
                   f"{time.perf_counter() - started:.0f} s in all")
     ratio = statistics.mean(opened) / statistics.mean(closed)
     median_ratio = statistics.median(opened) / statistics.median(closed)
-    print(f"dashboard_ratio={ratio:.3f} median_ratio={median_ratio:.3f} rounds_open={len(opened)} "
-          f"rounds_closed={len(closed)}")
+    # each closed round against the open round just before it: slow drift in the machine's load cancels
+    pairs = [b[2] / a[2] for a, b in zip(args.in_order, args.in_order[1:], strict=False) if b[1] and not a[1]]
+    paired = statistics.median(pairs) if pairs else float("nan")
+    print(f"dashboard_ratio={ratio:.3f} median_ratio={median_ratio:.3f} paired_median_ratio={paired:.3f} "
+          f"rounds_open={len(opened)} rounds_closed={len(closed)}")
 
 
 if __name__ == "__main__":

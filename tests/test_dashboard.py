@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from conftest import TOY, quiet, toy_scenario
 
 from broker.ports import free_port
 from broker.server import find_mosquitto
@@ -19,12 +20,10 @@ from nmoe.errors import ConfigError
 from scenarios.cli import main
 from scenarios.dashboard.live import LiveRun
 from scenarios.dashboard.report import write_report
-from scenarios.dashboard.server import COOKIE, is_loopback, serving
+from scenarios.dashboard.server import is_loopback, serving
 from scenarios.dashboard.view import link_and_device
 from scenarios.networked import run_networked_scenario
 from scenarios.schema import to_dict
-
-from conftest import TOY, quiet, toy_scenario
 
 EMULATED = ["channel.model=emulated", "channel.preset=wifi", "channel.time_scale=0.25"]
 
@@ -171,7 +170,8 @@ def test_the_fleet_shows_presets_and_devices_when_the_scenario_has_them():
     assert link_and_device({"channel": {"model": "direct"}}, "client-0") == ("direct", None)
 
 
-SUMMARY = """partition.tau,stage1.method,method,label,n_seeds,accuracy_mean,accuracy_ci95,f1_macro_mean,f1_macro_ci95,failed_seeds,error
+SUMMARY = """partition.tau,stage1.method,method,label,n_seeds,accuracy_mean,accuracy_ci95,f1_macro_mean,\
+f1_macro_ci95,failed_seeds,error
 0.1,fedce,nmoe,FedCE-NMoE (FedGate),2,0.61,0.05,0.58,0.04,0,
 0.1,fedce,local,Local classifier,2,0.55,0.03,0.50,0.02,0,
 0.5,fedce,nmoe,FedCE-NMoE (FedGate),1,0.71,,0.69,,1,boom
