@@ -141,7 +141,8 @@ async def measure(args: argparse.Namespace, out: Path, console: Console) -> tupl
                         await asyncio.to_thread(page.close)
                 if want != state["open"]:
                     state["open"] = want
-                    await asyncio.to_thread(page.open if want else page.close)
+                    if not args.control:
+                        await asyncio.to_thread(page.open if want else page.close)
             await asyncio.sleep(0.02)
 
     watcher = asyncio.create_task(toggle())
@@ -158,15 +159,18 @@ async def measure(args: argparse.Namespace, out: Path, console: Console) -> tupl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 clients x 96 samples, 7 rounds (< 60 s)")
+    parser.add_argument("--quick", action="store_true", help="3 clients x 64 samples, 7 rounds (< 60 s)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--clients", type=int, default=None)
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--no-browser", action="store_true", help="use the event-stream reader even with chromium")
+    parser.add_argument("--control", action="store_true",
+                        help="an A/A control: the same alternation, but the page is never opened (ratio ~1 if "
+                             "even and odd rounds cost the same)")
     args = parser.parse_args()
     args.rounds = args.rounds or (7 if args.quick else 21)
     args.clients = args.clients or 3
-    args.samples = args.samples or (96 if args.quick else 300)
+    args.samples = args.samples or (64 if args.quick else 300)
     console = Console()
     set_threads(1)
     started = time.perf_counter()
@@ -182,6 +186,8 @@ def main() -> None:
         table.add_row(name, str(len(xs)), f"{statistics.mean(xs):.3f}", f"{statistics.median(xs):.3f}",
                       f"{min(xs):.3f}", f"{max(xs):.3f}")
     console.print(table)
+    console.print("rounds in order (round, page, s): " + ", ".join(
+        f"{r}{'o' if o else 'c'} {x:.2f}" for r, o, x in args.in_order), highlight=False)
     console.print(f"{args.clients} clients x {args.samples} samples, {args.rounds} rounds, "
                   f"{time.perf_counter() - started:.0f} s in all")
     ratio = statistics.mean(opened) / statistics.mean(closed)
