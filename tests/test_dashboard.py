@@ -4,6 +4,7 @@ its view over HTTP, the token, a port in use, and the self-contained reports."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 import socket
@@ -12,12 +13,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import TOY, quiet, toy_scenario
+from conftest import TOY, toy_scenario
+from rich.console import Console
 
 from broker.ports import free_port
 from broker.server import find_mosquitto
 from nmoe.errors import ConfigError
 from scenarios.cli import main
+from scenarios.dashboard.attach import FolderSource
 from scenarios.dashboard.live import LiveRun
 from scenarios.dashboard.report import write_report
 from scenarios.dashboard.server import is_loopback, serving
@@ -49,28 +52,44 @@ async def test_a_networked_run_streams_its_view_and_a_request_without_the_token_
     scn = toy_scenario(tmp_path, EMULATED)
     port = free_port()
     out = tmp_path / "out"
+    printed = io.StringIO()
+    console = Console(file=printed, width=400)
     run = asyncio.create_task(asyncio.to_thread(
-        run_networked_scenario, scn, out, quiet(), "inprocess", None, "127.0.0.1", "mosquitto", None, None, port,
+        run_networked_scenario, scn, out, console, "inprocess", None, "127.0.0.1", "mosquitto", None, None, port,
         dashboard_token=True))
-    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):  # the console is the one place the token is shown
+        if found := re.search(r"dashboard: (http://\S+\?token=\S+)", printed.getvalue()):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the console never showed the dashboard's address")
+    login = found.group(1)
+    base, token = login.split("?token=")
+    views: list[dict[str, Any]] = []
     async with aiohttp.ClientSession() as anonymous:
-        for _ in range(200):  # until the server is up
-            try:
-                async with anonymous.get(base + "/events") as r:
-                    assert r.status == 401  # no token, no view
-                    break
-            except aiohttp.ClientConnectorError:
-                await asyncio.sleep(0.1)
-        else:
-            pytest.fail("the dashboard never came up")
-        async with anonymous.get(base + "/view.json?token=wrong", allow_redirects=False) as r:
-            assert r.status == 401
-        async with anonymous.get(base + "/") as r:
-            assert r.status == 401 and "token" in await r.text()
-    summary = await run
-    assert summary["methods"]["nmoe"]["per_client"]  # the run finished, 401s and all
+        for path in ("", "events", "view.json?token=wrong"):
+            async with anonymous.get(base + path, allow_redirects=False) as r:
+                assert r.status == 401, path
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+        async with browser.get(login) as r:
+            page = await r.text()
+            assert r.status == 200 and str(r.url) == base  # the token left the address
+        async with browser.get(base + "events") as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            views = await read_events(r, lambda v: v["run"]["status"] != "running")
+    await run  # the run went on and finished, 401s and all
+    assert views and views[-1]["run"]["status"] == "done"
+    assert any(all(c["online"] for c in v["fleet"].values()) for v in views), "every client was seen online"
+    open_rounds = [v["round"] for v in views if v.get("round")]
+    assert open_rounds, "a round in progress was seen"
+    assert all(r["deadline_s"] == pytest.approx(scn.network.round_timeout_s) for r in open_rounds
+               if r["op"] in ("stage1_fit", "stage1_corr")), "the deadline in modeled seconds"
+    steps = [len(v["rounds"]) for v in views]
+    assert steps == sorted(steps) and steps[-1] > steps[0], "the round counter advanced"
+    text = page + "\n".join(json.dumps(v) for v in views)
+    assert token not in text and "password" not in text.lower() and "mqtt://" not in text
     view = json.loads((out / "live.json").read_text())
-    assert view["run"]["status"] == "done"
+    assert view["run"]["status"] == "done" and view["rounds"] == views[-1]["rounds"]
     assert all(c["joined"] for c in view["fleet"].values())
     assert view["inference"]["has_matrix"]
     matrix = view["inference"]["matrix"]
@@ -82,35 +101,21 @@ async def test_a_networked_run_streams_its_view_and_a_request_without_the_token_
     assert len(losses) == scn.stage1.rounds and all(isinstance(x, float) for x in losses)
 
 
-@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
-async def test_the_event_stream_follows_a_run_from_join_to_evaluation(tmp_path):
-    scn = toy_scenario(tmp_path, EMULATED)
-    port = free_port()
-    out = tmp_path / "out"
-    run = asyncio.create_task(asyncio.to_thread(
-        run_networked_scenario, scn, out, quiet(), "inprocess", None, "127.0.0.1", "mosquitto", None, None, port))
-    views: list[dict[str, Any]] = []
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            try:
-                async with session.get(f"http://127.0.0.1:{port}/events") as r:
-                    assert r.headers["Content-Type"].startswith("text/event-stream")
-                    views = await read_events(r, lambda v: v["run"]["status"] != "running")
-                    break
-            except aiohttp.ClientConnectorError:
-                await asyncio.sleep(0.1)
-    await run
-    assert views and views[-1]["run"]["status"] == "done"
-    assert any(all(c["online"] for c in v["fleet"].values()) for v in views), "every client was seen online"
-    open_rounds = [v["round"] for v in views if v.get("round")]
-    assert open_rounds, "a round in progress was seen"
-    assert all(r["deadline_s"] == pytest.approx(scn.network.round_timeout_s) for r in open_rounds
-               if r["op"] in ("stage1_fit", "stage1_corr")), "the deadline in modeled seconds"
-    steps = [len(v["rounds"]) for v in views]
-    assert steps == sorted(steps) and steps[-1] > steps[0], "the round counter advanced"
-    assert views[-1]["inference"]["has_matrix"]
-    text = "\n".join(json.dumps(v) for v in views)
-    assert "password" not in text.lower() and "mqtt://" not in text and "mqtts://" not in text
+async def test_nmoe_dashboard_follows_a_run_folder(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    live = LiveRun(to_dict(toy_scenario(tmp_path)), "subprocess", out)  # writes live.json, as a run does
+    source = FolderSource(out, poll_s=0.05)
+    version, view = source.current()
+    assert view["run"]["status"] == "running"
+    live.event("client-1: missing in stage1 round 0 (stage1_fit)")
+    live.update()
+    await source.wait_change(version, timeout=5.0)
+    version, view = source.current()
+    assert view["events"][-1]["text"].startswith("client-1: missing")
+    async with serving(source, "127.0.0.1", 0, "--port") as served, aiohttp.ClientSession() as s, \
+            s.get(served.url + "view.json") as r:
+        assert (await r.json())["events"] == view["events"]
 
 
 async def test_the_token_sets_a_cookie_and_appears_on_no_page(tmp_path):
@@ -191,8 +196,8 @@ def test_the_report_of_a_sweep_holds_its_table_and_charts(tmp_path):
     self_contained(html)
     view = json.loads(html.split('<script id="view" type="application/json">', 1)[1].split("</script>", 1)[0])
     sweep = view["sweep"]
-    assert sweep["charts"]["accuracy"]["cells"] == ["partition.tau=0.1, stage1.method=fedce",
-                                                   "partition.tau=0.5, stage1.method=fedce"]
+    assert sweep["charts"]["accuracy"]["cells"] == ["0.1 · fedce", "0.5 · fedce"]
+    assert sweep["charts"]["accuracy"]["axis"] == "partition.tau · stage1.method"
     assert sweep["charts"]["accuracy"]["methods"]["nmoe"] == [0.61, 0.71]
     assert len(sweep["rows"]) == 4 and sweep["runs"] == 4
 

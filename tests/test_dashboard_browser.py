@@ -119,6 +119,7 @@ def test_the_live_view_and_the_report_in_chromium(tmp_path, browser):
             proc.terminate()
             proc.wait(timeout=30)
     report = out / "report.html"
+    browser.get_log("browser")  # drained: the live page's server has gone with its run
     browser.get(report.as_uri())
     charts = wait_for("the report's charts", lambda: browser.execute_script(
         "return typeof Chart === 'undefined' ? 0 : Object.keys(Chart.instances).length"), 30)

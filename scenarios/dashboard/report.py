@@ -26,26 +26,35 @@ def sweep_view(folder: Path) -> dict[str, Any]:
     if "method" not in columns:
         raise ConfigError(f"{folder / 'summary.csv'}: no 'method' column (not a sweep summary?)")
     grid = columns[: columns.index("method")]
+    def cell_of(r: dict[str, str]) -> str:
+        return " · ".join(r[k] for k in grid) or "all"
+
     cells: list[str] = []
     for r in rows:
-        cell = ", ".join(f"{k}={r[k]}" for k in grid) or "all"
+        cell = cell_of(r)
         if cell not in cells:
             cells.append(cell)
     charts: dict[str, Any] = {}
     for metric in SWEEP_METRICS:
         column = f"{metric}_mean"
-        if column not in columns or not any(r[column] for r in rows):
-            continue
+        if column not in columns or not any(float(r[column] or 0) for r in rows):
+            continue  # never measured, or zero everywhere (bytes of a run without a network)
         methods: dict[str, list[float | None]] = {}
         for r in rows:
-            cell = ", ".join(f"{k}={r[k]}" for k in grid) or "all"
+            cell = cell_of(r)
             series = methods.setdefault(r["method"], [None] * len(cells))
             series[cells.index(cell)] = float(r[column]) if r[column] else None
-        charts[metric] = {"cells": cells, "methods": methods}
+        charts[metric] = {"cells": cells, "methods": methods, "axis": " · ".join(grid)}
     seeds = sum(int(r.get("n_seeds") or 0) + int(r.get("failed_seeds") or 0)
                 for r in {", ".join(r[k] for k in grid): r for r in rows}.values())
     sweep_file = folder / "sweep.yaml"
-    return {"sweep": {"name": folder.name, "columns": columns, "rows": [[r[c] for c in columns] for r in rows],
+    def shown(column: str, value: str) -> str:
+        if value and column.endswith(("_mean", "_ci95")):
+            return f"{float(value):.4g}"
+        return value
+
+    return {"sweep": {"name": folder.name, "columns": columns,
+                      "rows": [[shown(c, r[c]) for c in columns] for r in rows],
                       "charts": charts, "runs": seeds, "description": f"{len(cells)} cell(s)" +
                       (f", from {sweep_file.name}" if sweep_file.is_file() else "")}}
 

@@ -229,7 +229,8 @@
       box.appendChild(el("div", { class: "chart" }, [canvas]));
       chart(canvas.id, "bar", { labels: c.cells, datasets: Object.keys(c.methods).map(function (m, i) {
         return { label: m, data: c.methods[m], backgroundColor: COLORS[i % COLORS.length] };
-      }) }, { plugins: { title: { display: true, text: metric + " (mean over seeds)" } } });
+      }) }, { plugins: { title: { display: true, text: metric + " (mean over seeds)" } },
+              scales: { x: { title: { display: true, text: c.axis } } } });
     });
     table(document.getElementById("sweep-table"), s.columns, s.rows, s.columns.map(function (c) {
       return /_(mean|ci95)$|^n_seeds$|^failed_seeds$/.test(c) ? 1 : 0;
@@ -244,7 +245,11 @@
   draw(JSON.parse(document.getElementById("view").textContent));
   if (MODE === "live" && typeof EventSource !== "undefined") {
     var stream = new EventSource("events");
-    stream.onmessage = function (e) { draw(JSON.parse(e.data)); };
+    stream.onmessage = function (e) {
+      var v = JSON.parse(e.data);
+      draw(v);
+      if (v.run && (v.run.status === "done" || v.run.status === "failed")) stream.close();  // nothing more comes
+    };
     stream.onerror = function () {
       var status = document.getElementById("status");
       if (status.className.indexOf("done") < 0 && status.className.indexOf("failed") < 0) {
