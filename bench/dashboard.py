@@ -5,8 +5,11 @@ Stage 1 FedCE rounds; between rounds the page is opened or closed in turn (open 
 closed for odd ones, round 0 dropped as the warm-up), so both halves share the same processes,
 caches and machine load. "The page" is headless chromium (Debian's, via selenium) showing the live
 view, as a user would; without chromium, an event-stream reader in a thread of this process
-(which only makes the page look dearer: it shares the coordinator's interpreter). The page's
-loading lands in the first "open" round after each switch, so the ratio errs against the dashboard.
+(which only makes the page look dearer: it shares the coordinator's interpreter). Each switch is a
+navigation (to the page, or away to about:blank), so both halves pay for one at their start.
+``--control`` runs the same alternation without ever opening the page (an A/A test: how far from 1
+the noise of this machine puts the ratio). ``paired_median_ratio`` compares each open round with the
+closed round just before it.
 
     python bench/dashboard.py [--quick] [--rounds R] [--clients N] [--samples S]
 
