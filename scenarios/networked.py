@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -48,6 +49,8 @@ from .runner import (
 )
 from .scenario import Scenario
 from .schema import to_dict
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AgentsMode", "bus_config", "run_networked", "run_networked_scenario", "traffic_per_kind"]
 
@@ -194,6 +197,8 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
             ok = True
         finally:
             faults.cancel()
+            if follower.done() and (err := follower.exception()) is not None:  # it never ends by itself
+                log.error("the live view stopped following the run", exc_info=err)
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
             await live.close(fleet, strategy, ok)
