@@ -38,6 +38,7 @@ bench: setup
 	$(PY) bench/bus_throughput.py --quick
 	$(PY) bench/channel_relay.py --quick
 	$(PY) bench/round_overhead.py --quick
+	$(PY) bench/dashboard.py --quick
 	$(PY) bench/chaos.py --quick
 	$(PY) bench/sweep_cache.py --quick
 	$(PY) bench/robust_aggregation.py --quick
