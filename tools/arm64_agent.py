@@ -16,7 +16,7 @@ as a user would set one up, on an x86_64 Debian host as root:
    ``--arm64-clients`` clients, natively for the others, and checks that the run finishes with every
    client's results and that every agent exited 0.
 
-The chroot's mounts (/proc, /dev) live in a private mount namespace (``unshare --mount``) and vanish
+The chroot's mounts (/proc, /dev, /sys) live in a private mount namespace (``unshare --mount``) and vanish
 with the process. The chroot shares this host's network, so the agents reach the broker on loopback.
 
     sudo .venv/bin/python tools/arm64_agent.py [--cache DIR] [--arm64-clients N] [--clients N] [--keep RUN_DIR]
@@ -165,9 +165,10 @@ def ensure_rootfs(cache: Path, suite: str, mirror: str, log: Path) -> tuple[Path
 
 
 def chroot_cmd(rootfs: Path, argv: list[str], env: dict[str, str] | None = None) -> list[str]:
-    """``argv`` inside the chroot, with /proc and /dev mounted in a private mount namespace."""
+    """``argv`` inside the chroot, with /proc, /dev and /sys mounted in a private mount namespace (torch's
+    cpuinfo reads /sys/devices/system/cpu)."""
     r = shlex.quote(str(rootfs))
-    setup = (f"mount -t proc proc {r}/proc && mount --bind /dev {r}/dev && "
+    setup = (f"mount -t proc proc {r}/proc && mount --bind /dev {r}/dev && mount --bind /sys {r}/sys && "
              f"cp -L /etc/resolv.conf {r}/etc/resolv.conf && exec chroot {r} \"$@\"")
     envs = [f"{k}={v}" for k, v in {"PATH": f"{VENV}/bin:/usr/local/bin:/usr/bin:/bin", "HOME": "/root",
                                      "LANG": "C.UTF-8", **(env or {})}.items()]
@@ -188,7 +189,18 @@ def copy_source(rootfs: Path) -> None:
             shutil.copy2(src, dest / rel)
 
 
-def ensure_venv(rootfs: Path, pins: list[str], log: Path) -> tuple[float, bool]:
+def host_ca_bundle() -> Path | None:
+    """The CA bundle this host's pip is told to trust (``$PIP_CERT``, ``$REQUESTS_CA_BUNDLE``,
+    ``$SSL_CERT_FILE``), if any: a network behind a TLS-inspecting proxy needs it inside the chroot too,
+    where pip otherwise trusts only its own certifi bundle."""
+    for var in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
+        value = os.environ.get(var)
+        if value and Path(value).is_file():
+            return Path(value)
+    return None
+
+
+def ensure_venv(rootfs: Path, pins: list[str], ca_bundle: Path | None, log: Path) -> tuple[float, bool]:
     """A venv with the pins and the project (editable); returns (seconds, whether it was reused)."""
     want = hashlib.sha256(((ROOT / "pyproject.toml").read_text() + " ".join(pins)).encode()).hexdigest()
     stamp = rootfs / VENV.lstrip("/") / ".nmoe-installed"
@@ -199,10 +211,14 @@ def ensure_venv(rootfs: Path, pins: list[str], log: Path) -> tuple[float, bool]:
     say(f"pip install {' '.join(pins)} and the project in the arm64 venv (emulated; log {log})")
     if not (rootfs / VENV.lstrip("/") / "bin" / "python").exists():
         run(chroot_cmd(rootfs, ["/usr/bin/python3", "-m", "venv", VENV]), timeout=600, log=log)
+    env = {}
+    if ca_bundle is not None:
+        shutil.copy(ca_bundle, rootfs / "etc" / "ssl" / "nmoe-host-ca.pem")
+        env["PIP_CERT"] = "/etc/ssl/nmoe-host-ca.pem"
     pip = ["python", "-m", "pip", "install", "--progress-bar", "off"]
-    run(chroot_cmd(rootfs, [*pip, "--upgrade", "pip"]), timeout=1800, log=log)
-    run(chroot_cmd(rootfs, [*pip, *pins]), timeout=3600, log=log)
-    run(chroot_cmd(rootfs, [*pip, "-e", SRC]), timeout=3600, log=log)
+    run(chroot_cmd(rootfs, [*pip, "--upgrade", "pip"], env), timeout=1800, log=log)
+    run(chroot_cmd(rootfs, [*pip, *pins], env), timeout=3600, log=log)
+    run(chroot_cmd(rootfs, [*pip, "-e", SRC], env), timeout=3600, log=log)
     stamp.write_text(want + "\n")
     return time.monotonic() - t0, False
 
@@ -314,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the arm64 rootfs lives (reused; default /var/cache/nmoe-arm64 or $NMOE_ARM64_CACHE)")
     ap.add_argument("--suite", help="Debian suite (default: this host's VERSION_CODENAME)")
     ap.add_argument("--mirror", default="http://deb.debian.org/debian")
+    ap.add_argument("--ca-bundle", type=Path, help="CA bundle pip trusts in the chroot (default: this host's "
+                    "$PIP_CERT, $REQUESTS_CA_BUNDLE or $SSL_CERT_FILE, if set; else pip's own)")
     ap.add_argument("--clients", type=int, default=2, help="clients in the toy run (default 2)")
     ap.add_argument("--arm64-clients", type=int, default=1, help="of them, how many run in the arm64 chroot (1)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds the toy run may take (default 3600)")
@@ -335,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         ensure_tools(log)
         flags = ensure_binfmt(log)
         rootfs, debootstrap_s = ensure_rootfs(args.cache, suite, args.mirror, log)
-        pip_s, reused = ensure_venv(rootfs, pins, log)
+        ca_bundle = args.ca_bundle if args.ca_bundle is not None else host_ca_bundle()
+        pip_s, reused = ensure_venv(rootfs, pins, ca_bundle, log)
         info = probe(rootfs)
         say(f"chroot: {info['uname_m']} python {info['python']} torch {info['torch']} "
             f"torchvision {info['torchvision']} (nmoe from {info['agents']})")
