@@ -41,6 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 ROOT = Path(__file__).resolve().parent.parent
 NMOE = [sys.executable, "-m", "scenarios.cli"]
 VENV = "/opt/nmoe-venv"  # inside the chroot
@@ -73,13 +76,16 @@ def say(msg: str) -> None:
 def run(cmd: list[str], *, timeout: float, log: Path | None = None, env: dict[str, str] | None = None,
         check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run a command; its output goes to ``log`` (appended) or is captured; a failure names the command."""
-    if log is not None:
-        with log.open("a") as fh:
-            fh.write(f"\n$ {shlex.join(cmd)}\n")
-            fh.flush()
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True, timeout=timeout, env=env)
-    else:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        if log is not None:
+            with log.open("a") as fh:
+                fh.write(f"\n$ {shlex.join(cmd)}\n")
+                fh.flush()
+                proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True, timeout=timeout, env=env)
+        else:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as err:
+        raise Failed(f"`{shlex.join(cmd)}` took over {timeout:.0f} s" + (f" (see {log})" if log else "")) from err
     if check and proc.returncode != 0:
         where = f"see {log}" if log else (proc.stdout + proc.stderr).strip()[-2000:]
         raise Failed(f"`{shlex.join(cmd)}` exited {proc.returncode}: {where}")
@@ -236,6 +242,11 @@ def probe(rootfs: Path) -> dict[str, str]:
 
 # -- 3. the run ------------------------------------------------------------------------------------
 
+def tails(agents: list[tuple[str, subprocess.Popen[bytes], Path]], chars: int = 1500) -> str:
+    """The end of every agent's log, for an error message."""
+    return "".join(f"\n--- {log} (end) ---\n{log.read_text(errors='replace')[-chars:]}" for _, _, log in agents)
+
+
 def toy_run(rootfs: Path, out: Path, clients: int, arm64_clients: int, timeout: float) -> tuple[float, float]:
     """A run on this host with external agents, ``arm64_clients`` of them in the chroot: (seconds, accuracy)."""
     scenario = out.parent / "arm64.yaml"
@@ -285,7 +296,7 @@ def toy_run(rootfs: Path, out: Path, clients: int, arm64_clients: int, timeout: 
             raise Failed(f"the run did not finish within {timeout:.0f} s (agent logs in {logs})") from err
         run_s = time.monotonic() - t0
         if coordinator.returncode != 0:
-            raise Failed(f"the coordinator exited {coordinator.returncode}:\n{output[-3000:]}")
+            raise Failed(f"the coordinator exited {coordinator.returncode}:\n{output[-3000:]}{tails(agents)}")
         codes = {}
         for agent, proc, log in agents:
             try:
@@ -295,7 +306,7 @@ def toy_run(rootfs: Path, out: Path, clients: int, arm64_clients: int, timeout: 
         expected = list(codes)
         bad = {a: c for a, c in codes.items() if c != 0}
         if bad:
-            raise Failed(f"agents exited non-zero: {bad} (logs in {logs})")
+            raise Failed(f"agents exited non-zero: {bad}{tails(agents)}")
         results = json.loads((out / "results.json").read_text())
         nmoe = results["methods"]["nmoe"]
         scored = sorted(nmoe["per_client"], key=int)  # client indices, as strings
@@ -355,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         rootfs, debootstrap_s = ensure_rootfs(args.cache, suite, args.mirror, log)
         ca_bundle = args.ca_bundle if args.ca_bundle is not None else host_ca_bundle()
         pip_s, reused = ensure_venv(rootfs, pins, ca_bundle, log)
+        t_probe = time.monotonic()
         info = probe(rootfs)
+        probe_s = time.monotonic() - t_probe
         say(f"chroot: {info['uname_m']} python {info['python']} torch {info['torch']} "
             f"torchvision {info['torchvision']} (nmoe from {info['agents']})")
         if info["uname_m"] != "aarch64" or info["uname_m_kernel"] != "aarch64":
@@ -369,9 +382,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         print(f"arm64_agent_ok=0 wall_s={time.monotonic() - t_start:.0f}")
         return 1
+    table = Table(title="arm64 agent", title_justify="left")
+    for col in ("step", "seconds", ""):
+        table.add_column(col, justify="right" if col == "seconds" else "left")
+    table.add_row("debootstrap", f"{debootstrap_s:.0f}", "reused" if debootstrap_s == 0 else f"arm64 {suite}")
+    table.add_row("pip install", f"{pip_s:.0f}", "reused" if reused else " ".join(pins) + " + nmoe")
+    table.add_row("import torch", f"{probe_s:.0f}",
+                  f"{info['uname_m']}, python {info['python']}, torch {info['torch']}")
+    table.add_row("toy run", f"{run_s:.0f}", f"{args.arm64_clients} of {args.clients} clients in the chroot")
+    Console().print(table)
     print(f"arm64_agent_ok=1 uname_m={info['uname_m']} python={info['python']} torch={info['torch']} "
           f"torchvision={info['torchvision']} suite={suite} binfmt_flags={flags} arm64_clients={args.arm64_clients} "
           f"clients={args.clients} debootstrap_s={debootstrap_s:.0f} pip_s={pip_s:.0f} venv_reused={int(reused)} "
+          f"probe_s={probe_s:.0f} "
           f"run_s={run_s:.0f} accuracy={accuracy:.3f} "
           f"wall_s={time.monotonic() - t_start:.0f}")
     return 0
