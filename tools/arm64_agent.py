@@ -170,16 +170,20 @@ def ensure_rootfs(cache: Path, suite: str, mirror: str, log: Path) -> tuple[Path
     return rootfs, time.monotonic() - t0
 
 
-def chroot_cmd(rootfs: Path, argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+def chroot_cmd(rootfs: Path, argv: list[str]) -> list[str]:
     """``argv`` inside the chroot, with /proc, /dev and /sys mounted in a private mount namespace (torch's
-    cpuinfo reads /sys/devices/system/cpu)."""
+    cpuinfo reads /sys/devices/system/cpu). Run it with ``chroot_env``."""
     r = shlex.quote(str(rootfs))
     setup = (f"mount -t proc proc {r}/proc && mount --bind /dev {r}/dev && mount --bind /sys {r}/sys && "
              f"cp -L /etc/resolv.conf {r}/etc/resolv.conf && exec chroot {r} \"$@\"")
-    envs = [f"{k}={v}" for k, v in {"PATH": f"{VENV}/bin:/usr/local/bin:/usr/bin:/bin", "HOME": "/root",
-                                     "LANG": "C.UTF-8", **(env or {})}.items()]
-    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", setup, "sh",
-            "/usr/bin/env", "-i", *envs, *argv]
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", setup, "sh", *argv]
+
+
+def chroot_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The whole environment of a command in the chroot (nothing of this host's; secrets such as the
+    broker password travel here, not on a command line other users can read in /proc)."""
+    path = f"{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # the chroot's, and the host's
+    return {"PATH": path, "HOME": "/root", "LANG": "C.UTF-8", **(extra or {})}
 
 
 def copy_source(rootfs: Path) -> None:
@@ -216,15 +220,15 @@ def ensure_venv(rootfs: Path, pins: list[str], ca_bundle: Path | None, log: Path
     t0 = time.monotonic()
     say(f"pip install {' '.join(pins)} and the project in the arm64 venv (emulated; log {log})")
     if not (rootfs / VENV.lstrip("/") / "bin" / "python").exists():
-        run(chroot_cmd(rootfs, ["/usr/bin/python3", "-m", "venv", VENV]), timeout=600, log=log)
-    env = {}
+        run(chroot_cmd(rootfs, ["/usr/bin/python3", "-m", "venv", VENV]), timeout=600, log=log, env=chroot_env())
+    env = chroot_env()
     if ca_bundle is not None:
         shutil.copy(ca_bundle, rootfs / "etc" / "ssl" / "nmoe-host-ca.pem")
         env["PIP_CERT"] = "/etc/ssl/nmoe-host-ca.pem"
     pip = ["python", "-m", "pip", "install", "--progress-bar", "off"]
-    run(chroot_cmd(rootfs, [*pip, "--upgrade", "pip"], env), timeout=1800, log=log)
-    run(chroot_cmd(rootfs, [*pip, *pins], env), timeout=3600, log=log)
-    run(chroot_cmd(rootfs, [*pip, "-e", SRC], env), timeout=3600, log=log)
+    run(chroot_cmd(rootfs, [*pip, "--upgrade", "pip"]), timeout=1800, log=log, env=env)
+    run(chroot_cmd(rootfs, [*pip, *pins]), timeout=3600, log=log, env=env)
+    run(chroot_cmd(rootfs, [*pip, "-e", SRC]), timeout=3600, log=log, env=env)
     stamp.write_text(want + "\n")
     return time.monotonic() - t0, False
 
@@ -234,9 +238,9 @@ def probe(rootfs: Path) -> dict[str, str]:
     code = ("import json, platform, torch, torchvision, agents; print(json.dumps({'uname_m': platform.machine(), "
             "'python': platform.python_version(), 'torch': torch.__version__, 'torchvision': torchvision.__version__, "
             "'agents': agents.__file__}))")
-    out = run(chroot_cmd(rootfs, ["python", "-c", code]), timeout=900).stdout.strip().splitlines()[-1]
+    out = run(chroot_cmd(rootfs, ["python", "-c", code]), timeout=900, env=chroot_env()).stdout.strip().splitlines()[-1]
     info: dict[str, str] = json.loads(out)
-    info["uname_m_kernel"] = run(chroot_cmd(rootfs, ["uname", "-m"]), timeout=120).stdout.strip()
+    info["uname_m_kernel"] = run(chroot_cmd(rootfs, ["uname", "-m"]), timeout=120, env=chroot_env()).stdout.strip()
     return info
 
 
@@ -279,9 +283,8 @@ def toy_run(rootfs: Path, out: Path, clients: int, arm64_clients: int, timeout: 
             arm = i < arm64_clients
             args = ["agent", "--id", agent, "--run-id", run_id, "--broker", f"mqtt://{agent}@127.0.0.1:{port}"]
             if arm:
-                cmd = chroot_cmd(rootfs, ["nmoe", *args, "--scenario", "/tmp/nmoe-run/scenario.yaml"],
-                                 {"NMOE_BROKER_PASSWORD": password})
-                env = None
+                cmd = chroot_cmd(rootfs, ["nmoe", *args, "--scenario", "/tmp/nmoe-run/scenario.yaml"])
+                env = chroot_env({"NMOE_BROKER_PASSWORD": password})
             else:
                 cmd = [*NMOE, *args, "--scenario", str(out / "scenario.yaml")]
                 env = {**os.environ, "NMOE_BROKER_PASSWORD": password}
