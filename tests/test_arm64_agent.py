@@ -35,6 +35,12 @@ def test_the_aarch64_pins_are_read_from_the_makefile():
     assert all(p.split("==")[1][0].isdigit() for p in pins)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/mounts")
+def test_mounts_under_finds_mount_points_below_a_path_and_nothing_in_a_plain_folder(tmp_path):
+    assert "/proc" in tool().mounts_under(Path("/proc"))
+    assert tool().mounts_under(tmp_path) == []
+
+
 def _why_not() -> str | None:
     if os.environ.get("NMOE_ARM64") != "1":
         return "opt-in: set NMOE_ARM64=1 (debootstraps an arm64 Debian under qemu, tens of minutes the first time)"

@@ -152,6 +152,17 @@ def ensure_binfmt(log: Path) -> str:
 
 # -- 2. the arm64 userland -------------------------------------------------------------------------
 
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path`` in this mount namespace (/proc/self/mounts, octal escapes)."""
+    root = os.path.realpath(path)
+    points = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[1])
+        if point == root or point.startswith(root + "/"):
+            points.append(point)
+    return points
+
+
 def ensure_rootfs(cache: Path, suite: str, mirror: str, log: Path) -> tuple[Path, float]:
     """Debootstrap once into ``cache/rootfs`` (built aside and renamed, so a half-built one is never used)."""
     rootfs = cache / "rootfs"
@@ -159,6 +170,10 @@ def ensure_rootfs(cache: Path, suite: str, mirror: str, log: Path) -> tuple[Path
         return rootfs, 0.0
     building = cache / "rootfs.tmp"
     if building.exists():
+        left = mounts_under(building)  # a killed debootstrap can leave /proc, /sys or a bind of /dev mounted there
+        if left:
+            raise Failed(f"{building} (an interrupted debootstrap) still has mounts: {', '.join(left)}; "
+                         "unmount them (umount -R) and run again")
         say(f"removing {building}, left by an interrupted debootstrap")
         shutil.rmtree(building)
     say(f"debootstrap --arch=arm64 {suite} into {rootfs} (emulated second stage: many minutes; log {log})")
