@@ -44,7 +44,7 @@ bench: setup
 	$(PY) bench/robust_aggregation.py --quick
 
 lint: setup
-	$(VENV)/bin/ruff check nmoe broker agents nmoe_models scenarios tests bench
+	$(VENV)/bin/ruff check nmoe broker agents nmoe_models scenarios tests bench tools
 	$(VENV)/bin/mypy nmoe broker agents
 
 clean:
