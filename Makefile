@@ -38,13 +38,14 @@ bench: setup
 	$(PY) bench/bus_throughput.py --quick
 	$(PY) bench/channel_relay.py --quick
 	$(PY) bench/round_overhead.py --quick
+	$(PY) bench/dashboard.py --quick
 	$(PY) bench/chaos.py --quick
 	$(PY) bench/sweep_cache.py --quick
 	$(PY) bench/robust_aggregation.py --quick
 	$(PY) bench/scale.py --quick
 
 lint: setup
-	$(VENV)/bin/ruff check nmoe broker agents nmoe_models scenarios tests bench
+	$(VENV)/bin/ruff check nmoe broker agents nmoe_models scenarios tests bench tools
 	$(VENV)/bin/mypy nmoe broker agents
 
 clean:

@@ -86,11 +86,10 @@ async def execute(learner: ClientLearner, task: Task, pool: ExpertPool, blocking
             return Update(fit.state, fit.samples, fit.loss)
         case Stage2Fit(state=state, score_classifier=score_classifier):
             learner.load_stage1(state)
-            metrics: dict[str, float] = {}
-            if score_classifier:
+            metrics: dict[str, float] = {"loss": await blocking(learner.stage2_fit)}
+            if score_classifier:  # after the fit, so the head runs on the latents Stage 2 computed
                 s = await blocking(learner.classifier_scores)
                 metrics |= {"classifier_accuracy": s.accuracy, "classifier_f1_macro": s.f1_macro}
-            metrics["loss"] = await blocking(learner.stage2_fit)
             return Metrics(metrics, samples=len(learner.data.train_x))
         case Stage3Prepare():
             answered = await gather_expert_outputs(learner, pool)
@@ -133,6 +132,7 @@ async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batc
     k = min(k, int(available.sum()))
     preds, latencies = [], []
     fallback = local_only = routed = served_locally = 0
+    per_expert = [0] * learner.exp.clients  # rows routed to each expert (the dashboard's routing matrix)
     wire = pool.wire_bytes()
     t0 = time.perf_counter()
     for start in range(0, len(h_all), batch_size):
@@ -155,6 +155,8 @@ async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batc
         local_only += out.local_only_rows
         routed += sum(len(r) for r in route.rows.values())
         served_locally += len(route.rows.get(learner.id, ()))
+        for j, rows in route.rows.items():
+            per_expert[j] += len(rows)
     s = score(torch.cat(preds), learner.data.test_y, learner.classes)
     n = max(len(h_all), 1)
     wire = pool.wire_bytes() - wire
@@ -171,4 +173,15 @@ async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batc
         "latency_p95_ms": float(np.percentile(lat, 95)),
         "latency_p99_ms": float(np.percentile(lat, 99)),
         "eval_wall_s": time.perf_counter() - t0,
+        **routing_shares(per_expert, routed),
     }
+
+
+ROUTED_KEEP = 64  # experts reported per client: a metrics message's meta is bounded (8 KiB)
+
+
+def routing_shares(per_expert: list[int], routed: int) -> dict[str, float]:
+    """``routed.<j>``: the share of this client's routed rows that went to expert j (a row of the
+    routing matrix), for the ``ROUTED_KEEP`` experts that got the most; experts with none are left out."""
+    top = sorted((j for j, n in enumerate(per_expert) if n), key=lambda j: -per_expert[j])[:ROUTED_KEEP]
+    return {f"routed.{j}": round(per_expert[j] / max(routed, 1), 4) for j in sorted(top)}

@@ -141,6 +141,7 @@ class ClientLearner:
 
     def load_stage1(self, state: Mapping[str, torch.Tensor]) -> None:
         load_partial(self.stage1, state)
+        self.train_latents = self.test_latents = None  # they were F's outputs before this state
 
     def stage1_corr(self, round_index: int) -> torch.Tensor:
         """FedSC: R_i of the current (global) F over the whole local set, with DP noise."""
@@ -178,7 +179,10 @@ class ClientLearner:
         """FedCE: the Stage 1 end-to-end classifier (F + this client's head) on the local test set:
         the FedAvg baseline when FedCE shares everything, personal heads under share: extractor."""
         assert isinstance(self.stage1, Classifier), "only FedCE trains a classifier in Stage 1"
-        logits = apply_batched(self.stage1, self.data.test_x, self.inputs.prep)
+        if self.test_latents is not None:  # F(test) is already there after Stage 2: only the head runs
+            logits = apply_batched(self.stage1.head, self.test_latents, lambda h: h)
+        else:
+            logits = apply_batched(self.stage1, self.data.test_x, self.inputs.prep)
         return score(logits.argmax(1), self.data.test_y, self.classes)
 
     # -- Stage 2 ----------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from nmoe.errors import ChannelError
 
 from .scenario import Scenario
 
+LIVE_STATS_S = 1.0  # how often the emulator rewrites its stats file while it runs (the live view reads it)
+
 
 class ChannelProcess:
     """The wireless channel emulator between the agents, as its own process (it relays every byte
@@ -36,9 +38,11 @@ class ChannelProcess:
         self.cmd = [sys.executable, "-m", "broker.channel.emulator", "--run-id", run_id,
                     "--broker", self.addr.url(),
                     "--agents", ",".join([COORDINATOR, *clients]), "--wired", COORDINATOR,
-                    "--config", str(self.config), "--seed", str(scn.seed), "--stats", str(self.stats_file)]
+                    "--config", str(self.config), "--seed", str(scn.seed), "--stats", str(self.stats_file),
+                    "--stats-every", str(LIVE_STATS_S)]
         self.proc: asyncio.subprocess.Process | None = None
         self.stats: dict[str, Any] = {}  # per-link figures, once it has stopped
+        self._live: tuple[int, dict[str, Any]] = (0, {})  # (mtime_ns, stats) of the file as last read
 
     async def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +58,16 @@ class ChannelProcess:
             line = b""
         if line.strip() != b"ready":
             raise ChannelError(f"the channel emulator did not start; see {self.log_path}")
+
+    def live_stats(self) -> dict[str, Any]:
+        """The per-link figures so far (the emulator rewrites its stats file every LIVE_STATS_S)."""
+        try:
+            mtime = self.stats_file.stat().st_mtime_ns
+            if mtime != self._live[0]:
+                self._live = (mtime, json.loads(self.stats_file.read_text()))
+        except FileNotFoundError:  # not written yet
+            return {}
+        return self._live[1]
 
     def check(self) -> None:
         if self.proc is not None and self.proc.returncode is not None:

@@ -15,6 +15,8 @@ from nmoe.errors import ConfigError, NmoeError
 from .edge import agent_args, run_agent, stop_on_sigterm
 from .scenario import PACKAGED, load_scenario
 
+DASHBOARD_PORT = 8765
+
 
 def _scenario_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", help="a scenario YAML file, or the name of a shipped one (e.g. quickstart)")
@@ -47,6 +49,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", default="127.0.0.1", metavar="HOST",
                      help="interface the started broker listens on (0.0.0.0 for agents on other machines)")
     run.add_argument("--out", help="output folder (default runs/<scenario>/<timestamp>)")
+    run.add_argument("--dashboard", nargs="?", type=int, const=DASHBOARD_PORT, default=None, metavar="PORT",
+                     help=f"networked runs: serve a live view of the run on http://127.0.0.1:PORT/ (default "
+                          f"{DASHBOARD_PORT}; 0: a free port), on --listen's interface; off loopback it needs the "
+                          "token printed on the console")
     run.add_argument("--no-cache", action="store_true",
                      help="compute every stage, ignoring the stage cache ($NMOE_CACHE, else ~/.cache/nmoe; "
                           "networked runs always compute the federated stages, and take only the baselines from it)")
@@ -67,6 +73,14 @@ def parser() -> argparse.ArgumentParser:
                             "~/.cache/nmoe)")
     sweep.add_argument("--report", action="store_true",
                        help="run nothing: redraw summary.csv, the table and the charts from the runs on disk")
+    report = sub.add_parser("report", help="write FOLDER/report.html (self-contained) for a run or a sweep folder")
+    report.add_argument("folder", metavar="FOLDER", help="a run folder (results.json) or a sweep folder (summary.csv)")
+    dash = sub.add_parser("dashboard", help="serve the live view of a run folder (one going on, or finished)")
+    dash.add_argument("folder", metavar="RUN_DIR", help="the run's folder (it keeps live.json current while it runs)")
+    dash.add_argument("--port", type=int, default=DASHBOARD_PORT,
+                      help=f"port (default {DASHBOARD_PORT}; 0: a free one)")
+    dash.add_argument("--listen", default="127.0.0.1", metavar="HOST",
+                      help="interface (off loopback the page needs the token printed on the console)")
     val = sub.add_parser("validate", help="check a scenario file and print its resolved settings")
     _scenario_args(val)
     sub.add_parser("scenarios", help="list the shipped scenarios")
@@ -99,6 +113,16 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return run_agent(args)
     if args.command == "sweep":
         return run_sweep_command(args, console)
+    if args.command == "report":
+        from .dashboard.report import write_report
+
+        console.print(f"report: {write_report(Path(args.folder))}", highlight=False)
+        return 0
+    if args.command == "dashboard":
+        from .dashboard.attach import attach
+
+        check_port(args.port, "--port")
+        return attach(Path(args.folder), args.listen, args.port, console)
     checkpoint = None
     if args.command == "run" and args.resume:
         from .runner import Checkpoint
@@ -130,17 +154,31 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     out = output_dir(scn, args.out)
     if scn.description:
         console.print(f"[bold]{scn.name}[/bold]: {scn.description}")
+    if args.dashboard is not None:
+        if args.inprocess:
+            raise ConfigError("--dashboard: networked runs only (an --inprocess run has no fleet to watch; "
+                              "`nmoe report` draws its results)")
+        check_port(args.dashboard, "--dashboard")
+    from .dashboard.report import write_report
+
     if args.inprocess:
         from .cache import StageCache, default_root
 
         run_inprocess(scn, out, console, None if args.no_cache else StageCache(default_root()), checkpoint)
-        return 0
-    from .cache import StageCache, default_root
-    from .networked import run_networked_scenario
+    else:
+        from .cache import StageCache, default_root
+        from .networked import run_networked_scenario
 
-    run_networked_scenario(scn, out, console, args.agents, args.broker, args.listen, args.broker_kind, accounts_file,
-                           checkpoint, None if args.no_cache else StageCache(default_root()))
+        run_networked_scenario(scn, out, console, args.agents, args.broker, args.listen, args.broker_kind,
+                               accounts_file, checkpoint, args.dashboard,
+                               cache=None if args.no_cache else StageCache(default_root()))
+    console.print(f"report: {write_report(out)}", highlight=False)
     return 0
+
+
+def check_port(port: int, flag: str) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{flag}: a port is 0..65535 (got {port})")
 
 
 def check_external_broker(url: str, accounts_file: Path | None = None, clients: int = 0) -> None:
@@ -192,7 +230,9 @@ def run_sweep_command(args: argparse.Namespace, console: Console) -> int:
         cache_root = None if args.no_cache or args.networked else str(default_root())
         outcomes = run_sweep(sweep, console, jobs, args.networked, cache_root)
         failed = sum(not o.ok for o in outcomes)
-    paths = write_summary(sweep, console)
+    from .dashboard.report import write_report
+
+    paths = [*write_summary(sweep, console), write_report(sweep.out)]
     console.print("outputs: " + ", ".join(str(p) for p in paths))
     if failed:
         console.print(f"[red]{failed} run(s) failed[/red]: see error.txt in their folders; run the sweep again "

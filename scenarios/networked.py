@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -37,6 +38,8 @@ from .agent_host import AgentHost, can_fork_host
 from .bus_sizing import bus_config
 from .cache import StageCache
 from .channel_process import ChannelProcess, channel_running
+from .dashboard.live import LiveRun, Observers
+from .dashboard.server import serving
 from .runner import (
     Checkpoint,
     ProgressObserver,
@@ -49,6 +52,8 @@ from .runner import (
 )
 from .scenario import Scenario
 from .schema import to_dict
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AgentsMode", "bus_config", "run_networked", "run_networked_scenario", "traffic_per_kind"]
 
@@ -123,9 +128,15 @@ async def _coordinate(strategy: Strategy, fleet: BusFleet, watcher: asyncio.Task
 async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: AgentsMode = "subprocess",
                         broker_url: str | None = None, listen: str = "127.0.0.1",
                         broker_kind: Prefer = "auto", broker_accounts: Path | None = None,
-                        resume: Checkpoint | None = None, host: AgentHost | None = None,
+                        resume: Checkpoint | None = None, dashboard: int | None = None,
+                        live: LiveRun | None = None, dashboard_token: bool | None = None,
+                        host: AgentHost | None = None,
                         ) -> tuple[RunSummary, dict[str, Any]]:
     """Run the method over the bus; returns the Strategy's summary and the traffic report.
+
+    ``live`` (made here when not given) follows the run for the dashboard and ``live.json``;
+    ``dashboard`` is the port to serve the dashboard on (on ``listen``; 0: a free one; None: none);
+    it needs a token off loopback, or as ``dashboard_token`` says.
 
     With an external broker, every agent logs in as itself (username = agent id) with its password
     from ``broker_accounts`` (``--broker-accounts FILE``), or else all with the URL's one password."""
@@ -145,7 +156,14 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
     timeline = {"started_at": time.time()}
     strategy = Strategy(scn, None, scn.network.min_clients)
     resume_strategy(strategy, resume, console)
+    channel: ChannelProcess | None = None
+    live = live or LiveRun(to_dict(scn), mode, out_dir, lambda: channel.live_stats() if channel is not None else None)
     async with contextlib.AsyncExitStack() as stack:
+        if dashboard is not None:  # first: a port in use fails the run before anything starts
+            served = await stack.enter_async_context(serving(live, listen, dashboard,
+                                                                      require_token=dashboard_token))
+            console.print(f"dashboard: {served.login_url}" + ("  (the token is for you only: it is on no page)"
+                                                             if served.token else ""), highlight=False)
         broker = await stack.enter_async_context(launch_broker(
             run_id, accounts, channel_mode=channel_mode, prefer=broker_kind, external=external, host=listen,
             tls=scn.network.tls))
@@ -160,23 +178,34 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
         bus = await stack.enter_async_context(BusSession(bus_config(scn, run_id, COORDINATOR, coord),
                                                          watch_status=True))
         progress = stack.enter_context(make_progress(console))
-        strategy.obs = ProgressObserver(progress, out_dir)
+        strategy.obs = Observers(ProgressObserver(progress, out_dir), live)
 
         def event(text: str) -> None:
             progress.console.print(f"[yellow]{text}[/yellow]")
+            live.event(text)
+
+        def on_task(task: Task) -> None:
+            faults.on_task(task)
+            live.on_task(task)
 
         faults = Faults(scn, group, event)
         fleet = await stack.enter_async_context(BusFleet(bus, scn.clients, scn.network, scn.channel.time_scale,
                                                          sync=strategy.sync_task, on_event=event,
-                                                         on_task=faults.on_task))
+                                                         on_task=on_task))
         await stack.enter_async_context(agents_running(group))
         watcher = asyncio.create_task(_watch(fleet, group, channel, progress, started))
+        follower = asyncio.create_task(live.follow(fleet, strategy))
         ok = False
         try:
             await _coordinate(strategy, fleet, watcher)
             ok = True
         finally:
             faults.cancel()
+            if follower.done() and (err := follower.exception()) is not None:  # it never ends by itself
+                log.error("the live view stopped following the run", exc_info=err)
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+            await live.close(fleet, strategy, ok)
             await fleet.shutdown(timeout=10.0 if ok else 2.0)  # agents started by hand hear of a failure too
         per_kind, rejected = traffic_per_kind(bus.stats, fleet.telemetry.byes)
         traffic: dict[str, Any] = {
@@ -202,7 +231,9 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
 def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode: AgentsMode = "subprocess",
                            broker_url: str | None = None, listen: str = "127.0.0.1",
                            broker_kind: Prefer = "auto", broker_accounts: Path | None = None,
-                           resume: Checkpoint | None = None, cache: StageCache | None = None) -> dict[str, Any]:
+                           resume: Checkpoint | None = None, dashboard: int | None = None, *,
+                           dashboard_token: bool | None = None,
+                           cache: StageCache | None = None) -> dict[str, Any]:
     """A networked run, then the baselines in this process. The federated stages are always
     computed over the bus; the baselines' trained models (none of them networked) come from
     ``cache`` when it holds them for these settings, as in an in-process run (results.json says)."""
@@ -218,7 +249,8 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
         if mode != "external":  # once here, so agents on this machine map the files it decompressed
             load_dataset(scn.data, scn.seed)
         summary, traffic = asyncio.run(run_networked(scn, out_dir, console, mode, broker_url, listen, broker_kind,
-                                                     broker_accounts, resume, host))
+                                                     broker_accounts, resume, dashboard,
+                                                     dashboard_token=dashboard_token, host=host))
     finally:
         if host is not None:
             host.close()

@@ -76,7 +76,9 @@ def build_results(scn: Scenario, mode: str, summary: RunSummary, baselines: Mapp
         "stage_seconds": dict(summary.stage_seconds),
         "rounds": [
             {"stage": r.stage, "round": r.round, "op": r.op.value, "answered": [f"client-{i}" for i in r.answered],
-             "failures": {f"client-{i}": why for i, why in sorted(r.failures.items())}, "seconds": r.seconds}
+             "failures": {f"client-{i}": why for i, why in sorted(r.failures.items())},
+             "loss": r.loss if math.isfinite(r.loss) else None,
+             "seconds": r.seconds}
             for r in summary.rounds
         ],
         "privacy": dict(summary.privacy),

@@ -185,14 +185,26 @@ def finished(run: Run) -> bool:
         saved = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False  # a run killed while writing it: run again
+    if not isinstance(saved, dict):
+        return False
     expected = comparable(to_dict(build(Scenario, run.data)))
-    return isinstance(saved, dict) and comparable(saved.get("config")) == expected
+    defaults = comparable(to_dict(build(Scenario, {"name": "defaults"})))
+    return with_new_defaults(comparable(saved.get("config")), defaults) == expected
 
 
 def comparable(config: Any) -> Any:
     if not isinstance(config, dict):
         return config
     return json.loads(json.dumps({k: v for k, v in config.items() if k not in UNCOMPARED}, sort_keys=True))
+
+
+def with_new_defaults(saved: Any, defaults: Any) -> Any:
+    """``saved`` with every field it lacks taken from ``defaults``: a setting added to the schema after a
+    run was made cannot have changed that run, as long as its default keeps the earlier behaviour (the
+    rule for new fields). A run made with a value other than the default still differs."""
+    if not isinstance(saved, dict) or not isinstance(defaults, dict):
+        return saved
+    return {**defaults, **{k: with_new_defaults(v, defaults.get(k)) for k, v in saved.items()}}
 
 
 def execute(run: Run, networked: bool = False, cache_root: str | None = None) -> Outcome:

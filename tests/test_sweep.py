@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
 
 from nmoe.errors import ConfigError
 from scenarios.cli import main
-from scenarios.scenario import PACKAGED
-from scenarios.sweep import load_sweep
+from scenarios.scenario import PACKAGED, Scenario
+from scenarios.schema import build, to_dict
+from scenarios.sweep import finished, load_sweep
 from scenarios.sweep_report import ci95
 
 BASE = """
@@ -135,3 +137,19 @@ def test_a_sweep_over_a_later_stage_trains_stage1_once(tmp_path):
     path.write_text("base: base.yaml\ngrid: {stage3.rounds: [1]}\nseeds: [3]")
     assert main(["sweep", str(path), "--out", str(tmp_path / "nocache"), "--no-cache"]) == 0
     assert all("cache" not in json.loads(p.read_text()) for p in (tmp_path / "nocache").rglob("results.json"))
+
+
+def test_a_run_made_before_a_new_setting_existed_still_counts_as_finished(tmp_path):
+    # Arrange: a run's results.json whose config lacks a field the schema has since gained (at its default)
+    path = _files(tmp_path, "base: base.yaml\ngrid: {partition.tau: [0.5]}")
+    run = load_sweep(path, str(tmp_path / "out"), [], threads=1).runs[0]
+    config = to_dict(build(Scenario, run.data))
+    del config["network"]["round_timeout_s"]
+    run.folder.mkdir(parents=True)
+    (run.folder / "results.json").write_text(json.dumps({"config": config}))
+    # Act / assert: the missing field takes its default, so the run is the same one
+    assert finished(run)
+    # ... but a run that used another value of a setting is not
+    config["network"]["rejected_grace_s"] = 99.0
+    (run.folder / "results.json").write_text(json.dumps({"config": config}))
+    assert not finished(run)

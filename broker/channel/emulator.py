@@ -49,6 +49,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -302,6 +303,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the scenario's seed (the config's seed wins if set)")
     p.add_argument("--epoch-unix", type=float, default=None, help="time.time() of modeled time 0 (default: start)")
     p.add_argument("--stats", type=Path, default=None, help="write the stats JSON here (default: stdout)")
+    p.add_argument("--stats-every", type=float, default=None, metavar="SECONDS",
+                   help="with --stats: also rewrite the file (atomically) this often while running (live views)")
     return p
 
 
@@ -319,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         agents = [a for a in args.agents.split(",") if a]
         wired = [a for a in args.wired.split(",") if a]
         emulator = ChannelEmulator(cfg, args.run_id, address, agents, args.seed, wired, epoch_unix=args.epoch_unix)
-        stats = asyncio.run(_serve(emulator))
+        if args.stats_every is not None and (args.stats is None or not args.stats_every > 0):
+            raise ValueError("--stats-every needs --stats FILE and a positive number of seconds")
+        stats = asyncio.run(_serve(emulator, args.stats if args.stats_every else None, args.stats_every or 0.0))
     except (NmoeError, ValueError, OSError) as err:
         print(f"channel emulator: {err}", file=sys.stderr)
         return 2
@@ -327,19 +332,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.stats is None:
         print(text, flush=True)
     else:
-        args.stats.write_text(text + "\n")
+        _write_atomic(args.stats, text + "\n")
     return 0
 
 
-async def _serve(emulator: ChannelEmulator) -> dict[str, Any]:
+def _write_atomic(path: Path, text: str) -> None:
+    """A reader polling the file sees the previous stats or the new ones, never half of them."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+async def _keep_writing(emulator: ChannelEmulator, path: Path, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            _write_atomic(path, json.dumps(emulator.stats()))
+        except OSError as err:  # a full disk costs the live view, never the relay
+            logging.getLogger(__name__).warning("could not write the live stats to %s: %s", path, err)
+
+
+async def _serve(emulator: ChannelEmulator, live_stats: Path | None = None, every_s: float = 0.0) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with emulator:
         print("ready", flush=True)
+        writer = loop.create_task(_keep_writing(emulator, live_stats, every_s)) if live_stats is not None else None
         stopped, closed = loop.create_task(stop.wait()), loop.create_task(emulator.wait_closed())
         await asyncio.wait({stopped, closed}, return_when=asyncio.FIRST_COMPLETED)
+        if writer is not None:
+            writer.cancel()
         stopped.cancel()
         if closed.done():
             closed.result()  # raises what ended the session
