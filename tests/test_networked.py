@@ -156,7 +156,7 @@ def test_a_scenario_on_a_lossy_channel_completes_with_failures_recorded(tmp_path
     scn = toy_scenario(tmp_path, [
         "stage1.method=fedce", "network.min_clients=2", "network.join_timeout_s=8", "network.round_timeout_s=8",
         "network.stage2_timeout_s=20", "network.eval_timeout_s=20", "network.inference_deadline_s=0.5",
-        "channel.model=emulated", "channel.preset=wifi", "channel.time_scale=0.25",
+        "channel.model=emulated", "channel.preset=wifi", "channel.time_scale=0.5",
         "channel.clients={client-2: {loss: bernoulli, loss_p: 0.2, max_retries: 0}}",
     ])
     results = run_networked_scenario(scn, tmp_path / "out", quiet(), "subprocess")
