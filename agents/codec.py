@@ -42,6 +42,7 @@ from .messages import (
     Shutdown,
     Task,
     Update,
+    Usage,
 )
 
 COORDINATOR = "coordinator"
@@ -143,8 +144,10 @@ def task_kind(task: Task) -> Kind:
     return Kind.CTRL
 
 
-def encode_reply(reply: Reply, task_id: str, op: Op, round_index: int) -> Wire:
+def encode_reply(reply: Reply, task_id: str, op: Op, round_index: int, usage: Usage | None = None) -> Wire:
     meta: Meta = {TASK: task_id}
+    if usage is not None:
+        meta |= encode_usage(usage)
     tensors: Mapping[str, torch.Tensor] = {}
     match reply:
         case Update(tensors=tensors, samples=samples, loss=loss):
@@ -160,6 +163,31 @@ def encode_reply(reply: Reply, task_id: str, op: Op, round_index: int) -> Wire:
             meta |= {OP: REFUSAL, "reason": reason[:MAX_REASON]}
             kind = Kind.METRICS
     return Wire(kind, to_numpy(tensors), meta, round_index, op.stage.value)
+
+
+_USAGE = "dev."
+_USAGE_FLOATS = ("flops", "compute_s", "host_s", "lag_s", "compute_j", "radio_j")
+_USAGE_INTS = ("tx_bytes", "rx_bytes")
+
+
+def encode_usage(usage: Usage) -> Meta:
+    meta: Meta = {_USAGE + "device": usage.device, _USAGE + "too_slow": usage.too_slow}
+    meta |= {_USAGE + k: float(getattr(usage, k)) for k in _USAGE_FLOATS}
+    meta |= {_USAGE + k: int(getattr(usage, k)) for k in _USAGE_INTS}
+    return meta
+
+
+def decode_usage(meta: Mapping[str, Any]) -> Usage | None:
+    """The device usage a reply carries (None when it carries none); ProtocolError when malformed."""
+    if not any(k.startswith(_USAGE) for k in meta):
+        return None
+    f = _Fields(meta, "bad_usage")
+    try:
+        numbers: dict[str, Any] = {k: f.float(_USAGE + k) for k in _USAGE_FLOATS}
+        numbers |= {k: f.int(_USAGE + k) for k in _USAGE_INTS}
+        return Usage(f.str(_USAGE + "device"), too_slow=f.bool(_USAGE + "too_slow"), **numbers)
+    except ValueError as err:
+        raise f.bad(str(err)) from err
 
 
 def encode_control(message: Control) -> Wire:

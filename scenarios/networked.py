@@ -34,6 +34,7 @@ from nmoe_models.partition import load_client_data
 from .agent_groups import AgentGroup, AgentsMode, ExternalAgents, agents_running, make_group
 from .bus_sizing import bus_config
 from .channel_process import ChannelProcess, channel_running
+from .devices import device_report, print_devices
 from .runner import (
     Checkpoint,
     ProgressObserver,
@@ -189,7 +190,10 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
             "rejected": rejected,
             "joined": sorted(client_name(i) for i in fleet.members.joined),
         }
+        devices = device_report(scn, fleet.telemetry.usage)
     traffic["channel"] = channel.stats if channel is not None else None  # filled in when it stopped
+    if devices is not None:
+        traffic["devices"] = devices
     if channel is not None:
         add_channel_rejections(traffic["rejected"], channel.stats)
     return strategy.summary, traffic
@@ -212,10 +216,13 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
         classifier = stage1_classifier(scn, summary)
         baselines = run_baselines(scn, datas, progress, classifier) if scn.baselines else {}
         summary.stage_seconds["baselines"] = time.perf_counter() - clock
-    results = build_results(scn, "networked", summary, baselines, {"traffic": traffic},
-                            time.perf_counter() - started)
+    devices = traffic.pop("devices", None)
+    extra: dict[str, Any] = {"traffic": traffic} | ({"devices": devices} if devices is not None else {})
+    results = build_results(scn, "networked", summary, baselines, extra, time.perf_counter() - started)
     paths = write_outputs(out_dir, results, summary.rounds)
     print_summary(console, results)
+    if devices is not None:
+        print_devices(console, devices)
     console.print("outputs: " + ", ".join(str(p) for p in paths))
     return results
 
