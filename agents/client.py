@@ -271,15 +271,17 @@ class ClientAgent:
         h_in = torch.from_numpy(msg.tensors[LATENTS])
         if self.meter is None:
             logp = learner.expert_logprobs(h_in)
-        else:
-            logp = await self.meter.serve(lambda: learner.expert_logprobs(h_in))
+            service = time.perf_counter() - t0
+        else:  # the device's modeled service time, whatever this host took (its lag is reported apart)
+            logp, modeled = await self.meter.serve(lambda: learner.expert_logprobs(h_in))
+            service = modeled * self.time_scale
         if not bool(torch.isfinite(logp).all()):  # finite but absurd latents (e.g. 1e38) overflow the expert
             bus.stats.rejected["non_finite_answer"] += 1
             return
         h = msg.header
         transit = h.t_model_arrive - h.t_model_send if h.t_model_send is not None and h.t_model_arrive is not None \
             else None
-        answer = encode_expert_answer(logp, time.perf_counter() - t0, transit)
+        answer = encode_expert_answer(logp, service, transit)
         try:
             await bus.reply(msg, answer.kind, answer.tensors, meta=answer.meta)
         except NmoeError as err:  # the requester falls back at its deadline
@@ -289,10 +291,13 @@ class ClientAgent:
         """Run the coordinator's tasks one at a time, in arrival order."""
         assert self.learner is not None
         pool = BusPool(bus, self.net.inference_deadline_s * self.time_scale, self.time_scale, self.predictor)
+        # Stage 3's one exchange of training latents (and a rejoining client's) is no inference: its
+        # queries may take as long as the task itself (eval_timeout_s), not one inference deadline
+        prepare = BusPool(bus, self.net.eval_timeout_s * self.time_scale, self.time_scale)
         while (item := await queue.get()) is not None:
             msg, received_at = item
             try:
-                await self._one_task(bus, pool, msg, received_at)
+                await self._one_task(bus, pool, prepare, msg, received_at)
             finally:
                 self.queued.discard(str(msg.header.meta.get("task", "")))
 
@@ -312,7 +317,8 @@ class ClientAgent:
         self._moved = (sent + reply_bytes, received)
         return self.meter.report(tx, rx, too_slow)
 
-    async def _one_task(self, bus: BusSession, pool: BusPool, msg: Message, received_at: float) -> None:
+    async def _one_task(self, bus: BusSession, pool: BusPool, prepare: BusPool, msg: Message,
+                        received_at: float) -> None:
         assert self.learner is not None
         try:
             task_id, task = decode_task(wire_of(msg))
@@ -330,7 +336,8 @@ class ClientAgent:
                 return
             if self.meter is not None:
                 self.meter.begin(task.op, self._deadline_at(msg, task.op, received_at))
-            reply = await execute(self.learner, task, pool, self.meter or in_thread)
+            reply = await execute(self.learner, task, prepare if task.op in (Op.STAGE3_PREPARE, Op.SYNC) else pool,
+                                  self.meter or in_thread)
             wire = encode_reply(reply, task_id, task.op, task.round)
             if (usage := self._usage(bus, wire_bytes(wire))) is not None:
                 wire = encode_reply(reply, task_id, task.op, task.round, usage)

@@ -90,10 +90,13 @@ class ComputeMeter:
         """Run one piece of the current task's compute; returns when the device would have finished."""
         return await self._run(fn, self._kind, self._task, self._deadline_at)
 
-    async def serve(self, fn: Callable[[], T]) -> T:
-        """Answer another client's expert query (inference), one at a time, on the device's clock."""
+    async def serve(self, fn: Callable[[], T]) -> tuple[T, float]:
+        """Answer another client's expert query (inference), one at a time, on the device's clock;
+        returns the answer and its modeled service time (seconds)."""
         async with self._serving:
-            return await self._run(fn, "infer", self._served, math.inf)
+            before = self._served.compute_s
+            result = await self._run(fn, "infer", self._served, math.inf)
+            return result, self._served.compute_s - before
 
     async def _run(self, fn: Callable[[], T], kind: Literal["train", "infer"], tally: _Tally, deadline_at: float) -> T:
         loop = asyncio.get_running_loop()

@@ -24,14 +24,36 @@ from .report import ORDER, _pyplot
 from .sweep import Run, Sweep, show
 
 METRICS = ("accuracy", "f1_macro")
-EXTRAS = ("bytes_per_sample", "latency_p50_ms", "latency_p95_ms")
+EXTRAS = ("fallback_rate", "bytes_per_sample", "latency_p50_ms", "latency_p95_ms")
 """Inference figures reported where the method has them (NMoE's serverless routing)."""
 LINES = {"nmoe": "NMoE", "nmoe_fedavg_gate": "NMoE (FedAvg-gate)", "centralized": "Centralized MoE",
          "fedce_personal": "FedCE classifier (personal heads)", "fedavg": "FedAvg classifier",
          "local": "Local classifier"}
 """Chart legends: one line per method whatever the cell (a row's label names its cell's Stage 1)."""
-RUN_EXTRAS = ("epsilon", "wall_s")
-"""Figures of the whole run: the DP budget spent (FedSC with privacy) and the wall time."""
+RUN_EXTRAS = ("epsilon", "answered_share", "air_bytes", "compute_j", "radio_j", "energy_j", "host_lag_share",
+              "wall_s")
+"""Figures of the whole run: the DP budget spent (FedSC with privacy), the mean share of clients
+answered per training round, bytes on the air (emulated channel), the energy of the modeled
+devices (``devices:``), how far the host lagged behind their clock, and the wall time."""
+CHARTED = ("fallback_rate", "latency_p95_ms", "bytes_per_sample", "answered_share", "air_bytes", "energy_j")
+"""Charted besides accuracy and macro-F1 when a sweep has them."""
+
+
+def run_figures(results: Mapping[str, Any]) -> dict[str, float]:
+    """Figures of one run that are not per method (see RUN_EXTRAS), where it has them."""
+    out: dict[str, float] = {}
+    training = [r for r in results.get("rounds", []) if r.get("op") in ("stage1_fit", "stage3_fit")]
+    if training:
+        out["answered_share"] = float(np.mean([len(r["answered"]) / max(1, len(r["answered"]) + len(r["failures"]))
+                                               for r in training]))
+    channel = (results.get("traffic") or {}).get("channel") or {}
+    if channel.get("totals"):
+        out["air_bytes"] = float(channel["totals"]["bytes"])
+    devices = results.get("devices") or {}
+    if devices:
+        out |= {k: float(devices["totals"][k]) for k in ("compute_j", "radio_j", "energy_j")}
+        out["host_lag_share"] = float(devices["host"]["lag_share"])
+    return out
 
 
 @dataclass
@@ -91,6 +113,8 @@ def collect(sweep: Sweep) -> tuple[list[Row], int]:
                     row.samples.setdefault(key, []).append(float(summary[key]))
             if privacy.get("epsilon") is not None and method.startswith("nmoe"):
                 row.samples.setdefault("epsilon", []).append(float(privacy["epsilon"]))
+            for key, value in run_figures(results).items():
+                row.samples.setdefault(key, []).append(value)
             row.samples.setdefault("wall_s", []).append(float(results["wall_s"]))
     cells = list(dict.fromkeys(r.cell for r in sweep.runs))
     out = []
@@ -147,7 +171,33 @@ def write_summary(sweep: Sweep, console: Console) -> list[Path]:
     if missing:
         console.print(f"[yellow]{missing} run(s) not run yet[/yellow]: `nmoe sweep` without --report runs them")
     charts = [plot_key(sweep, key, records) for key, values in sweep.grid.items() if len(values) > 1]
+    if any(rec.get("energy_j_mean") for rec in records):
+        charts.append(plot_energy(sweep, records))
     return [path, *charts]
+
+
+def plot_energy(sweep: Sweep, records: Sequence[Mapping[str, str]]) -> Path:
+    """NMoE's accuracy against the joules its clients spent (compute + radio), one point per cell."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for rec in records:
+        if rec["method"] != "nmoe" or not rec.get("energy_j_mean") or not rec.get("accuracy_mean"):
+            continue
+        x, y = float(rec["energy_j_mean"]), float(rec["accuracy_mean"])
+        ax.scatter([x], [y], s=30)
+        ax.annotate(", ".join(f"{k.rsplit('.', 1)[-1]}={rec[k]}" for k in sweep.grid)[:60], (x, y), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("energy of all clients, J (compute + radio, modeled)")
+    ax.set_ylabel("NMoE accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"sweep {sweep.name}: accuracy vs energy")
+    fig.tight_layout()
+    path = sweep.out / "chart_energy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def print_table(console: Console, sweep: Sweep, records: Sequence[Mapping[str, str]]) -> None:
@@ -171,14 +221,17 @@ def print_table(console: Console, sweep: Sweep, records: Sequence[Mapping[str, s
 def plot_key(sweep: Sweep, key: str, records: Sequence[Mapping[str, str]]) -> Path:
     """Metrics against one swept key: a line per method (and per value of the other keys)."""
     plt = _pyplot()
-    metrics = [*METRICS] + (["bytes_per_sample"] if any(float(r.get("bytes_per_sample_mean") or 0) > 0
-                                                        for r in records) else [])
+    metrics = [*METRICS] + [k for k in CHARTED if any(float(r.get(f"{k}_mean") or 0) > 0 for r in records)]
     xs = [show(v) for v in sweep.grid[key]]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sweep.grid[key])
     position = {x: (float(x) if numeric else float(i)) for i, x in enumerate(xs)}
     others = [k for k in sweep.grid if k != key]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.0), squeeze=False)
-    for ax, metric in zip(axes[0], metrics, strict=True):
+    ncols = min(4, len(metrics))
+    nrows = -(-len(metrics) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.0 * nrows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
         lines: dict[str, list[tuple[float, float, float]]] = {}
         for rec in records:
             if not rec.get(f"{metric}_mean"):
