@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import threading
 import time
@@ -24,6 +25,7 @@ from nmoe.errors import ConfigError, ProtocolError
 from nmoe_models.learner import ClientLearner
 from nmoe_models.partition import load_client_data
 from nmoe_models.routing import plan
+from scenarios.sweep_report import run_figures
 
 DEVICE_TOY = """
 name: toydev
@@ -251,3 +253,6 @@ def test_a_device_too_slow_for_every_deadline_is_reported_not_waited_for(tmp_pat
     assert devices["clients"]["client-0"]["compute_j"] > 0 and devices["clients"]["client-0"]["radio_j"] > 0
     assert devices["clients"]["client-1"]["compute_j"] < devices["clients"]["client-0"]["compute_j"]
     assert devices["totals"]["energy_j"] == pytest.approx(sum(c["energy_j"] for c in devices["clients"].values()))
+    figures = run_figures(json.loads((tmp_path / "out" / "results.json").read_text()))  # what a sweep summary reads
+    assert figures["energy_j"] == pytest.approx(devices["totals"]["energy_j"])
+    assert 0.5 <= figures["answered_share"] < 1.0 and figures["air_bytes"] > 0

@@ -41,10 +41,12 @@ def test_shipped_scenario_runs_at_toy_size(path, tmp_path):
     assert (tmp_path / "out" / "methods.png").exists()
 
 
-@pytest.mark.parametrize("path", [p for p in SHIPPED if load_scenario(str(p)).channel.model == "emulated"],
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in SHIPPED if load_scenario(str(p)).channel.model == "emulated"]
+                         + [PACKAGED / "stress" / "base.yaml"], ids=lambda p: p.stem)
 def test_shipped_channel_scenario_runs_networked_at_toy_size(path, tmp_path):
     scn = load_scenario(str(path), toy(path, tmp_path))
     results = run_networked_scenario(scn, tmp_path / "out", quiet(), "inprocess")
     assert set(results["methods"]["nmoe"]["per_client"]) == {"0", "1", "2"}
     assert results["traffic"]["channel"]["totals"]["delivered"] > 0
+    if scn.devices.enabled:
+        assert results["devices"]["totals"]["energy_j"] > 0
