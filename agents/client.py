@@ -36,9 +36,11 @@ from .codec import (
     decode_task,
     encode_control,
     encode_expert_answer,
+    encode_expert_decline,
     encode_expert_query,
     encode_reply,
     is_control,
+    query_deadline,
 )
 from .compute import ComputeMeter, TooSlow
 from .config import NetworkConfig
@@ -84,7 +86,7 @@ class BusPool:
 
     async def query(self, expert: int, latents: torch.Tensor) -> ExpertAnswer:
         t0 = time.perf_counter()
-        query = encode_expert_query(latents)
+        query = encode_expert_query(latents, self.deadline_s / self.time_scale)
         try:
             reply = await self.bus.request(client_name(expert), query.kind, query.tensors, deadline_s=self.deadline_s)
         except (RequestTimeout, BusError, ProtocolError):  # no answer in time, or latents we could not send
@@ -96,6 +98,11 @@ class BusPool:
             answer = decode_expert_answer(reply.tensors, reply.header.meta)
         except ProtocolError as err:
             self.bus.stats.rejected[err.reason] += 1
+            return ExpertAnswer(None, wall / self.time_scale)
+        if answer.logprobs is None:  # its device cannot answer before our deadline: it said so at once
+            self.bus.stats.rejected["expert_declined"] += 1
+            if self.predictor is not None:
+                self.predictor.observe(expert, latents.shape[0], None)
             return ExpertAnswer(None, wall / self.time_scale)
         if answer.logprobs.shape[0] != latents.shape[0]:
             self.bus.stats.rejected["bad_reply"] += 1
@@ -265,35 +272,49 @@ class ClientAgent:
     async def _serve(self, bus: BusSession, msg: Message) -> None:
         """Answer a latent request with this client's expert (once it is trained)."""
         learner = self.learner
-        if learner is None or not learner.expert_ready:
-            return  # no expert yet: the requester's deadline passes and it falls back
+        if learner is None or not learner.expert_ready:  # no expert (yet): say so, the requester falls back now
+            await self._decline(bus, msg, "no trained expert on this client")
+            return
         t0 = time.perf_counter()
+        h = msg.header
+        transit = h.t_model_arrive - h.t_model_send if h.t_model_send is not None and h.t_model_arrive is not None \
+            else None
         h_in = torch.from_numpy(msg.tensors[LATENTS])
         if self.meter is None:
             logp = learner.expert_logprobs(h_in)
             service = time.perf_counter() - t0
         else:  # the device's modeled service time, whatever this host took (its lag is reported apart)
-            logp, modeled = await self.meter.serve(lambda: learner.expert_logprobs(h_in))
+            due = asyncio.get_running_loop().time() + (query_deadline(h.meta) - (transit or 0.0)) * self.time_scale
+            try:
+                logp, modeled = await self.meter.serve(lambda: learner.expert_logprobs(h_in), deadline_at=due)
+            except TooSlow as err:  # say so now: the requester falls back at once instead of at its deadline
+                await self._decline(bus, msg, str(err))
+                return
             service = modeled * self.time_scale
         if not bool(torch.isfinite(logp).all()):  # finite but absurd latents (e.g. 1e38) overflow the expert
             bus.stats.rejected["non_finite_answer"] += 1
             return
-        h = msg.header
-        transit = h.t_model_arrive - h.t_model_send if h.t_model_send is not None and h.t_model_arrive is not None \
-            else None
         answer = encode_expert_answer(logp, service, transit)
         try:
             await bus.reply(msg, answer.kind, answer.tensors, meta=answer.meta)
         except NmoeError as err:  # the requester falls back at its deadline
             log.warning("could not answer %s's latent request: %s", msg.src, err)
 
+    @staticmethod
+    async def _decline(bus: BusSession, msg: Message, reason: str) -> None:
+        decline = encode_expert_decline(reason)
+        try:
+            await bus.reply(msg, decline.kind, decline.tensors, meta=decline.meta)
+        except NmoeError as err:  # the requester falls back at its deadline instead
+            log.warning("could not decline %s's latent request: %s", msg.src, err)
+
     async def _work(self, bus: BusSession, queue: asyncio.Queue[tuple[Message, float] | None]) -> None:
         """Run the coordinator's tasks one at a time, in arrival order."""
         assert self.learner is not None
         pool = BusPool(bus, self.net.inference_deadline_s * self.time_scale, self.time_scale, self.predictor)
         # Stage 3's one exchange of training latents (and a rejoining client's) is no inference: its
-        # queries may take as long as the task itself (eval_timeout_s), not one inference deadline
-        prepare = BusPool(bus, self.net.eval_timeout_s * self.time_scale, self.time_scale)
+        # queries may take half the task's deadline (eval_timeout_s), not one inference deadline
+        prepare = BusPool(bus, self.net.eval_timeout_s / 2 * self.time_scale, self.time_scale)
         while (item := await queue.get()) is not None:
             msg, received_at = item
             try:

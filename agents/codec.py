@@ -343,11 +343,24 @@ def is_control(meta: Mapping[str, Any]) -> bool:
 
 # -- expert queries (client <-> client, outside the stage protocol's task ids) ------------------------
 LATENTS, LOGPROBS = "h", "logp"
-SERVICE_S, REQ_TRANSIT_S = "service_s", "req_transit_s"
+SERVICE_S, REQ_TRANSIT_S, DEADLINE_S, DECLINED = "service_s", "req_transit_s", "deadline_s", "declined"
 
 
-def encode_expert_query(latents: torch.Tensor) -> Wire:
-    return Wire(Kind.LATENT, {LATENTS: latents.contiguous().numpy()}, {})
+def encode_expert_query(latents: torch.Tensor, deadline_s: float | None = None) -> Wire:
+    """The latents, and how long (modeled seconds from its send) the requester waits for the answer."""
+    meta: Meta = {} if deadline_s is None else {DEADLINE_S: float(deadline_s)}
+    return Wire(Kind.LATENT, {LATENTS: latents.contiguous().numpy()}, meta)
+
+
+def query_deadline(meta: Mapping[str, Any]) -> float:
+    """A query's deadline (modeled seconds after its send); inf when it names none or a bad one."""
+    v = meta.get(DEADLINE_S)
+    return float(v) if isinstance(v, float) and math.isfinite(v) and v > 0 else math.inf
+
+
+def encode_expert_decline(reason: str) -> Wire:
+    """The expert will not answer in time (its device is too slow for the query's deadline)."""
+    return Wire(Kind.LOGITS, {}, {DECLINED: reason[:MAX_REASON]})
 
 
 def encode_expert_answer(logprobs: torch.Tensor, service_s: float, req_transit_s: float | None) -> Wire:
@@ -361,12 +374,15 @@ def encode_expert_answer(logprobs: torch.Tensor, service_s: float, req_transit_s
 
 @dataclass(frozen=True)
 class ExpertAnswerWire:
-    logprobs: np.ndarray
+    logprobs: np.ndarray | None
+    """None when the expert declined."""
     service_s: float | None
     req_transit_s: float | None
 
 
 def decode_expert_answer(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> ExpertAnswerWire:
+    if isinstance(meta.get(DECLINED), str) and not tensors:
+        return ExpertAnswerWire(None, None, None)
     logp = tensors.get(LOGPROBS)
     if logp is None:
         raise ProtocolError("bad_reply", f"an expert answer carries '{LOGPROBS}'")

@@ -90,12 +90,13 @@ class ComputeMeter:
         """Run one piece of the current task's compute; returns when the device would have finished."""
         return await self._run(fn, self._kind, self._task, self._deadline_at)
 
-    async def serve(self, fn: Callable[[], T]) -> tuple[T, float]:
+    async def serve(self, fn: Callable[[], T], deadline_at: float = math.inf) -> tuple[T, float]:
         """Answer another client's expert query (inference), one at a time, on the device's clock;
-        returns the answer and its modeled service time (seconds)."""
+        returns the answer and its modeled service time (seconds). TooSlow when the answer could
+        not be ready by ``deadline_at`` (loop time), the requester's deadline."""
         async with self._serving:
             before = self._served.compute_s
-            result = await self._run(fn, "infer", self._served, math.inf)
+            result = await self._run(fn, "infer", self._served, deadline_at)
             return result, self._served.compute_s - before
 
     async def _run(self, fn: Callable[[], T], kind: Literal["train", "infer"], tally: _Tally, deadline_at: float) -> T:
@@ -106,10 +107,13 @@ class ComputeMeter:
         modeled = self.device.profile.seconds(flops, kind)
         due = start + modeled * self.time_scale
         if due > deadline_at:
-            tally.add(flops, modeled, host, 0.0)
+            what = "an expert query"
+            if tally is self._task:  # what the task would have needed (a declined query costs nothing)
+                tally.add(flops, modeled, host, 0.0)
+                what = self._op.value
             over = (due - deadline_at) / self.time_scale
             raise TooSlow(f"too slow: {self.device.name} needs {tally.compute_s:.2f} s (modeled) of compute "
-                          f"for {self._op.value}, {over:.2f} s past its deadline")
+                          f"for {what}, {over:.2f} s past its deadline")
         wait = due - loop.time()
         lag = 0.0
         if wait > 0:
