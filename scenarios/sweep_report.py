@@ -30,12 +30,12 @@ LINES = {"nmoe": "NMoE", "nmoe_fedavg_gate": "NMoE (FedAvg-gate)", "centralized"
          "fedce_personal": "FedCE classifier (personal heads)", "fedavg": "FedAvg classifier",
          "local": "Local classifier"}
 """Chart legends: one line per method whatever the cell (a row's label names its cell's Stage 1)."""
-RUN_EXTRAS = ("epsilon", "answered_share", "air_bytes", "compute_j", "radio_j", "energy_j", "host_lag_share",
+RUN_EXTRAS = ("epsilon", "answered_share", "air_mb", "compute_j", "radio_j", "energy_j", "host_lag_share",
               "wall_s")
 """Figures of the whole run: the DP budget spent (FedSC with privacy), the mean share of clients
-answered per training round, bytes on the air (emulated channel), the energy of the modeled
+answered per training round, megabytes on the air (emulated channel), the energy of the modeled
 devices (``devices:``), how far the host lagged behind their clock, and the wall time."""
-CHARTED = ("fallback_rate", "latency_p95_ms", "bytes_per_sample", "answered_share", "air_bytes", "energy_j")
+CHARTED = ("fallback_rate", "latency_p95_ms", "bytes_per_sample", "answered_share", "air_mb", "energy_j")
 """Charted besides accuracy and macro-F1 when a sweep has them."""
 
 
@@ -48,7 +48,7 @@ def run_figures(results: Mapping[str, Any]) -> dict[str, float]:
                                                for r in training]))
     channel = (results.get("traffic") or {}).get("channel") or {}
     if channel.get("totals"):
-        out["air_bytes"] = float(channel["totals"]["bytes"])
+        out["air_mb"] = float(channel["totals"]["bytes"]) / 1e6
     devices = results.get("devices") or {}
     if devices:
         out |= {k: float(devices["totals"][k]) for k in ("compute_j", "radio_j", "energy_j")}
@@ -236,6 +236,8 @@ def plot_key(sweep: Sweep, key: str, records: Sequence[Mapping[str, str]]) -> Pa
         for rec in records:
             if not rec.get(f"{metric}_mean"):
                 continue
+            if metric in RUN_EXTRAS and rec["method"] != "nmoe":
+                continue  # a figure of the whole run: the same for every method of the cell, drawn once
             name = LINES.get(rec["method"], rec["method"])
             if others:
                 name += " (" + ", ".join(f"{k.rsplit('.', 1)[-1]}={rec[k]}" for k in others) + ")"
@@ -249,6 +251,10 @@ def plot_key(sweep: Sweep, key: str, records: Sequence[Mapping[str, str]]) -> Pa
             ax.set_xticks([position[x] for x in xs], xs)
         if metric in METRICS:
             ax.set_ylim(0, 1.02)  # a 2-seed t interval can be wider than the whole scale
+        else:  # from 0: a flat curve must look flat, not like noise magnified to fill the axes
+            top = max((abs(line[1]) + line[2] for pts in lines.values() for line in pts), default=1.0)
+            ax.set_ylim(0, 1.1 * top if top > 0 else 1.0)
+            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)

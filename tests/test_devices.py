@@ -256,4 +256,4 @@ def test_a_device_too_slow_for_every_deadline_is_reported_not_waited_for(tmp_pat
     assert devices["totals"]["energy_j"] == pytest.approx(sum(c["energy_j"] for c in devices["clients"].values()))
     figures = run_figures(json.loads((tmp_path / "out" / "results.json").read_text()))  # what a sweep summary reads
     assert figures["energy_j"] == pytest.approx(devices["totals"]["energy_j"])
-    assert 0.5 <= figures["answered_share"] < 1.0 and figures["air_bytes"] > 0
+    assert 0.5 <= figures["answered_share"] < 1.0 and figures["air_mb"] > 0
