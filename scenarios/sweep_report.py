@@ -180,19 +180,25 @@ def plot_energy(sweep: Sweep, records: Sequence[Mapping[str, str]]) -> Path:
     """NMoE's accuracy against the joules its clients spent (compute + radio), one point per cell."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    xs = []
     for rec in records:
         if rec["method"] != "nmoe" or not rec.get("energy_j_mean") or not rec.get("accuracy_mean"):
             continue
         x, y = float(rec["energy_j_mean"]), float(rec["accuracy_mean"])
+        xs.append(x)
         ax.scatter([x], [y], s=30)
-        ax.annotate(", ".join(f"{k.rsplit('.', 1)[-1]}={rec[k]}" for k in sweep.grid)[:60], (x, y), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
-    ax.set_xscale("log")
+        ax.annotate(", ".join(str(rec[k]) for k in sweep.grid)[:40], (x, y), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points", rotation=20)
+    if xs and max(xs) > 10 * min(xs):
+        ax.set_xscale("log")
+    else:
+        ax.set_xlim(0, 1.15 * max(xs, default=1.0))
     ax.set_xlabel("energy of all clients, J (compute + radio, modeled)")
     ax.set_ylabel("NMoE accuracy")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.set_title(f"sweep {sweep.name}: accuracy vs energy")
+    ax.set_title(f"sweep {sweep.name}: accuracy vs energy ({', '.join(k.rsplit('.', 1)[-1] for k in sweep.grid)})",
+                 fontsize=10)
     fig.tight_layout()
     path = sweep.out / "chart_energy.png"
     fig.savefig(path, dpi=110)
