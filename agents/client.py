@@ -77,22 +77,28 @@ class BusPool:
     """Other clients' experts, reached by ``latent`` requests over the bus with a deadline."""
 
     def __init__(self, bus: BusSession, deadline_s: float, time_scale: float,
-                 predictor: LatencyPredictor | None = None) -> None:
+                 predictor: LatencyPredictor | None = None, rows_per_deadline: int = 0) -> None:
         self.bus = bus
         self.deadline_s = deadline_s
+        self.rows_per_deadline = rows_per_deadline
+        """> 0: a query of n rows may take ceil(n / rows_per_deadline) deadlines (a bulk exchange)."""
         self.time_scale = time_scale
         self.predictor = predictor
         """Predicts each expert's response time (deadline-aware routing); learns from the answers."""
 
     async def query(self, expert: int, latents: torch.Tensor) -> ExpertAnswer:
         t0 = time.perf_counter()
-        query = encode_expert_query(latents, self.deadline_s / self.time_scale)
+        deadline = self.deadline_s
+        if self.rows_per_deadline > 0:
+            deadline *= max(1, -(-latents.shape[0] // self.rows_per_deadline))
+        query = encode_expert_query(latents, deadline / self.time_scale)
         try:
-            reply = await self.bus.request(client_name(expert), query.kind, query.tensors, deadline_s=self.deadline_s)
+            reply = await self.bus.request(client_name(expert), query.kind, query.tensors, deadline_s=deadline,
+                                           meta=query.meta)
         except (RequestTimeout, BusError, ProtocolError):  # no answer in time, or latents we could not send
             if self.predictor is not None:
                 self.predictor.observe(expert, latents.shape[0], None)
-            return ExpertAnswer(None, self.deadline_s / self.time_scale)
+            return ExpertAnswer(None, deadline / self.time_scale)
         wall = time.perf_counter() - t0
         try:
             answer = decode_expert_answer(reply.tensors, reply.header.meta)
@@ -312,9 +318,10 @@ class ClientAgent:
         """Run the coordinator's tasks one at a time, in arrival order."""
         assert self.learner is not None
         pool = BusPool(bus, self.net.inference_deadline_s * self.time_scale, self.time_scale, self.predictor)
-        # Stage 3's one exchange of training latents (and a rejoining client's) is no inference: its
-        # queries may take half the task's deadline (eval_timeout_s), not one inference deadline
-        prepare = BusPool(bus, self.net.eval_timeout_s / 2 * self.time_scale, self.time_scale)
+        # Stage 3's one exchange of training latents (and a rejoining client's) is a bulk transfer: a
+        # query may take one inference deadline per inference batch's worth of rows it carries
+        prepare = BusPool(bus, self.net.inference_deadline_s * self.time_scale, self.time_scale,
+                          rows_per_deadline=self.exp.eval.batch_size)
         while (item := await queue.get()) is not None:
             msg, received_at = item
             try:
