@@ -12,7 +12,14 @@ import pytest
 import torch
 from conftest import needs_mosquitto, quiet, toy_scenario
 
-from agents.codec import decode_usage, encode_usage
+from agents.codec import (
+    decode_expert_answer,
+    decode_usage,
+    encode_expert_decline,
+    encode_expert_query,
+    encode_usage,
+    query_deadline,
+)
 from agents.compute import ComputeMeter, TooSlow, counted
 from agents.devices import PRESETS, Device, DeviceOverrides, DeviceProfile, DevicesConfig, assign, mix_counts
 from agents.energy import RadioModel, mean_rate_bps
@@ -164,6 +171,16 @@ def test_usage_round_trips_and_malformed_usage_is_a_protocol_error():
     bad = encode_usage(u) | {"dev.compute_s": -1.0}
     with pytest.raises(ProtocolError, match="compute_s must be a finite number >= 0"):
         decode_usage(bad)
+
+
+def test_a_query_carries_its_deadline_and_an_expert_can_decline_it():
+    query = encode_expert_query(torch.zeros(3, 8), deadline_s=0.25)
+    assert query_deadline(query.meta) == 0.25
+    assert query_deadline({}) == math.inf and query_deadline({"deadline_s": -1.0}) == math.inf
+    decline = encode_expert_decline("too slow: raspberry-pi-4 needs 2.00 s")
+    assert decode_expert_answer(decline.tensors, decline.meta).logprobs is None
+    with pytest.raises(ProtocolError, match="an expert answer carries 'logp'"):
+        decode_expert_answer({}, {})  # neither an answer nor a decline
 
 
 def test_mean_rates_match_the_channel_presets_and_loss_costs_energy():
