@@ -232,6 +232,14 @@ def plot_key(sweep: Sweep, key: str, records: Sequence[Mapping[str, str]]) -> Pa
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sweep.grid[key])
     position = {x: (float(x) if numeric else float(i)) for i, x in enumerate(xs)}
     others = [k for k in sweep.grid if k != key]
+
+    def line_name(rec: Mapping[str, str]) -> str:
+        name = LINES.get(rec["method"], rec["method"])
+        if others:
+            name += " (" + ", ".join(f"{k.rsplit('.', 1)[-1]}={rec[k]}" for k in others) + ")"
+        return name
+
+    colors = {n: f"C{i % 10}" for i, n in enumerate(dict.fromkeys(line_name(r) for r in records))}
     ncols = min(4, len(metrics))
     nrows = -(-len(metrics) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.0 * nrows), squeeze=False)
@@ -244,15 +252,13 @@ def plot_key(sweep: Sweep, key: str, records: Sequence[Mapping[str, str]]) -> Pa
                 continue
             if metric in RUN_EXTRAS and rec["method"] != "nmoe":
                 continue  # a figure of the whole run: the same for every method of the cell, drawn once
-            name = LINES.get(rec["method"], rec["method"])
-            if others:
-                name += " (" + ", ".join(f"{k.rsplit('.', 1)[-1]}={rec[k]}" for k in others) + ")"
             ci = rec[f"{metric}_ci95"]
-            lines.setdefault(name, []).append((position[rec[key]], float(rec[f"{metric}_mean"]), float(ci or 0.0)))
+            point = (position[rec[key]], float(rec[f"{metric}_mean"]), float(ci or 0.0))
+            lines.setdefault(line_name(rec), []).append(point)
         for name, pts in lines.items():
             pts.sort()
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=4,
-                        capsize=3, label=name)
+                        capsize=3, label=name, color=colors[name])  # one color per line in every panel
         if not numeric:
             ax.set_xticks([position[x] for x in xs], xs)
         if metric in METRICS:
@@ -264,9 +270,11 @@ def plot_key(sweep: Sweep, key: str, records: Sequence[Mapping[str, str]]) -> Pa
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(2, max(1, len(labels))), fontsize=8, frameon=False)
     fig.suptitle(f"sweep {sweep.name}: mean over seeds, error bars 95% CI")
-    fig.tight_layout()
+    legend_rows = -(-len(labels) // 2)
+    fig.tight_layout(rect=(0, min(0.4, 0.035 * legend_rows / nrows + 0.02), 1, 1))
     path = sweep.out / f"chart_{key}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
