@@ -186,9 +186,7 @@ def plot_energy(sweep: Sweep, records: Sequence[Mapping[str, str]]) -> Path:
             continue
         x, y = float(rec["energy_j_mean"]), float(rec["accuracy_mean"])
         xs.append(x)
-        ax.scatter([x], [y], s=30)
-        ax.annotate(", ".join(str(rec[k]) for k in sweep.grid)[:40], (x, y), fontsize=7, xytext=(4, 3),
-                    textcoords="offset points", rotation=20)
+        ax.scatter([x], [y], s=30, label=", ".join(str(rec[k]) for k in sweep.grid)[:70])
     if xs and max(xs) > 10 * min(xs):
         ax.set_xscale("log")
     else:
@@ -197,6 +195,7 @@ def plot_energy(sweep: Sweep, records: Sequence[Mapping[str, str]]) -> Path:
     ax.set_ylabel("NMoE accuracy")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
     ax.set_title(f"sweep {sweep.name}: accuracy vs energy ({', '.join(k.rsplit('.', 1)[-1] for k in sweep.grid)})",
                  fontsize=10)
     fig.tight_layout()
