@@ -223,6 +223,19 @@ def print_table(console: Console, sweep: Sweep, records: Sequence[Mapping[str, s
     console.print(table)
 
 
+def tick_label(value: Any, width: int = 28) -> str:
+    """A short axis label for a swept value: a list by its length, a mapping as key=value pairs."""
+    if isinstance(value, (list, tuple)):
+        text = f"{len(value)} item{'' if len(value) == 1 else 's'}"
+    elif isinstance(value, Mapping) and len(value) == 1:  # {preset: laptop}: the value says it
+        text = f"{next(iter(value))}: {tick_label(next(iter(value.values())), width)}"
+    elif isinstance(value, Mapping):
+        text = ", ".join(f"{k}={tick_label(v, width)}" for k, v in value.items()) or "{}"
+    else:
+        text = show(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def plot_key(sweep: Sweep, key: str, records: Sequence[Mapping[str, str]]) -> Path:
     """Metrics against one swept key: a line per method (and per value of the other keys)."""
     plt = _pyplot()
@@ -259,7 +272,8 @@ def plot_key(sweep: Sweep, key: str, records: Sequence[Mapping[str, str]]) -> Pa
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=4,
                         capsize=3, label=name, color=colors[name])  # one color per line in every panel
         if not numeric:
-            ax.set_xticks([position[x] for x in xs], xs)
+            ax.set_xticks([position[x] for x in xs], [tick_label(v, 22) for v in sweep.grid[key]], fontsize=7,
+                          rotation=20, ha="right")
         if metric in METRICS:
             ax.set_ylim(0, 1.02)  # a 2-seed t interval can be wider than the whole scale
         else:  # from 0: a flat curve must look flat, not like noise magnified to fill the axes
