@@ -27,7 +27,7 @@ from nmoe_models.config import ExperimentConfig
 from nmoe_models.learner import ClientLearner
 from nmoe_models.partition import load_client_data
 
-from .bus import BusConfig, BusSession, PublishTimeout, RequestTimeout
+from .bus import BusConfig, BusSession, BusStats, PublishTimeout, RequestTimeout
 from .codec import (
     COORDINATOR,
     LATENTS,
@@ -39,13 +39,19 @@ from .codec import (
     decode_task,
     encode_control,
     encode_expert_answer,
+    encode_expert_decline,
     encode_expert_query,
     encode_reply,
     is_control,
+    query_deadline,
 )
+from .compute import ComputeMeter, TooSlow
 from .config import NetworkConfig
-from .messages import BYE_COUNTERS, BYE_TOTALS, Bye, Hello, Op, Refusal, Shutdown
+from .devices import Device
+from .energy import RadioModel
+from .messages import BYE_COUNTERS, BYE_TOTALS, Bye, Hello, Op, Refusal, Shutdown, Usage
 from .protocol import ExpertAnswer, execute
+from .routing import LatencyPredictor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,6 +72,15 @@ def release_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+def wire_bytes(wire: Wire) -> int:
+    """Bytes of a message's tensors (its header adds a few hundred more)."""
+    return sum(int(a.nbytes) for a in wire.tensors.values())
+
+
+def _moved(stats: BusStats) -> tuple[int, int]:
+    return int(sum(stats.sent_bytes.values())), int(sum(stats.received_bytes.values()))
+
+
 def wire_of(msg: Message) -> Wire:
     h = msg.header
     return Wire(msg.kind, dict(msg.tensors), dict(h.meta), h.round, h.stage)
@@ -74,23 +89,39 @@ def wire_of(msg: Message) -> Wire:
 class BusPool:
     """Other clients' experts, reached by ``latent`` requests over the bus with a deadline."""
 
-    def __init__(self, bus: BusSession, deadline_s: float, time_scale: float) -> None:
+    def __init__(self, bus: BusSession, deadline_s: float, time_scale: float,
+                 predictor: LatencyPredictor | None = None, rows_per_deadline: int = 0) -> None:
         self.bus = bus
         self.deadline_s = deadline_s
+        self.rows_per_deadline = rows_per_deadline
+        """> 0: a query of n rows may take ceil(n / rows_per_deadline) deadlines (a bulk exchange)."""
         self.time_scale = time_scale
+        self.predictor = predictor
+        """Predicts each expert's response time (deadline-aware routing); learns from the answers."""
 
     async def query(self, expert: int, latents: torch.Tensor) -> ExpertAnswer:
         t0 = time.perf_counter()
-        query = encode_expert_query(latents)
+        deadline = self.deadline_s
+        if self.rows_per_deadline > 0:
+            deadline *= max(1, -(-latents.shape[0] // self.rows_per_deadline))
+        query = encode_expert_query(latents, deadline / self.time_scale)
         try:
-            reply = await self.bus.request(client_name(expert), query.kind, query.tensors, deadline_s=self.deadline_s)
+            reply = await self.bus.request(client_name(expert), query.kind, query.tensors, deadline_s=deadline,
+                                           meta=query.meta)
         except (RequestTimeout, BusError, ProtocolError):  # no answer in time, or latents we could not send
-            return ExpertAnswer(None, self.deadline_s / self.time_scale)
+            if self.predictor is not None:
+                self.predictor.observe(expert, latents.shape[0], None)
+            return ExpertAnswer(None, deadline / self.time_scale)
         wall = time.perf_counter() - t0
         try:
             answer = decode_expert_answer(reply.tensors, reply.header.meta)
         except ProtocolError as err:
             self.bus.stats.rejected[err.reason] += 1
+            return ExpertAnswer(None, wall / self.time_scale)
+        if answer.logprobs is None:  # its device cannot answer before our deadline: it said so at once
+            self.bus.stats.rejected["expert_declined"] += 1
+            if self.predictor is not None:
+                self.predictor.observe(expert, latents.shape[0], None)
             return ExpertAnswer(None, wall / self.time_scale)
         if answer.logprobs.shape[0] != latents.shape[0]:
             self.bus.stats.rejected["bad_reply"] += 1
@@ -101,7 +132,12 @@ class BusPool:
             # modeled seconds: request transit (reported back by the expert) + service + reply transit
             service = (answer.service_s or 0.0) / self.time_scale
             latency = answer.req_transit_s + service + (h.t_model_arrive - h.t_model_send)
+        if self.predictor is not None:
+            self.predictor.observe(expert, latents.shape[0], latency)
         return ExpertAnswer(torch.from_numpy(answer.logprobs), latency)
+
+    def would_miss(self, expert: int, rows: int) -> bool:
+        return self.predictor is not None and self.predictor.would_miss(expert, rows)
 
     def wire_bytes(self) -> int:
         s = self.bus.stats
@@ -114,7 +150,8 @@ class CoordinatorGone(BusError):
 
 class ClientAgent:
     def __init__(self, exp: ExperimentConfig, net: NetworkConfig, index: int, bus_cfg: BusConfig,
-                 time_scale: float = 1.0) -> None:
+                 time_scale: float = 1.0, device: Device | None = None, radio: RadioModel | None = None,
+                 predictor: LatencyPredictor | None = None) -> None:
         self.exp = exp
         self.net = net
         self.index = index
@@ -125,6 +162,11 @@ class ClientAgent:
         self.answered: OrderedDict[str, Wire] = OrderedDict()  # task id -> our reply, the latest few
         self.queued: set[str] = set()  # task ids waiting for or in the worker
         self.resent = 0  # replies sent again from the cache (a task re-issued after a broker restart)
+        self.meter = ComputeMeter(device, time_scale, radio) if device is not None else None
+        """The modeled device (None: compute at this host's speed, report no usage)."""
+        self.predictor = predictor
+        self._moved = (0, 0)  # bus bytes (sent, received) at the previous report of usage
+        self._serving: set[asyncio.Task[None]] = set()
 
     def schemas(self) -> Mapping[Kind | str, Schema]:
         d, c = self.exp.model.latent_dim, self.learner.classes if self.learner else 10
@@ -139,7 +181,7 @@ class ClientAgent:
         data = await asyncio.to_thread(load_client_data, self.exp, self.index)
         self.learner = await asyncio.to_thread(ClientLearner, self.exp, data)
         self.data_s = time.perf_counter() - clock
-        queue: asyncio.Queue[Message | None] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[Message, float] | None] = asyncio.Queue()
         async with BusSession(self.bus_cfg, self.schemas(), watch_agents=(COORDINATOR,)) as bus:
             worker = asyncio.create_task(self._work(bus, queue), name=f"{self.bus_cfg.agent_id}-worker")
             rejoin = asyncio.create_task(self._rejoin(bus), name=f"{self.bus_cfg.agent_id}-rejoin")
@@ -153,19 +195,24 @@ class ClientAgent:
                         ended.result()  # the watcher ends only by raising CoordinatorGone
             finally:
                 queue.put_nowait(None)
-                for task in (worker, rejoin, watch, serve):
+                for task in (worker, rejoin, watch, serve, *self._serving):
                     task.cancel()
-                await asyncio.gather(worker, rejoin, watch, serve, return_exceptions=True)
+                await asyncio.gather(worker, rejoin, watch, serve, *self._serving, return_exceptions=True)
 
-    async def _serve_bus(self, bus: BusSession, worker: asyncio.Task[None], queue: asyncio.Queue[Message | None],
-                         ) -> None:
+    async def _serve_bus(self, bus: BusSession, worker: asyncio.Task[None],
+                         queue: asyncio.Queue[tuple[Message, float] | None]) -> None:
         """Hand tasks to the worker and answer latent requests, until shutdown."""
         async for msg in bus.messages():
             if worker.done():  # the worker must never end before shutdown: surface why it did
                 worker.result()
                 raise BusError("the task worker stopped")
             if msg.kind is Kind.LATENT:
-                await self._serve(bus, msg)
+                if self.meter is None:
+                    await self._serve(bus, msg)
+                else:  # the device's modeled service time must not hold up the bus
+                    job = asyncio.create_task(self._serve(bus, msg))
+                    self._serving.add(job)
+                    job.add_done_callback(self._serving.discard)
             elif msg.src == COORDINATOR and msg.kind in TASK_KINDS:
                 if not is_control(msg.header.meta):
                     task_id = str(msg.header.meta.get("task", ""))
@@ -173,7 +220,7 @@ class ClientAgent:
                         log.info("task %s is already queued", task_id[:40])
                         continue
                     self.queued.add(task_id)
-                    queue.put_nowait(msg)
+                    queue.put_nowait((msg, asyncio.get_running_loop().time()))
                 elif await self._control(bus, msg):
                     return
             else:
@@ -244,34 +291,76 @@ class ClientAgent:
     async def _serve(self, bus: BusSession, msg: Message) -> None:
         """Answer a latent request with this client's expert (once it is trained)."""
         learner = self.learner
-        if learner is None or not learner.expert_ready:
-            return  # no expert yet: the requester's deadline passes and it falls back
-        t0 = time.perf_counter()
-        logp = learner.expert_logprobs(torch.from_numpy(msg.tensors[LATENTS]))
-        if not bool(torch.isfinite(logp).all()):  # finite but absurd latents (e.g. 1e38) overflow the expert
-            bus.stats.rejected["non_finite_answer"] += 1
+        if learner is None or not learner.expert_ready:  # no expert (yet): say so, the requester falls back now
+            await self._decline(bus, msg, "no trained expert on this client")
             return
+        t0 = time.perf_counter()
         h = msg.header
         transit = h.t_model_arrive - h.t_model_send if h.t_model_send is not None and h.t_model_arrive is not None \
             else None
-        answer = encode_expert_answer(logp, time.perf_counter() - t0, transit)
+        h_in = torch.from_numpy(msg.tensors[LATENTS])
+        if self.meter is None:
+            logp = learner.expert_logprobs(h_in)
+            service = time.perf_counter() - t0
+        else:  # the device's modeled service time, whatever this host took (its lag is reported apart)
+            due = asyncio.get_running_loop().time() + (query_deadline(h.meta) - (transit or 0.0)) * self.time_scale
+            try:
+                logp, modeled = await self.meter.serve(lambda: learner.expert_logprobs(h_in), deadline_at=due)
+            except TooSlow as err:  # say so now: the requester falls back at once instead of at its deadline
+                await self._decline(bus, msg, str(err))
+                return
+            service = modeled * self.time_scale
+        if not bool(torch.isfinite(logp).all()):  # finite but absurd latents (e.g. 1e38) overflow the expert
+            bus.stats.rejected["non_finite_answer"] += 1
+            return
+        answer = encode_expert_answer(logp, service, transit)
         try:
             await bus.reply(msg, answer.kind, answer.tensors, meta=answer.meta)
         except NmoeError as err:  # the requester falls back at its deadline
             log.warning("could not answer %s's latent request: %s", msg.src, err)
 
-    async def _work(self, bus: BusSession, queue: asyncio.Queue[Message | None]) -> None:
+    @staticmethod
+    async def _decline(bus: BusSession, msg: Message, reason: str) -> None:
+        decline = encode_expert_decline(reason)
+        try:
+            await bus.reply(msg, decline.kind, decline.tensors, meta=decline.meta)
+        except NmoeError as err:  # the requester falls back at its deadline instead
+            log.warning("could not decline %s's latent request: %s", msg.src, err)
+
+    async def _work(self, bus: BusSession, queue: asyncio.Queue[tuple[Message, float] | None]) -> None:
         """Run the coordinator's tasks one at a time, in arrival order."""
         assert self.learner is not None
-        pool = BusPool(bus, self.net.inference_deadline_s * self.time_scale, self.time_scale)
-        while (msg := await queue.get()) is not None:
+        pool = BusPool(bus, self.net.inference_deadline_s * self.time_scale, self.time_scale, self.predictor)
+        # Stage 3's one exchange of training latents (and a rejoining client's) is a bulk transfer: a
+        # query may take one inference deadline per inference batch's worth of rows it carries
+        prepare = BusPool(bus, self.net.inference_deadline_s * self.time_scale, self.time_scale,
+                          rows_per_deadline=self.exp.eval.batch_size)
+        while (item := await queue.get()) is not None:
+            msg, received_at = item
             try:
-                await self._one_task(bus, pool, msg)
+                await self._one_task(bus, pool, prepare, msg, received_at)
             finally:
                 self.queued.discard(str(msg.header.meta.get("task", "")))
                 release_free_memory()
 
-    async def _one_task(self, bus: BusSession, pool: BusPool, msg: Message) -> None:
+    def _deadline_at(self, msg: Message, op: Op, received_at: float) -> float:
+        """The loop time by which this task's reply is due: the coordinator's deadline runs from its
+        send, which the channel's stamps put ``t_model_arrive - t_model_send`` before our receipt."""
+        h = msg.header
+        transit = h.t_model_arrive - h.t_model_send if h.t_model_send is not None and h.t_model_arrive is not None \
+            else 0.0
+        return received_at + (self.net.deadline_s(op) - transit) * self.time_scale
+
+    def _usage(self, bus: BusSession, reply_bytes: int, too_slow: bool = False) -> Usage | None:
+        if self.meter is None:
+            return None
+        sent, received = _moved(bus.stats)
+        tx, rx = sent - self._moved[0] + reply_bytes, received - self._moved[1]
+        self._moved = (sent + reply_bytes, received)
+        return self.meter.report(tx, rx, too_slow)
+
+    async def _one_task(self, bus: BusSession, pool: BusPool, prepare: BusPool, msg: Message,
+                        received_at: float) -> None:
         assert self.learner is not None
         try:
             task_id, task = decode_task(wire_of(msg))
@@ -287,25 +376,34 @@ class ClientAgent:
                 self.resent += 1
                 await self._send(bus, cached)
                 return
-            reply = await execute(self.learner, task, pool, in_thread)
+            if self.meter is not None:
+                self.meter.begin(task.op, self._deadline_at(msg, task.op, received_at))
+            reply = await execute(self.learner, task, prepare if task.op in (Op.STAGE3_PREPARE, Op.SYNC) else pool,
+                                  self.meter or in_thread)
             wire = encode_reply(reply, task_id, task.op, task.round)
+            if (usage := self._usage(bus, wire_bytes(wire))) is not None:
+                wire = encode_reply(reply, task_id, task.op, task.round, usage)
             self._remember(task_id, wire)
             await self._send(bus, wire)
         except PublishTimeout as err:  # the broker is away: the coordinator re-issues the task later
             log.warning("could not send my answer to %s (kept for when it is asked again): %s", task.op.value, err)
+        except TooSlow as err:  # the device cannot make the deadline: say so now, not after it
+            log.warning("%s round %d: %s", task.op.value, task.round, err)
+            await self._refuse(bus, task_id, task.op, task.round, err, self._usage(bus, 0, too_slow=True))
         except (NmoeError, ValueError, RuntimeError) as err:
             # a task we cannot run (tensors that do not fit the model: torch raises ValueError or
             # RuntimeError), or a result we cannot send (e.g. training diverged to NaN): say why
             log.error("%s failed: %s", task.op.value, err)
-            await self._refuse(bus, task_id, task.op, task.round, err)
+            await self._refuse(bus, task_id, task.op, task.round, err, self._usage(bus, 0))
 
     def _remember(self, task_id: str, wire: Wire, keep: int = 2) -> None:
         self.answered[task_id] = wire
         while len(self.answered) > keep:
             self.answered.popitem(last=False)
 
-    async def _refuse(self, bus: BusSession, task_id: str, op: Op, round_index: int, err: Exception) -> None:
+    async def _refuse(self, bus: BusSession, task_id: str, op: Op, round_index: int, err: Exception,
+                      usage: Usage | None = None) -> None:
         try:
-            await self._send(bus, encode_reply(Refusal(str(err)), task_id, op, round_index))
+            await self._send(bus, encode_reply(Refusal(str(err)), task_id, op, round_index, usage))
         except NmoeError as again:  # the broker is gone too: the coordinator records us as missing
             log.error("could not report the failure either: %s", again)

@@ -42,6 +42,7 @@ from .messages import (
     Shutdown,
     Task,
     Update,
+    Usage,
 )
 
 COORDINATOR = "coordinator"
@@ -143,8 +144,10 @@ def task_kind(task: Task) -> Kind:
     return Kind.CTRL
 
 
-def encode_reply(reply: Reply, task_id: str, op: Op, round_index: int) -> Wire:
+def encode_reply(reply: Reply, task_id: str, op: Op, round_index: int, usage: Usage | None = None) -> Wire:
     meta: Meta = {TASK: task_id}
+    if usage is not None:
+        meta |= encode_usage(usage)
     tensors: Mapping[str, torch.Tensor] = {}
     match reply:
         case Update(tensors=tensors, samples=samples, loss=loss):
@@ -160,6 +163,31 @@ def encode_reply(reply: Reply, task_id: str, op: Op, round_index: int) -> Wire:
             meta |= {OP: REFUSAL, "reason": reason[:MAX_REASON]}
             kind = Kind.METRICS
     return Wire(kind, to_numpy(tensors), meta, round_index, op.stage.value)
+
+
+_USAGE = "dev."
+_USAGE_FLOATS = ("flops", "compute_s", "host_s", "lag_s", "compute_j", "radio_j")
+_USAGE_INTS = ("tx_bytes", "rx_bytes")
+
+
+def encode_usage(usage: Usage) -> Meta:
+    meta: Meta = {_USAGE + "device": usage.device, _USAGE + "too_slow": usage.too_slow}
+    meta |= {_USAGE + k: float(getattr(usage, k)) for k in _USAGE_FLOATS}
+    meta |= {_USAGE + k: int(getattr(usage, k)) for k in _USAGE_INTS}
+    return meta
+
+
+def decode_usage(meta: Mapping[str, Any]) -> Usage | None:
+    """The device usage a reply carries (None when it carries none); ProtocolError when malformed."""
+    if not any(k.startswith(_USAGE) for k in meta):
+        return None
+    f = _Fields(meta, "bad_usage")
+    try:
+        numbers: dict[str, Any] = {k: f.float(_USAGE + k) for k in _USAGE_FLOATS}
+        numbers |= {k: f.int(_USAGE + k) for k in _USAGE_INTS}
+        return Usage(f.str(_USAGE + "device"), too_slow=f.bool(_USAGE + "too_slow"), **numbers)
+    except ValueError as err:
+        raise f.bad(str(err)) from err
 
 
 def encode_control(message: Control) -> Wire:
@@ -315,11 +343,24 @@ def is_control(meta: Mapping[str, Any]) -> bool:
 
 # -- expert queries (client <-> client, outside the stage protocol's task ids) ------------------------
 LATENTS, LOGPROBS = "h", "logp"
-SERVICE_S, REQ_TRANSIT_S = "service_s", "req_transit_s"
+SERVICE_S, REQ_TRANSIT_S, DEADLINE_S, DECLINED = "service_s", "req_transit_s", "deadline_s", "declined"
 
 
-def encode_expert_query(latents: torch.Tensor) -> Wire:
-    return Wire(Kind.LATENT, {LATENTS: latents.contiguous().numpy()}, {})
+def encode_expert_query(latents: torch.Tensor, deadline_s: float | None = None) -> Wire:
+    """The latents, and how long (modeled seconds from its send) the requester waits for the answer."""
+    meta: Meta = {} if deadline_s is None else {DEADLINE_S: float(deadline_s)}
+    return Wire(Kind.LATENT, {LATENTS: latents.contiguous().numpy()}, meta)
+
+
+def query_deadline(meta: Mapping[str, Any]) -> float:
+    """A query's deadline (modeled seconds after its send); inf when it names none or a bad one."""
+    v = meta.get(DEADLINE_S)
+    return float(v) if isinstance(v, float) and math.isfinite(v) and v > 0 else math.inf
+
+
+def encode_expert_decline(reason: str) -> Wire:
+    """The expert will not answer in time (its device is too slow for the query's deadline)."""
+    return Wire(Kind.LOGITS, {}, {DECLINED: reason[:MAX_REASON]})
 
 
 def encode_expert_answer(logprobs: torch.Tensor, service_s: float, req_transit_s: float | None) -> Wire:
@@ -333,12 +374,15 @@ def encode_expert_answer(logprobs: torch.Tensor, service_s: float, req_transit_s
 
 @dataclass(frozen=True)
 class ExpertAnswerWire:
-    logprobs: np.ndarray
+    logprobs: np.ndarray | None
+    """None when the expert declined."""
     service_s: float | None
     req_transit_s: float | None
 
 
 def decode_expert_answer(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> ExpertAnswerWire:
+    if isinstance(meta.get(DECLINED), str) and not tensors:
+        return ExpertAnswerWire(None, None, None)
     logp = tensors.get(LOGPROBS)
     if logp is None:
         raise ProtocolError("bad_reply", f"an expert answer carries '{LOGPROBS}'")

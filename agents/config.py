@@ -89,3 +89,10 @@ class NetworkConfig:
                f"must be in 4096..{MAX_CHUNK} bytes (mosquitto.conf's max_packet_size is 4 MiB)")
         check(1 <= self.agent_threads <= 1024, "agent_threads", f"must be in 1..1024 (got {self.agent_threads})")
         check(len(self.faults) <= MAX_FAULTS, "faults", f"at most {MAX_FAULTS} (got {len(self.faults)})")
+
+    def deadline_s(self, op: Op) -> float:
+        """The deadline of a task of this kind, in the run's (modeled) seconds; a sync has none."""
+        if op is Op.SYNC:
+            return math.inf
+        return {Op.STAGE2_FIT: self.stage2_timeout_s, Op.STAGE3_PREPARE: self.eval_timeout_s,
+                Op.EVALUATE: self.eval_timeout_s}.get(op, self.round_timeout_s)

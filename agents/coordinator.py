@@ -27,6 +27,7 @@ from .codec import (
     client_name,
     decode_control,
     decode_reply,
+    decode_usage,
     encode_control,
     encode_task,
     is_control,
@@ -107,6 +108,9 @@ class BusFleet:
 
     def _reply(self, client: int, msg: Message, wire: Wire) -> None:
         task_id, reply = decode_reply(wire)
+        usage = decode_usage(wire.meta)
+        if usage is not None:  # late or not, the device spent it
+            self.telemetry.task_usage(task_id, client, usage)
         route = self.book.route(task_id)
         if route == "open":
             self.book.open[task_id].offer(client, reply)
@@ -191,16 +195,14 @@ class BusFleet:
     # -- rounds ------------------------------------------------------------------------------------
     def deadline(self, op: Op) -> float:
         """Wall-clock seconds this kind of task may take (modeled deadlines scaled by time_scale)."""
-        n = self.net
-        modeled = {Op.STAGE2_FIT: n.stage2_timeout_s, Op.STAGE3_PREPARE: n.eval_timeout_s,
-                   Op.EVALUATE: n.eval_timeout_s}.get(op, n.round_timeout_s)
-        return modeled * self.time_scale
+        return self.net.deadline_s(op) * self.time_scale
 
     async def run(self, step: Step) -> RoundOutcome:
         targets = sorted(step.personal) if step.personal else self.members.targets()
         task_id = f"{step.op.value}-{step.round}-{uuid.uuid4().hex[:12]}"
         collector = Collector(step, targets)
         self.book.opened(task_id, collector)
+        self.telemetry.task_sent(task_id, step.op.value, step.round)
         try:
             self.telemetry.mark("first_task_at")
             await self._publish(step, task_id, targets)
@@ -210,8 +212,10 @@ class BusFleet:
         finally:
             self.book.closed(task_id)
         status = self.bus.status()
-        return collector.close(offline=lambda i: status.get(client_name(i)) == Status.OFFLINE.value,
-                               never_joined=() if step.personal else self.members.never_joined())
+        outcome = collector.close(offline=lambda i: status.get(client_name(i)) == Status.OFFLINE.value,
+                                  never_joined=() if step.personal else self.members.never_joined())
+        self.telemetry.task_closed(task_id, outcome.failures)
+        return outcome
 
     async def _collect(self, collector: Collector) -> None:
         """Until every target answered, or every one still silent is offline, or the deadline passed

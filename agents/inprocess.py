@@ -31,6 +31,9 @@ class InProcessPool:
     def wire_bytes(self) -> int:
         return 0
 
+    def would_miss(self, expert: int, rows: int) -> bool:
+        return False  # no network: every expert answers at once
+
 
 class InProcessFleet:
     def __init__(self, learners: Mapping[int, ClientLearner]) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .messages import Bye, Hello
+from .messages import Bye, Hello, Usage
+
+TaskUsage = tuple[str, int, dict[int, Usage], dict[int, str]]
+"""(op, round, client -> usage, client -> failure) of one task."""
 
 
 class Membership:
@@ -60,6 +63,19 @@ class Telemetry:
     byes: dict[int, Bye] = field(default_factory=dict)
     timeline: dict[str, float] = field(default_factory=dict)  # milestone -> time.time()
     all_byes: asyncio.Event = field(default_factory=asyncio.Event)
+    usage: dict[str, TaskUsage] = field(default_factory=dict)
+    """task id -> what each client's modeled device spent on it (scenarios with ``devices:``)."""
+
+    def task_sent(self, task_id: str, op: str, round_index: int) -> None:
+        self.usage[task_id] = (op, round_index, {}, {})
+
+    def task_usage(self, task_id: str, client: int, usage: Usage) -> None:
+        if task_id in self.usage:
+            self.usage[task_id][2][client] = usage
+
+    def task_closed(self, task_id: str, failures: Mapping[int, str]) -> None:
+        if task_id in self.usage:
+            self.usage[task_id][3].update(failures)
 
     def bye(self, client: int, bye: Bye, expected: int) -> None:
         self.byes[client] = bye

@@ -189,6 +189,33 @@ class Refusal:
 
 
 Reply = Update | Correlation | Metrics | Refusal
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a task cost the client's modeled device, sent along with its reply when the scenario
+    models devices (``devices:``): FLOPs it counted, the modeled compute time they take on its
+    device, this host's seconds for them, how far the host lagged behind the modeled clock, and
+    the energy (compute, radio) with the bytes the radio energy is for."""
+
+    device: str
+    flops: float
+    compute_s: float
+    host_s: float
+    lag_s: float
+    compute_j: float
+    radio_j: float
+    tx_bytes: int
+    rx_bytes: int
+    too_slow: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("flops", "compute_s", "host_s", "lag_s", "compute_j", "radio_j", "tx_bytes", "rx_bytes"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not 0 < len(self.device) <= 64:
+            raise ValueError("device must be a name of 1..64 characters")
 REPLY_TYPES: tuple[type[Reply], ...] = (Update, Correlation, Metrics, Refusal)
 
 

@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -20,8 +21,9 @@ import torch
 from nmoe.errors import TaskError
 from nmoe_models.learner import ClientLearner
 from nmoe_models.metrics import score
-from nmoe_models.routing import assemble, missing_rows, plan
+from nmoe_models.routing import RoutePlan, assemble, missing_rows, plan
 
+from .compute import ComputeMeter
 from .messages import (
     Correlation,
     Evaluate,
@@ -53,6 +55,11 @@ class ExpertPool(Protocol):
 
     def wire_bytes(self) -> int:
         """Bytes this client has put on and taken off the wire as a requester, so far."""
+        ...
+
+    def would_miss(self, expert: int, rows: int) -> bool:
+        """Whether a request of ``rows`` latents to ``expert`` is predicted to miss the inference
+        deadline (deadline-aware routing); a pool that cannot tell says False."""
         ...
 
 
@@ -103,7 +110,7 @@ async def execute(learner: ClientLearner, task: Task, pool: ExpertPool, blocking
             return Update(fit.state, fit.samples, fit.loss)
         case Evaluate(gate=gate, top_k=k, batch_size=batch_size):
             learner.load_gate(gate)
-            return Metrics(await serverless_eval(learner, pool, k, batch_size))
+            return Metrics(await serverless_eval(learner, pool, k, batch_size, blocking))
 
 
 async def gather_expert_outputs(learner: ClientLearner, pool: ExpertPool) -> int:
@@ -119,8 +126,31 @@ async def gather_expert_outputs(learner: ClientLearner, pool: ExpertPool) -> int
     return len(outputs)
 
 
-async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batch_size: int) -> dict[str, float]:
-    """Top-k inference over the local test set, routing latents to the chosen experts."""
+def deadline_plan(logits: torch.Tensor, k: int, me: int, pool: ExpertPool) -> tuple[RoutePlan, int]:
+    """Top-k routing where an expert predicted to miss the deadline is swapped for the next-best one
+    by gate score (its own expert never misses: a row may end up served locally). Returns the plan
+    and how many experts were swapped out. Repeats until no chosen expert is predicted to miss
+    (a swap moves rows, and so changes the other requests' sizes)."""
+    masked = logits.clone()
+    route = plan(masked, k)
+    dropped = 0
+    while late := [j for j, rows in route.rows.items() if j != me and pool.would_miss(j, len(rows))]:
+        masked[:, late] = float("-inf")
+        dropped += len(late)
+        route = plan(masked, min(k, int(torch.isfinite(masked[0]).sum())))
+    return route, dropped
+
+
+def local_compute_s(blocking: Blocking[Any]) -> float:
+    """Modeled seconds of the current task's own compute so far (0 when no device is modeled)."""
+    return blocking.task_compute_s if isinstance(blocking, ComputeMeter) else 0.0
+
+
+async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batch_size: int,
+                          blocking: Blocking[Any] = run_inline) -> dict[str, float]:
+    """Top-k (or deadline-aware) inference over the local test set, routing latents to the chosen
+    experts. Heavy work goes through ``blocking`` (with a modeled device, it lasts as long as the
+    device would take, and its modeled time joins each batch's latency)."""
     h_all = learner.test_latents
     if h_all is None:
         raise TaskError("evaluation before Stage 2 (no test latents on this client)")
@@ -131,24 +161,32 @@ async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batc
     alive = torch.where(available, 0.0, float("-inf"))
     k = min(k, int(available.sum()))
     preds, latencies = [], []
-    fallback = local_only = routed = served_locally = 0
+    fallback = local_only = routed = served_locally = swapped = remote_rows = 0
     per_expert = [0] * learner.exp.clients  # rows routed to each expert (the dashboard's routing matrix)
+    deadline = learner.exp.eval.routing == "deadline"
     wire = pool.wire_bytes()
     t0 = time.perf_counter()
     for start in range(0, len(h_all), batch_size):
         h = h_all[start : start + batch_size]
-        route = plan(learner.gate_logits(h) + alive, k)
+        local_s = local_compute_s(blocking)
+        logits = await blocking(partial(learner.gate_logits, h)) + alive
+        if deadline:
+            route, dropped = deadline_plan(logits, k, learner.id, pool)
+            swapped += dropped
+        else:
+            route = plan(logits, k)
         replies: dict[int, torch.Tensor] = {}
         if learner.id in route.rows:
-            replies[learner.id] = learner.expert_logprobs(h[route.rows[learner.id]])
+            replies[learner.id] = await blocking(partial(learner.expert_logprobs, h[route.rows[learner.id]]))
         remote = [j for j in route.rows if j != learner.id]
+        remote_rows += sum(len(route.rows[j]) for j in remote)
         answers = await asyncio.gather(*(pool.query(j, h[route.rows[j]]) for j in remote))
         for j, a in zip(remote, answers, strict=True):
             if a.logprobs is not None:
                 replies[j] = a.logprobs
-        latencies.append(max((a.latency_s for a in answers), default=0.0))
         miss = missing_rows(route, replies)
-        local = learner.expert_logprobs(h) if bool(miss.any()) else None
+        local = await blocking(partial(learner.expert_logprobs, h)) if bool(miss.any()) else None
+        latencies.append(local_compute_s(blocking) - local_s + max((a.latency_s for a in answers), default=0.0))
         out = assemble(route, replies, local, learner.exp.eval.combine)
         preds.append(out.probs.argmax(1))
         fallback += out.fallback_rows
@@ -168,7 +206,12 @@ async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batc
         "fallback_rate": fallback / n,
         "local_fallback_rate": local_only / n,
         "local_share": served_locally / max(routed, 1),
+        "swapped_experts": float(swapped),
         "bytes_per_sample": wire / n,
+        # what top-k costs on the air in any fleet (in process too, where nothing crosses a wire): each
+        # row sent to another client's expert carries its latent (d floats) and comes back as C log-probs
+        "remote_rows_per_sample": remote_rows / n,
+        "payload_bytes_per_sample": remote_rows * (h_all.shape[1] + learner.classes) * 4 / n,
         "latency_p50_ms": float(np.percentile(lat, 50)),
         "latency_p95_ms": float(np.percentile(lat, 95)),
         "latency_p99_ms": float(np.percentile(lat, 99)),

@@ -283,6 +283,12 @@ class EvalConfig:
     are the same prediction under top-1 routing."""
     batch_size: int = 256
     """Inference batch size, 1..65,536."""
+    routing: Literal["topk", "deadline"] = "topk"
+    """'topk': route each row to its top-k experts whatever their links; 'deadline': a client predicts
+    each chosen expert's response time (link presets, rates measured on recent replies,
+    availability, the expert's device) and swaps an expert that would miss
+    network.inference_deadline_s for the next-best by gate score, or serves the row locally
+    (agents/routing.py). In process (no network) the two are the same."""
 
     def __post_init__(self) -> None:
         check(self.top_k >= 1, "top_k", "must be >= 1")

@@ -21,6 +21,7 @@ from broker.server import RunningBroker
 
 from .agent_host import AgentHost, agent_process
 from .bus_sizing import bus_config
+from .devices import agent_extras
 from .scenario import Scenario
 
 AgentsMode = Literal["subprocess", "inprocess", "external"]
@@ -164,7 +165,9 @@ class AgentTasks:
         for i in range(self.scn.clients):
             name = client_name(i)
             cfg = bus_config(self.scn, self.run_id, name, self.broker.address_for(name))
-            agent = ClientAgent(self.scn, self.scn.network, i, cfg, self.scn.channel.time_scale)
+            x = agent_extras(self.scn, i)
+            agent = ClientAgent(self.scn, self.scn.network, i, cfg, self.scn.channel.time_scale, x.device, x.radio,
+                                x.predictor)
             self.tasks[name] = asyncio.create_task(agent.run(), name=name)
 
     def kill(self, agent: str) -> None:

@@ -50,6 +50,7 @@ def run_agent(args: argparse.Namespace) -> int:
     from broker.auth import BrokerAddress
 
     from .bus_sizing import bus_config
+    from .devices import agent_extras
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -60,7 +61,8 @@ def run_agent(args: argparse.Namespace) -> int:
     address = BrokerAddress.parse(args.broker)
     torch.set_num_threads(scn.network.agent_threads)
     cfg = bus_config(scn, args.run_id or scn.name, args.id, address)
-    asyncio.run(ClientAgent(scn, scn.network, index, cfg, scn.channel.time_scale).run())
+    x = agent_extras(scn, index)
+    asyncio.run(ClientAgent(scn, scn.network, index, cfg, scn.channel.time_scale, x.device, x.radio, x.predictor).run())
     return 0
 
 

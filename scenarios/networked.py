@@ -40,6 +40,7 @@ from .cache import StageCache
 from .channel_process import ChannelProcess, channel_running
 from .dashboard.live import LiveRun, Observers
 from .dashboard.server import serving
+from .devices import device_report, print_devices
 from .runner import (
     Checkpoint,
     ProgressObserver,
@@ -222,7 +223,10 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
             "rejected": rejected,
             "joined": sorted(client_name(i) for i in fleet.members.joined),
         }
+        devices = device_report(scn, fleet.telemetry.usage)
     traffic["channel"] = channel.stats if channel is not None else None  # filled in when it stopped
+    if devices is not None:
+        traffic["devices"] = devices
     if channel is not None:
         add_channel_rejections(traffic["rejected"], channel.stats)
     return strategy.summary, traffic
@@ -259,7 +263,8 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
         classifier = stage1_classifier(scn, summary)
         baselines = run_baselines(scn, datas, progress, classifier, cache) if scn.baselines else {}
         summary.stage_seconds["baselines"] = time.perf_counter() - clock
-    extra: dict[str, Any] = {"traffic": traffic}
+    devices = traffic.pop("devices", None)
+    extra: dict[str, Any] = {"traffic": traffic} | ({"devices": devices} if devices is not None else {})
     if cache is not None and cache.report:
         extra["cache"] = {"root": str(cache.root), "stages": dict(cache.report)}
         for stage, entry in cache.report.items():
@@ -268,6 +273,8 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
     results = build_results(scn, "networked", summary, baselines, extra, time.perf_counter() - started)
     paths = write_outputs(out_dir, results, summary.rounds)
     print_summary(console, results)
+    if devices is not None:
+        print_devices(console, devices)
     console.print("outputs: " + ", ".join(str(p) for p in paths))
     return results
 

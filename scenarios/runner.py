@@ -236,6 +236,9 @@ def run_inprocess(scn: Scenario, out_dir: Path, console: Console, cache: StageCa
     set_threads(scn.threads)
     started = time.perf_counter()
     write_scenario(scn, out_dir / "scenario.yaml")  # the resolved settings, for --resume
+    if scn.devices.enabled:  # the device model lives in the client agents (agents/compute.py)
+        console.print("[yellow]devices: modeled in networked runs only; this in-process run computes at this "
+                      "host's speed and reports no energy[/yellow]")
     with make_progress(console) as progress:
         datas = load_all(scn, progress)
         learners = {i: ClientLearner(scn, d) for i, d in datas.items()}

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.config import NetworkConfig
+from agents.devices import DevicesConfig
 from agents.messages import Op
 from broker.channel import ChannelConfig
 from nmoe.errors import ConfigError, check
@@ -32,6 +33,10 @@ class Scenario(ExperimentConfig):
     channel: ChannelConfig = field(default_factory=lambda: ChannelConfig(model="direct"))
     """The wireless channel between the agents: direct (none), or an emulated model (presets ideal,
     wifi, lte, edge-poor; per-client overrides; time_scale)."""
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    """The clients' hardware (presets server, laptop, jetson-nano, phone, raspberry-pi-4; a mix drawn
+    from the seed; per-client overrides): networked runs then model compute time from FLOPs and
+    report energy. Empty: clients compute at this host's speed."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,6 +54,12 @@ class Scenario(ExperimentConfig):
                       Op.STAGE3_FIT: self.stage3.rounds}.get(fault.op, 1)
             check(fault.round < rounds, f"{where}.round",
                   f"{fault.op.value} has rounds 0..{rounds - 1} here (got {fault.round}): the fault would never fire")
+        for agent, own in self.devices.clients.items():
+            check(agent in {f"client-{i}" for i in range(self.clients)}, f"devices.clients.{agent}",
+                  f"is not a client of this scenario (client-0 .. client-{self.clients - 1})")
+            check(own.preset is not None or self.devices.preset is not None or bool(self.devices.mix),
+                  f"devices.clients.{agent}.preset", "give a preset: there is no devices.preset or devices.mix "
+                  "to start from")
         for agent in self.channel.clients:
             check(agent in {f"client-{i}" for i in range(self.clients)}, f"channel.clients.{agent}",
                   f"is not a client of this scenario (client-0 .. client-{self.clients - 1})")

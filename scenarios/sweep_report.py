@@ -24,14 +24,37 @@ from .report import ORDER, _pyplot
 from .sweep import Run, Sweep, show
 
 METRICS = ("accuracy", "f1_macro")
-EXTRAS = ("bytes_per_sample", "latency_p50_ms", "latency_p95_ms")
+EXTRAS = ("fallback_rate", "bytes_per_sample", "payload_bytes_per_sample", "latency_p50_ms", "latency_p95_ms")
 """Inference figures reported where the method has them (NMoE's serverless routing)."""
 LINES = {"nmoe": "NMoE", "nmoe_fedavg_gate": "NMoE (FedAvg-gate)", "centralized": "Centralized MoE",
          "fedce_personal": "FedCE classifier (personal heads)", "fedavg": "FedAvg classifier",
          "local": "Local classifier"}
 """Chart legends: one line per method whatever the cell (a row's label names its cell's Stage 1)."""
-RUN_EXTRAS = ("epsilon", "wall_s")
-"""Figures of the whole run: the DP budget spent (FedSC with privacy) and the wall time."""
+RUN_EXTRAS = ("epsilon", "answered_share", "air_mb", "compute_j", "radio_j", "energy_j", "host_lag_share",
+              "wall_s")
+"""Figures of the whole run: the DP budget spent (FedSC with privacy), the mean share of clients
+answered per training round, megabytes on the air (emulated channel), the energy of the modeled
+devices (``devices:``), how far the host lagged behind their clock, and the wall time."""
+CHARTED = ("fallback_rate", "latency_p95_ms", "bytes_per_sample", "payload_bytes_per_sample", "answered_share",
+           "air_mb", "energy_j")
+"""Charted besides accuracy and macro-F1 when a sweep has them."""
+
+
+def run_figures(results: Mapping[str, Any]) -> dict[str, float]:
+    """Figures of one run that are not per method (see RUN_EXTRAS), where it has them."""
+    out: dict[str, float] = {}
+    training = [r for r in results.get("rounds", []) if r.get("op") in ("stage1_fit", "stage3_fit")]
+    if training:
+        out["answered_share"] = float(np.mean([len(r["answered"]) / max(1, len(r["answered"]) + len(r["failures"]))
+                                               for r in training]))
+    channel = (results.get("traffic") or {}).get("channel") or {}
+    if channel.get("totals"):
+        out["air_mb"] = float(channel["totals"]["bytes"]) / 1e6
+    devices = results.get("devices") or {}
+    if devices:
+        out |= {k: float(devices["totals"][k]) for k in ("compute_j", "radio_j", "energy_j")}
+        out["host_lag_share"] = float(devices["host"]["lag_share"])
+    return out
 
 
 @dataclass
@@ -91,6 +114,8 @@ def collect(sweep: Sweep) -> tuple[list[Row], int]:
                     row.samples.setdefault(key, []).append(float(summary[key]))
             if privacy.get("epsilon") is not None and method.startswith("nmoe"):
                 row.samples.setdefault("epsilon", []).append(float(privacy["epsilon"]))
+            for key, value in run_figures(results).items():
+                row.samples.setdefault(key, []).append(value)
             row.samples.setdefault("wall_s", []).append(float(results["wall_s"]))
     cells = list(dict.fromkeys(r.cell for r in sweep.runs))
     out = []
@@ -147,7 +172,38 @@ def write_summary(sweep: Sweep, console: Console) -> list[Path]:
     if missing:
         console.print(f"[yellow]{missing} run(s) not run yet[/yellow]: `nmoe sweep` without --report runs them")
     charts = [plot_key(sweep, key, records) for key, values in sweep.grid.items() if len(values) > 1]
+    if any(rec.get("energy_j_mean") for rec in records):
+        charts.append(plot_energy(sweep, records))
     return [path, *charts]
+
+
+def plot_energy(sweep: Sweep, records: Sequence[Mapping[str, str]]) -> Path:
+    """NMoE's accuracy against the joules its clients spent (compute + radio), one point per cell."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    xs = []
+    for rec in records:
+        if rec["method"] != "nmoe" or not rec.get("energy_j_mean") or not rec.get("accuracy_mean"):
+            continue
+        x, y = float(rec["energy_j_mean"]), float(rec["accuracy_mean"])
+        xs.append(x)
+        ax.scatter([x], [y], s=30, label=", ".join(str(rec[k]) for k in sweep.grid)[:70])
+    if xs and max(xs) > 10 * min(xs):
+        ax.set_xscale("log")
+    else:
+        ax.set_xlim(0, 1.15 * max(xs, default=1.0))
+    ax.set_xlabel("energy of all clients, J (compute + radio, modeled)")
+    ax.set_ylabel("NMoE accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"sweep {sweep.name}: accuracy vs energy ({', '.join(k.rsplit('.', 1)[-1] for k in sweep.grid)})",
+                 fontsize=10)
+    fig.tight_layout()
+    path = sweep.out / "chart_energy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def print_table(console: Console, sweep: Sweep, records: Sequence[Mapping[str, str]]) -> None:
@@ -168,40 +224,71 @@ def print_table(console: Console, sweep: Sweep, records: Sequence[Mapping[str, s
     console.print(table)
 
 
+def tick_label(value: Any, width: int = 28) -> str:
+    """A short axis label for a swept value: a list by its length, a mapping as key=value pairs."""
+    if isinstance(value, (list, tuple)):
+        text = f"{len(value)} item{'' if len(value) == 1 else 's'}"
+    elif isinstance(value, Mapping) and len(value) == 1:  # {preset: laptop}: the value says it
+        text = f"{next(iter(value))}: {tick_label(next(iter(value.values())), width)}"
+    elif isinstance(value, Mapping):
+        text = ", ".join(f"{k}={tick_label(v, width)}" for k, v in value.items()) or "{}"
+    else:
+        text = show(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def plot_key(sweep: Sweep, key: str, records: Sequence[Mapping[str, str]]) -> Path:
     """Metrics against one swept key: a line per method (and per value of the other keys)."""
     plt = _pyplot()
-    metrics = [*METRICS] + (["bytes_per_sample"] if any(float(r.get("bytes_per_sample_mean") or 0) > 0
-                                                        for r in records) else [])
+    metrics = [*METRICS] + [k for k in CHARTED if any(float(r.get(f"{k}_mean") or 0) > 0 for r in records)]
     xs = [show(v) for v in sweep.grid[key]]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sweep.grid[key])
     position = {x: (float(x) if numeric else float(i)) for i, x in enumerate(xs)}
     others = [k for k in sweep.grid if k != key]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.0), squeeze=False)
-    for ax, metric in zip(axes[0], metrics, strict=True):
+
+    def line_name(rec: Mapping[str, str]) -> str:
+        name = LINES.get(rec["method"], rec["method"])
+        if others:
+            name += " (" + ", ".join(f"{k.rsplit('.', 1)[-1]}={rec[k]}" for k in others) + ")"
+        return name
+
+    colors = {n: f"C{i % 10}" for i, n in enumerate(dict.fromkeys(line_name(r) for r in records))}
+    ncols = min(4, len(metrics))
+    nrows = -(-len(metrics) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.0 * nrows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
         lines: dict[str, list[tuple[float, float, float]]] = {}
         for rec in records:
             if not rec.get(f"{metric}_mean"):
                 continue
-            name = LINES.get(rec["method"], rec["method"])
-            if others:
-                name += " (" + ", ".join(f"{k.rsplit('.', 1)[-1]}={rec[k]}" for k in others) + ")"
+            if metric in RUN_EXTRAS and rec["method"] != "nmoe":
+                continue  # a figure of the whole run: the same for every method of the cell, drawn once
             ci = rec[f"{metric}_ci95"]
-            lines.setdefault(name, []).append((position[rec[key]], float(rec[f"{metric}_mean"]), float(ci or 0.0)))
+            point = (position[rec[key]], float(rec[f"{metric}_mean"]), float(ci or 0.0))
+            lines.setdefault(line_name(rec), []).append(point)
         for name, pts in lines.items():
             pts.sort()
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=4,
-                        capsize=3, label=name)
+                        capsize=3, label=name, color=colors[name])  # one color per line in every panel
         if not numeric:
-            ax.set_xticks([position[x] for x in xs], xs)
+            ax.set_xticks([position[x] for x in xs], [tick_label(v, 22) for v in sweep.grid[key]], fontsize=7,
+                          rotation=20, ha="right")
         if metric in METRICS:
             ax.set_ylim(0, 1.02)  # a 2-seed t interval can be wider than the whole scale
+        else:  # from 0: a flat curve must look flat, not like noise magnified to fill the axes
+            top = max((abs(line[1]) + line[2] for pts in lines.values() for line in pts), default=1.0)
+            ax.set_ylim(0, 1.1 * top if top > 0 else 1.0)
+            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(2, max(1, len(labels))), fontsize=8, frameon=False)
     fig.suptitle(f"sweep {sweep.name}: mean over seeds, error bars 95% CI")
-    fig.tight_layout()
+    legend_rows = -(-len(labels) // 2)
+    fig.tight_layout(rect=(0, min(0.4, 0.035 * legend_rows / nrows + 0.02), 1, 1))
     path = sweep.out / f"chart_{key}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -126,6 +126,16 @@ def test_shipped_sweeps_validate(path, tmp_path):
     assert sweep.runs and sweep.name == path.stem
 
 
+STRESS = sorted(p for p in (PACKAGED / "stress").glob("*.yaml") if p.stem != "base")
+
+
+@pytest.mark.parametrize("path", STRESS, ids=lambda p: p.stem)
+def test_stress_sweeps_validate(path, tmp_path):
+    sweep = load_sweep(path, str(tmp_path / "out"))
+    assert sweep.runs and sweep.name == f"stress_{path.stem}"
+    assert all(r.data["channel"]["model"] == "emulated" for r in sweep.runs)
+
+
 def test_a_sweep_over_a_later_stage_trains_stage1_once(tmp_path):
     import json
 
