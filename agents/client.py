@@ -389,6 +389,8 @@ class ClientAgent:
             log.warning("could not send my answer to %s (kept for when it is asked again): %s", task.op.value, err)
         except TooSlow as err:  # the device cannot make the deadline: say so now, not after it
             log.warning("%s round %d: %s", task.op.value, task.round, err)
+            if task.op is Op.STAGE2_FIT:  # the FLOPs were counted by running it: undo what the device never did
+                self.learner.drop_stage2()
             await self._refuse(bus, task_id, task.op, task.round, err, self._usage(bus, 0, too_slow=True))
         except (NmoeError, ValueError, RuntimeError) as err:
             # a task we cannot run (tensors that do not fit the model: torch raises ValueError or

@@ -200,6 +200,12 @@ class ClientLearner:
         self.expert_ready = True
         return loss
 
+    def drop_stage2(self) -> None:
+        """Forget a Stage 2 this client could not have finished (its device was too slow for the
+        deadline): no latents, no expert served, as if the fit had never run."""
+        self.train_latents = self.test_latents = None
+        self.expert_ready = False
+
     def restore_stage2(self, expert_state: Mapping[str, torch.Tensor]) -> None:
         """Stage 2 from a saved expert (the stage cache): F's latents again, the expert as it was."""
         self.train_latents = apply_batched(self.features, self.data.train_x, self.inputs.prep)
