@@ -98,3 +98,16 @@ def test_dp_noise_is_fresh_unless_asked_to_be_reproducible(tmp_path):
     repro = toy_scenario(tmp_path, ["privacy.reproducible_noise=true"])
     a, b = (torch.randn(4, generator=noise_generator(repro, 0, 1)) for _ in range(2))
     assert torch.equal(a, b)
+
+
+def test_evaluation_reports_what_remote_experts_cost_on_the_air_in_process_too(tmp_path):
+    # Arrange: top-2 over 3 clients, in process (no wire: bytes_per_sample is 0 there)
+    scn = toy_scenario(tmp_path, ["eval.top_k=2", "baselines=[]"])
+    # Act
+    results = run_inprocess(scn, tmp_path / "out", quiet())
+    # Assert: each row goes to 2 experts; those not local carry a latent (64 floats) and bring back 10 log-probs
+    for m in results["methods"]["nmoe"]["per_client"].values():
+        assert m["bytes_per_sample"] == 0.0
+        assert m["remote_rows_per_sample"] == pytest.approx(2 * (1 - m["local_share"]))
+        assert m["payload_bytes_per_sample"] == pytest.approx(m["remote_rows_per_sample"] * (64 + 10) * 4)
+    assert results["methods"]["nmoe"]["remote_rows_per_sample"] > 0
