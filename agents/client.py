@@ -16,6 +16,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TypeVar
 
 import torch
@@ -42,6 +43,7 @@ from .codec import (
     encode_expert_decline,
     encode_expert_query,
     encode_reply,
+    encode_usage,
     is_control,
     query_deadline,
 )
@@ -126,12 +128,11 @@ class BusPool:
         if answer.logprobs.shape[0] != latents.shape[0]:
             self.bus.stats.rejected["bad_reply"] += 1
             return ExpertAnswer(None, wall / self.time_scale)
-        h = reply.header
         latency = wall
-        if h.t_model_send is not None and h.t_model_arrive is not None and answer.req_transit_s is not None:
+        if (back := reply.header.transit_s) is not None and answer.req_transit_s is not None:
             # modeled seconds: request transit (reported back by the expert) + service + reply transit
             service = (answer.service_s or 0.0) / self.time_scale
-            latency = answer.req_transit_s + service + (h.t_model_arrive - h.t_model_send)
+            latency = answer.req_transit_s + service + back
         if self.predictor is not None:
             self.predictor.observe(expert, latents.shape[0], latency)
         return ExpertAnswer(torch.from_numpy(answer.logprobs), latency)
@@ -296,8 +297,7 @@ class ClientAgent:
             return
         t0 = time.perf_counter()
         h = msg.header
-        transit = h.t_model_arrive - h.t_model_send if h.t_model_send is not None and h.t_model_arrive is not None \
-            else None
+        transit = h.transit_s
         h_in = torch.from_numpy(msg.tensors[LATENTS])
         if self.meter is None:
             logp = learner.expert_logprobs(h_in)
@@ -346,10 +346,7 @@ class ClientAgent:
     def _deadline_at(self, msg: Message, op: Op, received_at: float) -> float:
         """The loop time by which this task's reply is due: the coordinator's deadline runs from its
         send, which the channel's stamps put ``t_model_arrive - t_model_send`` before our receipt."""
-        h = msg.header
-        transit = h.t_model_arrive - h.t_model_send if h.t_model_send is not None and h.t_model_arrive is not None \
-            else 0.0
-        return received_at + (self.net.deadline_s(op) - transit) * self.time_scale
+        return received_at + (self.net.deadline_s(op) - (msg.header.transit_s or 0.0)) * self.time_scale
 
     def _usage(self, bus: BusSession, reply_bytes: int, too_slow: bool = False) -> Usage | None:
         if self.meter is None:
@@ -381,8 +378,8 @@ class ClientAgent:
             reply = await execute(self.learner, task, prepare if task.op in (Op.STAGE3_PREPARE, Op.SYNC) else pool,
                                   self.meter or in_thread)
             wire = encode_reply(reply, task_id, task.op, task.round)
-            if (usage := self._usage(bus, wire_bytes(wire))) is not None:
-                wire = encode_reply(reply, task_id, task.op, task.round, usage)
+            if (usage := self._usage(bus, wire_bytes(wire))) is not None:  # the reply's size is part of it
+                wire = replace(wire, meta={**wire.meta, **encode_usage(usage)})
             self._remember(task_id, wire)
             await self._send(bus, wire)
         except PublishTimeout as err:  # the broker is away: the coordinator re-issues the task later

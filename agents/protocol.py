@@ -161,7 +161,7 @@ async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batc
     alive = torch.where(available, 0.0, float("-inf"))
     k = min(k, int(available.sum()))
     preds, latencies = [], []
-    fallback = local_only = routed = served_locally = swapped = remote_rows = 0
+    fallback = local_only = swapped = 0
     per_expert = [0] * learner.exp.clients  # rows routed to each expert (the dashboard's routing matrix)
     deadline = learner.exp.eval.routing == "deadline"
     wire = pool.wire_bytes()
@@ -179,7 +179,6 @@ async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batc
         if learner.id in route.rows:
             replies[learner.id] = await blocking(partial(learner.expert_logprobs, h[route.rows[learner.id]]))
         remote = [j for j in route.rows if j != learner.id]
-        remote_rows += sum(len(route.rows[j]) for j in remote)
         answers = await asyncio.gather(*(pool.query(j, h[route.rows[j]]) for j in remote))
         for j, a in zip(remote, answers, strict=True):
             if a.logprobs is not None:
@@ -191,13 +190,13 @@ async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batc
         preds.append(out.probs.argmax(1))
         fallback += out.fallback_rows
         local_only += out.local_only_rows
-        routed += sum(len(r) for r in route.rows.values())
-        served_locally += len(route.rows.get(learner.id, ()))
         for j, rows in route.rows.items():
             per_expert[j] += len(rows)
     s = score(torch.cat(preds), learner.data.test_y, learner.classes)
     n = max(len(h_all), 1)
     wire = pool.wire_bytes() - wire
+    routed = sum(per_expert)
+    remote_rows = routed - per_expert[learner.id]
     lat = np.asarray(latencies) * 1000.0
     return {
         "accuracy": s.accuracy,
@@ -205,7 +204,7 @@ async def serverless_eval(learner: ClientLearner, pool: ExpertPool, k: int, batc
         "test_samples": float(s.samples),
         "fallback_rate": fallback / n,
         "local_fallback_rate": local_only / n,
-        "local_share": served_locally / max(routed, 1),
+        "local_share": per_expert[learner.id] / max(routed, 1),
         "swapped_experts": float(swapped),
         "bytes_per_sample": wire / n,
         # what top-k costs on the air in any fleet (in process too, where nothing crosses a wire): each

@@ -125,6 +125,13 @@ class Header:
         object.__setattr__(self, "meta", _check_meta(self.meta))
 
     # JSON carries every field but the modeled stamps, which live in the binary prefix.
+    @property
+    def transit_s(self) -> float | None:
+        """Modeled seconds the channel emulator kept this message on its link (None off the emulator)."""
+        if self.t_model_send is None or self.t_model_arrive is None:
+            return None
+        return self.t_model_arrive - self.t_model_send
+
     _JSON_KEYS = (
         "v", "kind", "run", "src", "dst", "round", "stage", "id", "reply_to",
         "t_send", "sha256", "body_len", "meta", "compression",

@@ -9,11 +9,13 @@ from typing import Any
 
 from nmoe.errors import ConfigError
 
+from ..sweep_report import CHARTED, METRICS
 from .page import render
 from .view import clean, view_from_run
 
 REPORT = "report.html"
-SWEEP_METRICS = ("accuracy", "f1_macro", "bytes_per_sample", "latency_p95_ms")
+SWEEP_METRICS = (*METRICS, *CHARTED)
+"""The sweep's own charts (``sweep_report``), as bar charts of the cells."""
 
 
 def sweep_view(folder: Path) -> dict[str, Any]:
