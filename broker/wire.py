@@ -54,6 +54,7 @@ from broker.envelope import (
     unpack_prefix,
 )
 from broker.header import MAX_META_BYTES, PROTOCOL_VERSION, Header, MetaValue
+from broker.held import REASONS as HELD_REASONS
 from broker.tensors import ANY, COMPRESSIONS, Schema, TensorSpec, check_finite
 from broker.topics import Direction, Kind, ParsedTopic, Topics
 from nmoe.errors import WireError
@@ -73,7 +74,7 @@ REASONS = (
     "bad_magic", "truncated", "bad_header", "bad_version", "bad_topic", "topic_mismatch",
     "hash_mismatch", "bad_body", "missing_tensor", "unexpected_tensor", "bad_dtype", "bad_shape",
     "non_finite", "oversized", "too_deep", "bad_chunk", "chunk_overflow", "chunk_expired",
-    "decode_error",
+    "decode_error", *HELD_REASONS,
 )  # fmt: skip
 _LOUD_PER_REASON = 10  # log the first rejections of each reason as warnings, the rest at debug
 

@@ -72,6 +72,7 @@ from broker.channel.model import ChannelModel, Delivery, Result
 from broker.channel.relay import RelayOptions, RelaySession
 from broker.chunks import read_chunk
 from broker.envelope import FRAME_CHUNK, STAMPS, STAMPS_OFFSET, unpack_prefix
+from broker.held import FRAME_ANNOUNCE, MAX_ENTRIES, Release, frame_type, pack_releases, read_announce
 from broker.topics import Kind, ParsedTopic, Topics
 from nmoe.errors import ChannelError, NmoeError, WireError
 
@@ -89,6 +90,15 @@ class _Frame:
 
     def __init__(self, parsed: ParsedTopic, payload: bytes) -> None:
         self.parsed, self.payload = parsed, payload
+
+
+class _Held:
+    """One frame of a held body (``relay: headers``): only its size and identity are on the air."""
+
+    __slots__ = ("index", "msg_id", "parsed", "sha256", "size")
+
+    def __init__(self, parsed: ParsedTopic, msg_id: str, sha256: str, index: int, size: int) -> None:
+        self.parsed, self.msg_id, self.sha256, self.index, self.size = parsed, msg_id, sha256, index, size
 
 
 class ChannelEmulator:
@@ -120,6 +130,9 @@ class ChannelEmulator:
         self.session = RelaySession(self.topics, address, options or RelayOptions(), self._on_message,
                                     on_subscribed=self._start_clock)  # fmt: skip
         self._rx_topics: dict[tuple[str, str, Kind], str] = {}
+        # releases of one loop step, batched per topic while consecutive (so every link keeps its order)
+        self._releases: list[tuple[str, list[Release]]] = []
+        self._release_flush: asyncio.Handle | None = None
         self._rejected: Counter[str] = Counter()
         self._counts: Counter[str] = Counter()
         if epoch_unix is not None and not math.isfinite(epoch_unix):
@@ -167,6 +180,9 @@ class ChannelEmulator:
 
     async def __aexit__(self, *exc: object) -> None:
         try:
+            if self._release_flush is not None:  # releases of the last loop step go out too
+                self._release_flush.cancel()
+                self._flush_releases()
             await self.session.__aexit__(*exc)
         finally:
             self.driver.close()
@@ -186,6 +202,8 @@ class ChannelEmulator:
                     await asyncio.sleep(max(0.0, self.driver.wall_time(nxt) - loop.time()))
                     await asyncio.sleep(0)  # let the driver's timer run first
                     continue
+                if self._release_flush is not None:
+                    self._flush_releases()
                 await self.session.wait_published()
                 if self.model.env.peek() == math.inf:
                     return
@@ -199,12 +217,21 @@ class ChannelEmulator:
         log.log(level, "channel emulator dropped a payload on %s: %s", topic[:200], detail)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        self._counts["frames_in"] += 1
-        self._counts["bytes_in"] += len(payload)
         try:
             parsed = self.topics.parse(topic)
             if parsed.direction != "tx":
                 raise WireError("bad_topic", "not a tx topic")
+            if frame_type(payload) == FRAME_ANNOUNCE:
+                self._on_announce(topic, parsed, payload)
+                return
+        except WireError as err:
+            self._counts["frames_in"] += 1
+            self._counts["bytes_in"] += len(payload)
+            self._reject(err.reason, topic, err)
+            return
+        self._counts["frames_in"] += 1
+        self._counts["bytes_in"] += len(payload)
+        try:
             if unpack_prefix(payload)[0] == FRAME_CHUNK:
                 read_chunk(payload)  # index, total and length must make sense
         except WireError as err:
@@ -216,6 +243,22 @@ class ChannelEmulator:
         except ChannelError as err:  # an agent the channel does not know
             self._reject("unknown_agent", topic, err)
 
+    def _on_announce(self, topic: str, parsed: ParsedTopic, payload: bytes) -> None:
+        """Frames the sender published on a held topic: each goes on the air by its size alone."""
+        announce = read_announce(payload)
+        # the frames it announces are what is on the air (counted as the full relay counts them)
+        self._counts["frames_in"] += len(announce.frames)
+        self._counts["bytes_in"] += sum(size for _index, size in announce.frames)
+        self._counts["announced"] += len(announce.frames)
+        reliable = self.cfg.is_reliable(parsed.kind.value)
+        for index, size in announce.frames:
+            key = _Held(parsed, announce.msg_id, announce.sha256, index, size)
+            try:
+                self.driver.submit(parsed.src, parsed.dst, size, reliable=reliable, key=key)
+            except ChannelError as err:
+                self._reject("unknown_agent", topic, err)
+                return
+
     # -- onto the air ----------------------------------------------------------------------------
     def _rx_topic(self, dst: str, parsed: ParsedTopic) -> str:
         key = (dst, parsed.src, parsed.kind)
@@ -226,14 +269,41 @@ class ChannelEmulator:
 
     def _on_result(self, result: Result) -> None:
         """Called by the model in modeled-time order; drops are tallied by the model itself."""
+        key = result.key
+        if isinstance(key, _Held):  # relay: headers: release (or report lost) the receiver's held frame
+            lost = not isinstance(result, Delivery)
+            t_arrive = result.t_arrive if isinstance(result, Delivery) else math.nan
+            release = Release(key.msg_id, key.sha256, key.index, key.size, result.t_send, t_arrive, lost)
+            self._queue_release(self._rx_topic(result.dst, key.parsed), release)
+            return
         if not isinstance(result, Delivery):
             return
-        frame = result.key
-        assert isinstance(frame, _Frame)
+        assert isinstance(key, _Frame)
         # restamp() without its second copy: paho takes a bytearray as it is (the prefix was checked).
-        payload = bytearray(frame.payload)
+        payload = bytearray(key.payload)
         STAMPS.pack_into(payload, STAMPS_OFFSET, result.t_send, result.t_arrive)
-        self.session.publish(self._rx_topic(result.dst, frame.parsed), payload)
+        self.session.publish(self._rx_topic(result.dst, key.parsed), payload)
+
+    def _queue_release(self, topic: str, release: Release) -> None:
+        last = self._releases[-1] if self._releases else None
+        if last is not None and last[0] == topic and len(last[1]) < MAX_ENTRIES:
+            last[1].append(release)
+        else:
+            self._releases.append((topic, [release]))
+        if self._release_flush is None:
+            try:
+                self._release_flush = asyncio.get_running_loop().call_soon(self._flush_releases)
+            except RuntimeError:  # driven outside a loop (tests of the model): publish at once
+                self._flush_releases()
+
+    def _flush_releases(self) -> None:
+        """Publish this step's releases: one frame per run of consecutive releases on one topic."""
+        self._release_flush = None
+        batches, self._releases = self._releases, []
+        for topic, releases in batches:
+            self._counts["releases"] += len(releases)
+            self._counts["releases_lost"] += sum(r.lost for r in releases)
+            self.session.publish(topic, pack_releases(releases))
 
     # -- reporting -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -241,8 +311,11 @@ class ChannelEmulator:
 
         ``links["src->dst"]``: delivered, dropped (by reason), retransmissions (packets resent),
         bytes (delivered), latency_p50_s/p95_s/p99_s (modeled seconds, None before a delivery).
-        ``totals``: the same summed, plus frames_in/bytes_in (taken off the air), published/
-        bytes_out (acknowledged by the broker), publish_failed, backlog_peak, reconnects.
+        ``totals``: the same summed, plus frames_in/bytes_in (taken off the air; a held frame counts
+        when its announce is read, with its own size), published/
+        bytes_out (acknowledged by the broker), publish_failed, backlog_peak, reconnects, and for
+        held bodies (``relay: headers``) announced (frames submitted by size), releases (sent to
+        receivers, one per frame and destination) and releases_lost (of them, reporting a drop).
         ``rejected``: malformed input by reason (bad_topic, bad_magic, truncated, bad_chunk, ...).
         """
         links: dict[str, dict[str, Any]] = {}
@@ -257,7 +330,8 @@ class ChannelEmulator:
             dropped.update(s.dropped)
             summed.update(delivered=s.delivered, retransmissions=s.retransmissions, bytes=s.bytes_delivered)
         counts = self._counts + self.session.counts
-        names = ("frames_in", "bytes_in", "published", "bytes_out", "publish_failed", "backlog_peak", "reconnects")
+        names = ("frames_in", "bytes_in", "published", "bytes_out", "publish_failed", "backlog_peak", "reconnects",
+                 "announced", "releases", "releases_lost")
         totals: dict[str, Any] = {
             "delivered": summed["delivered"], "dropped": dict(dropped), "retransmissions": summed["retransmissions"],
             "bytes": summed["bytes"], **{k: counts[k] for k in names},
