@@ -336,6 +336,10 @@ class BusSession:
             raise BusError("bus session closed")
         return msg
 
+    def held_frames(self) -> list[tuple[str, str, str, int, int]]:
+        """Frames held for the channel's release: (src, kind, message id, chunk index, size)."""
+        return self._holder.pending()
+
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, str]:
         """agent id -> ``online`` / ``offline`` as last seen (of all with ``watch_status=True``, else of

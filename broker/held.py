@@ -224,6 +224,10 @@ class HoldBuffer:
     def held_bytes(self, src: str) -> int:
         return self._source_bytes.get(src, 0)
 
+    def pending(self) -> list[tuple[str, str, str, int, int]]:
+        """(src, kind, message id, chunk index, size) of every frame held, oldest first."""
+        return [(k[0], k[1].value, k[2], k[3], len(b.payload)) for k, b in self._bodies.items()]
+
     # -- input -----------------------------------------------------------------------------------
     def body(self, parsed: ParsedTopic, topic: str, payload: bytes) -> list[Ready]:
         """A frame arrived on ``held/<dst>/<src>/<kind>``: hold it; what it unblocks comes back."""

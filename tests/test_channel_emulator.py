@@ -2,8 +2,9 @@
 
 One mosquitto in 'emulated' mode serves the whole module (agents may only write tx/... and held/...);
 each test starts its own emulator and BusSessions, and runs once per relay (``headers``: bodies go
-straight to the receiver and wait for the emulator's release; ``bodies``: the emulator relays them). Modeled time runs 100x faster than the wall clock
-(time_scale 0.01), so modeled delays of tens of milliseconds cost almost nothing.
+straight to the receiver and wait for the emulator's release; ``bodies``: the emulator relays them).
+Modeled time runs 100x faster than the wall clock (time_scale 0.01), so modeled delays of tens of
+milliseconds cost almost nothing.
 """
 
 from __future__ import annotations
