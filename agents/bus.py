@@ -36,7 +36,16 @@ import numpy as np
 
 from broker.auth import CHANNEL_MODES, BrokerAddress, ChannelMode
 from broker.channel.config import RelayMode
-from broker.held import FRAME_RELEASE, HoldBuffer, HoldLimits, Ready, announce_frames, frame_type, pack_announces
+from broker.held import (
+    FRAME_RELEASE,
+    Announce,
+    HoldBuffer,
+    HoldLimits,
+    Ready,
+    announce_frames,
+    frame_type,
+    pack_announces,
+)
 from broker.mqtt import Connection, ConnectionOptions
 from broker.topics import BROADCAST, Kind, ParsedTopic, Status, Topics, check_agent_id, is_destination, parse_kind
 from broker.wire import (
@@ -129,6 +138,7 @@ class BusStats:
     late_replies: int = 0
     reconnects: int = 0
     compression_saved_bytes: int = 0
+    announce_failures: int = 0  # relay: headers: frames whose header the broker never took (they stay held)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -202,6 +212,11 @@ class BusSession:
             on_connect=self._on_connect, error=BusError,
         )  # fmt: skip
         self._closing = False
+        # relay: headers: headers of published frames waiting for their announce, with when they left
+        self._announces: list[tuple[Announce, float]] = []
+        self._announcing: asyncio.Handle | asyncio.Task[None] | None = None  # the flush to come, then the publish
+        self._announced = asyncio.Event()
+        self._announced.set()
 
     @property
     def agent_id(self) -> str:
@@ -221,6 +236,14 @@ class BusSession:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if not self._announced.is_set():  # what we sent must still reach the channel
+            if isinstance(self._announcing, asyncio.Handle):
+                self._announcing.cancel()
+                self._flush_announces()
+            try:
+                await asyncio.wait_for(self._announced.wait(), self.cfg.publish_timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("%s: closing with %d headers not announced", self.agent_id, len(self._announces))
         self._closing = True
         await self._conn.close()
         self._close_inbox()
@@ -401,7 +424,6 @@ class BusSession:
             topic = self.topics.held(dst, self.agent_id, kind)
         else:
             topic = self.topics.tx(self.agent_id, dst, kind)
-        tx = self.topics.tx(self.agent_id, dst, kind)
         size, chunk = d.body_offset + len(d.body), self.cfg.chunk_size
         total = chunk_count(size, chunk)
         nbytes = size + (total * CHUNK_OVERHEAD if total > 1 else 0)
@@ -409,36 +431,80 @@ class BusSession:
         deadline = loop.time() + self.cfg.publish_timeout(nbytes)
         head = covering(d.body_offset, size, chunk)
 
-        def announced(sha256: str, *groups: list[bytes]) -> list[tuple[str, bytes]]:
-            """What a held send publishes after its bodies: the channel's header(s) for all of them."""
-            if not held:
-                return []
-            frames = announce_frames(f for group in groups for f in group)
-            return [(tx, a) for a in pack_announces(d.header.id, sha256, frames)]
+        started = loop.time()
+
+        def announce(sha256: str, *groups: list[bytes]) -> None:
+            """A held send's frames are all with the broker: the channel may now put them on the air."""
+            if held:
+                frames = announce_frames(f for group in groups for f in group)
+                self._announce([Announce(d.header.id, sha256, dst, kind, i, n) for i, n in frames], started)
 
         if len(head) == total:  # nothing to overlap with the hash
             check_finite(tensors or {})
             sha256 = d.digest()
             frames = split(d.head(sha256), d.header.id, chunk, tail=d.body)
-            await self._publish([(topic, f) for f in frames] + announced(sha256, frames), deadline)
+            await self._publish([(topic, f) for f in frames], deadline)
+            announce(sha256, frames)
         else:
             # Publish the body-only chunks while the body is checked and hashed off the loop (numpy
-            # and hashlib release the GIL), then the chunks holding the header (and, held, the
-            # announce). Should the tensors not be finite after all, the receiver drops the
-            # incomplete (or never released) message when it expires.
+            # and hashlib release the GIL), then the chunks holding the header. Should the tensors
+            # not be finite after all, the receiver drops the incomplete (or never released)
+            # message when it expires.
             digest = loop.run_in_executor(None, _checked_digest, d, tensors or {})
             tail = split(d.head(), d.header.id, chunk, only=range(len(head), total), tail=d.body)
             tail_sent = asyncio.ensure_future(self._publish([(topic, f) for f in tail], deadline))
             try:
                 sha256 = await digest
                 first = split(d.head(sha256), d.header.id, chunk, only=head, tail=d.body)
-                await self._publish([(topic, f) for f in first] + announced(sha256, tail, first), deadline)
+                await self._publish([(topic, f) for f in first], deadline)
             finally:
                 await tail_sent
+            announce(sha256, tail, first)
         self.stats.sent_messages[kind.value] += 1
         self.stats.sent_bytes[kind.value] += nbytes
         self.stats.compression_saved_bytes += d.saved_bytes
         return d.header.id
+
+    # -- announces (relay: headers) ----------------------------------------------------------------
+    def _announce(self, headers: list[Announce], since: float) -> None:
+        """Queue headers of frames the broker has taken since loop time ``since``; never blocks.
+
+        They go out at once when no announce of ours awaits the broker, else together when it is
+        acknowledged (so concurrent sends share announces; a waiting timer would cost latency and,
+        measured, throughput too). Their age tells the emulator how long ago the frames left.
+        """
+        self._announces += [(h, since) for h in headers]
+        if self._announcing is None:
+            self._announced.clear()
+            self._announcing = asyncio.get_running_loop().call_soon(self._flush_announces)
+
+    def _flush_announces(self) -> None:
+        """Publish every queued header in one announce (in order), each with its age; the next batch
+        goes when the broker has acknowledged this one."""
+        if not self._announces:
+            self._announcing = None
+            self._announced.set()
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        batch = [Announce(h.msg_id, h.sha256, h.dst, h.kind, h.index, h.size, now - since)
+                 for h, since in self._announces]  # fmt: skip
+        self._announces = []
+        frames = pack_announces(batch)
+        topic = self.topics.tx(self.agent_id, batch[0].dst, batch[0].kind)
+        deadline = now + self.cfg.publish_timeout(sum(len(f) for f in frames))
+        task = loop.create_task(self._publish([(topic, f) for f in frames], deadline))
+        self._announcing = task
+
+        def done(task: asyncio.Task[None]) -> None:
+            err = None if task.cancelled() else task.exception()
+            if task.cancelled() or err is not None:
+                self.stats.announce_failures += len(batch)
+                log.warning("%s: %d headers were not announced (%s); their frames stay held until they expire",
+                            self.agent_id, len(batch), err or "cancelled")  # fmt: skip
+            self._flush_announces()  # what queued meanwhile has waited a round trip already
+
+        task.add_done_callback(done)
 
     async def _publish(self, items: list[tuple[str, bytes]], deadline: float) -> None:
         """Publish (topic, frame) pairs until the broker acknowledged all, across reconnections, or time out."""

@@ -20,8 +20,19 @@ account publishes releases. A body without a release never reaches the applicati
 
 Frames (little-endian, after the 40-byte prefix of broker/envelope.py with frame type ``A`` or ``R``)::
 
-    announce  32s sha256 of the message body, u32 n, n x (u32 chunk index, u32 frame size)
-    release   u32 n, n x (16s message id, 32s sha256, u32 index, u32 size, d t_send, d t_arrive, B lost)
+    announce  u32 n, n x (16s message id, 32s sha256, 32s dst (NUL-padded), B kind, u32 chunk index,
+              u32 frame size, d age: seconds the header waited at the sender)
+    release   u32 n, n x (16s message id, 32s sha256, B kind, u32 index, u32 size, d t_send,
+              d t_arrive, B lost)
+
+Both are batches. A sender's session announces the frames of a send as soon as the broker has
+them, and the headers of sends that complete while its previous announce awaits the broker together
+in the next one, in order; the emulator puts each frame on the air *as of* its age before the
+announce left (modeled time never goes back: at the latest of that and the model's clock), so
+waiting costs no modeled time. The emulator sends the releases of one (src, dst) link that fall
+due while its previous release frame awaits the broker as one release frame. Kinds are indices into
+:class:`broker.topics.Kind`; the topic of an announce names the sender (the ACL proves it) and that
+of a release the sender and the receiver of every frame in it.
 
 Both are bounded (:data:`MAX_ENTRIES` entries, exact lengths) before anything is read, and hold no
 JSON. The hold buffer is bounded per sender in bodies, bytes and waiting releases, with a timeout;
@@ -34,22 +45,25 @@ import math
 import struct
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from broker.chunks import read_chunk
 from broker.envelope import FRAME_CHUNK, MAGIC, PREFIX, STAMPS, STAMPS_OFFSET, pack_prefix, unpack_prefix
 from broker.header import PROTOCOL_VERSION
-from broker.topics import Kind, ParsedTopic, Topics
+from broker.topics import Kind, ParsedTopic, Topics, is_destination
 from nmoe.errors import WireError
 
 FRAME_ANNOUNCE = ord("A")
 FRAME_RELEASE = ord("R")
 MAX_ENTRIES = 4096  # frames per announce or release (a sender splits longer lists)
-_ANNOUNCE_HEAD = struct.Struct("<32sI")
-_ANNOUNCE_ENTRY = struct.Struct("<II")
-_RELEASE_HEAD = struct.Struct("<I")
-_RELEASE_ENTRY = struct.Struct("<16s32sIIddB")
+_COUNT = struct.Struct("<I")
+_ANNOUNCE_ENTRY = struct.Struct("<16s32s32sBIId")
+_RELEASE_ENTRY = struct.Struct("<16s32sBIIddB")
+KINDS: tuple[Kind, ...] = tuple(Kind)
+_KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
+MAX_AGE_S = 10.0  # an announce older than this at the sender is put on the air as of 10 s ago
 
 REASONS = (
     "bad_announce", "bad_release", "release_mismatch", "release_unmatched", "release_duplicate",
@@ -60,11 +74,15 @@ REASONS = (
 
 @dataclass(frozen=True)
 class Announce:
-    """What a sender tells the channel about frames it published on a held topic."""
+    """A sender's header for one frame it published on ``held/<dst>/<src>/<kind>``."""
 
     msg_id: str
     sha256: str
-    frames: tuple[tuple[int, int], ...]  # (chunk index, frame size), in publish order
+    dst: str
+    kind: Kind
+    index: int
+    size: int
+    age_s: float = 0.0  # how long the header waited at the sender before its announce was sent
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,7 @@ class Release:
 
     msg_id: str
     sha256: str
+    kind: Kind
     index: int
     size: int
     t_send: float
@@ -80,13 +99,29 @@ class Release:
     lost: bool = False
 
 
-def _check_prefix(payload: bytes | memoryview, want: int, reason: str) -> str:
+def _check_prefix(payload: bytes | memoryview, want: int, reason: str) -> None:
     if len(payload) < PREFIX.size:
         raise WireError(reason, f"{len(payload)} bytes is shorter than the frame prefix")
-    magic, version, ftype, _reserved, raw_id, _a, _b = PREFIX.unpack_from(payload)
+    magic, version, ftype, _reserved, _raw_id, _a, _b = PREFIX.unpack_from(payload)
     if magic != MAGIC or version != PROTOCOL_VERSION or ftype != want:
         raise WireError(reason, "not a frame of this type")
-    return bytes(raw_id).hex()
+
+
+def _entries(payload: bytes, entry: struct.Struct, reason: str) -> Iterator[tuple[Any, ...]]:
+    """The fixed-size entries of a batch frame, after checking its count against its exact length."""
+    if len(payload) < PREFIX.size + _COUNT.size:
+        raise WireError(reason, "cut short")
+    (n,) = _COUNT.unpack_from(payload, PREFIX.size)
+    start = PREFIX.size + _COUNT.size
+    if not 1 <= n <= MAX_ENTRIES or len(payload) != start + n * entry.size:
+        raise WireError(reason, f"{n} entries in {len(payload)} bytes")
+    return entry.iter_unpack(memoryview(payload)[start:])
+
+
+def _kind(index: int, reason: str) -> Kind:
+    if index >= len(KINDS):
+        raise WireError(reason, f"unknown kind {index}")
+    return KINDS[index]
 
 
 def frame_type(payload: bytes | memoryview) -> int | None:
@@ -96,57 +131,52 @@ def frame_type(payload: bytes | memoryview) -> int | None:
     return payload[5]
 
 
-def pack_announces(msg_id: str, sha256: str, frames: Sequence[tuple[int, int]]) -> list[bytes]:
-    """The announce frames for ``frames`` (index, size) of message ``msg_id`` (split every MAX_ENTRIES)."""
-    digest = bytes.fromhex(sha256)
+def pack_announces(entries: Sequence[Announce]) -> list[bytes]:
+    """Announce frames for ``entries`` (in order; a new frame every MAX_ENTRIES)."""
     out = []
-    for start in range(0, len(frames), MAX_ENTRIES):
-        part = frames[start : start + MAX_ENTRIES]
-        body = b"".join(_ANNOUNCE_ENTRY.pack(i, n) for i, n in part)
-        out.append(pack_prefix(FRAME_ANNOUNCE, msg_id) + _ANNOUNCE_HEAD.pack(digest, len(part)) + body)
+    for start in range(0, len(entries), MAX_ENTRIES):
+        part = entries[start : start + MAX_ENTRIES]
+        body = [_ANNOUNCE_ENTRY.pack(bytes.fromhex(a.msg_id), bytes.fromhex(a.sha256), a.dst.encode(),
+                                     _KIND_INDEX[a.kind], a.index, a.size, a.age_s) for a in part]  # fmt: skip
+        out.append(b"".join((pack_prefix(FRAME_ANNOUNCE, part[0].msg_id), _COUNT.pack(len(part)), *body)))
     return out
 
 
-def read_announce(payload: bytes) -> Announce:
-    """Parse an announce; WireError('bad_announce') unless it is exactly one well-formed announce."""
-    msg_id = _check_prefix(payload, FRAME_ANNOUNCE, "bad_announce")
-    if len(payload) < PREFIX.size + _ANNOUNCE_HEAD.size:
-        raise WireError("bad_announce", "announce cut short")
-    digest, n = _ANNOUNCE_HEAD.unpack_from(payload, PREFIX.size)
-    start = PREFIX.size + _ANNOUNCE_HEAD.size
-    if not 1 <= n <= MAX_ENTRIES or len(payload) != start + n * _ANNOUNCE_ENTRY.size:
-        raise WireError("bad_announce", f"{n} entries in {len(payload)} bytes")
-    frames = tuple(_ANNOUNCE_ENTRY.iter_unpack(memoryview(payload)[start:]))
-    if any(size < PREFIX.size for _i, size in frames):
-        raise WireError("bad_announce", "a frame is shorter than its prefix")
-    return Announce(msg_id, digest.hex(), frames)
+def read_announce(payload: bytes) -> list[Announce]:
+    """Parse an announce; WireError('bad_announce') unless every entry is well formed."""
+    _check_prefix(payload, FRAME_ANNOUNCE, "bad_announce")
+    out = []
+    for raw_id, digest, raw_dst, kind, index, size, age in _entries(payload, _ANNOUNCE_ENTRY, "bad_announce"):
+        dst = raw_dst.rstrip(b"\0").decode("ascii", errors="replace")
+        if not is_destination(dst):
+            raise WireError("bad_announce", f"bad destination {dst[:32]!r}")
+        if size < PREFIX.size:
+            raise WireError("bad_announce", "a frame is shorter than its prefix")
+        age = min(max(age, 0.0), MAX_AGE_S) if math.isfinite(age) else 0.0  # a sender cannot move the clock far
+        out.append(Announce(raw_id.hex(), digest.hex(), dst, _kind(kind, "bad_announce"), index, size, age))
+    return out
 
 
 def pack_releases(releases: Sequence[Release]) -> bytes:
-    """One release frame for up to MAX_ENTRIES releases (all for one receiver and one topic)."""
+    """One release frame for up to MAX_ENTRIES releases (all of one link: one sender, one receiver)."""
     if not 1 <= len(releases) <= MAX_ENTRIES:
         raise ValueError(f"1..{MAX_ENTRIES} releases per frame, got {len(releases)}")
-    parts = [pack_prefix(FRAME_RELEASE, releases[0].msg_id), _RELEASE_HEAD.pack(len(releases))]
+    parts = [pack_prefix(FRAME_RELEASE, releases[0].msg_id), _COUNT.pack(len(releases))]
     for r in releases:
-        parts.append(_RELEASE_ENTRY.pack(bytes.fromhex(r.msg_id), bytes.fromhex(r.sha256), r.index, r.size,
-                                         r.t_send, r.t_arrive, int(r.lost)))  # fmt: skip
+        parts.append(_RELEASE_ENTRY.pack(bytes.fromhex(r.msg_id), bytes.fromhex(r.sha256), _KIND_INDEX[r.kind],
+                                         r.index, r.size, r.t_send, r.t_arrive, int(r.lost)))  # fmt: skip
     return b"".join(parts)
 
 
 def read_releases(payload: bytes) -> list[Release]:
     """Parse a release frame; WireError('bad_release') unless every entry is well formed."""
     _check_prefix(payload, FRAME_RELEASE, "bad_release")
-    if len(payload) < PREFIX.size + _RELEASE_HEAD.size:
-        raise WireError("bad_release", "release cut short")
-    (n,) = _RELEASE_HEAD.unpack_from(payload, PREFIX.size)
-    start = PREFIX.size + _RELEASE_HEAD.size
-    if not 1 <= n <= MAX_ENTRIES or len(payload) != start + n * _RELEASE_ENTRY.size:
-        raise WireError("bad_release", f"{n} entries in {len(payload)} bytes")
     out = []
-    for raw_id, digest, index, size, t_send, t_arrive, lost in _RELEASE_ENTRY.iter_unpack(memoryview(payload)[start:]):
+    for raw_id, digest, kind, index, size, t_send, t_arrive, lost in _entries(payload, _RELEASE_ENTRY, "bad_release"):
         if lost not in (0, 1) or not (lost or (math.isfinite(t_send) and math.isfinite(t_arrive))):
             raise WireError("bad_release", "a delivered frame needs finite stamps")
-        out.append(Release(raw_id.hex(), digest.hex(), index, size, t_send, t_arrive, bool(lost)))
+        out.append(Release(raw_id.hex(), digest.hex(), _kind(kind, "bad_release"), index, size, t_send, t_arrive,
+                           bool(lost)))  # fmt: skip
     return out
 
 
@@ -275,13 +305,13 @@ class HoldBuffer:
         src = parsed.src
         queue = self._queues.setdefault(src, deque())
         for rel in releases:
-            key = (src, parsed.kind, rel.msg_id, rel.index)
+            key = (src, rel.kind, rel.msg_id, rel.index)
             if key in self._settled or key in self._queued:
                 self._reject(WireError("release_duplicate", f"frame {rel.index} of {rel.msg_id} again"), topic)
             elif len(queue) >= self.limits.max_releases_per_source:
                 self._reject(WireError("release_overflow", f"over {len(queue)} releases wait for {src}"), topic)
             else:
-                queue.append((rel, parsed.kind, now, parsed.dst))
+                queue.append((rel, rel.kind, now, parsed.dst))
                 self._queued.add(key)
         return out + self._drain(src, now)
 
@@ -393,7 +423,7 @@ def announce_frames(frames: Iterable[bytes]) -> list[tuple[int, int]]:
 
 
 __all__ = [
-    "FRAME_ANNOUNCE", "FRAME_RELEASE", "MAX_ENTRIES", "REASONS", "Announce", "HoldBuffer", "HoldLimits",
-    "Ready", "Release", "announce_frames", "frame_type", "pack_announces", "pack_releases", "read_announce",
-    "read_releases",
+    "FRAME_ANNOUNCE", "FRAME_RELEASE", "KINDS", "MAX_AGE_S", "MAX_ENTRIES", "REASONS", "Announce", "HoldBuffer",
+    "HoldLimits", "Ready", "Release", "announce_frames", "frame_type", "pack_announces", "pack_releases",
+    "read_announce", "read_releases",
 ]  # fmt: skip

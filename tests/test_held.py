@@ -19,7 +19,9 @@ from broker.channel import ChannelConfig, LinkOverrides
 from broker.channel.emulator import ChannelEmulator
 from broker.envelope import STAMPS, STAMPS_OFFSET, unpack_prefix
 from broker.held import (
+    MAX_AGE_S,
     MAX_ENTRIES,
+    Announce,
     HoldBuffer,
     HoldLimits,
     Release,
@@ -31,7 +33,7 @@ from broker.held import (
 )
 from broker.server import MosquittoBroker
 from broker.topics import Kind, ParsedTopic, Topics
-from broker.wire import REASONS, encode, split
+from broker.wire import REASONS, chunk_count, encode, split
 from nmoe.errors import WireError
 
 T = Topics(RUN)
@@ -71,7 +73,12 @@ def rx_topic(src: str = SRC) -> tuple[ParsedTopic, str]:
 def release_for(frame: bytes, sha256: str, t: float = 1.0, *, lost: bool = False, size: int | None = None) -> bytes:
     ((index, n),) = announce_frames([frame])
     msg_id = unpack_prefix(frame)[1]
-    return pack_releases([Release(msg_id, sha256, index, size or n, t, t + 0.5, lost)])
+    return pack_releases([Release(msg_id, sha256, Kind.LATENT, index, size or n, t, t + 0.5, lost)])
+
+
+def released(m, size: int | None = None) -> Release:  # m: an Encoded whole message
+    """The release of an unchunked message's one frame, delivered at modeled 1.0 -> 2.0."""
+    return Release(m.header.id, m.header.sha256, Kind.LATENT, 0, len(m.payload) if size is None else size, 1.0, 2.0)
 
 
 def give_body(hold: HoldBuffer, frame: bytes, src: str = SRC) -> list:
@@ -85,16 +92,19 @@ def give_release(hold: HoldBuffer, payload: bytes, src: str = SRC) -> list:
 # -- frames ------------------------------------------------------------------------------------------
 def test_announce_and_release_frames_round_trip_and_refuse_anything_else() -> None:
     enc = message()
-    frames = [(0, 100), (3, 70_000)]
-    (raw,) = pack_announces(enc.header.id, enc.header.sha256, frames)
-    got = read_announce(raw)
-    assert (got.msg_id, got.sha256, got.frames) == (enc.header.id, enc.header.sha256, tuple(frames))
-    assert len(pack_announces(enc.header.id, enc.header.sha256, [(0, 100)] * (MAX_ENTRIES + 1))) == 2
-    rel = [Release(enc.header.id, enc.header.sha256, 2, 999, 1.5, 2.25), Release(enc.header.id, enc.header.sha256,
-                                                                                 3, 5, math.nan, math.nan, True)]
+    entries = [Announce(enc.header.id, enc.header.sha256, "client-1", Kind.LATENT, 0, 100, 0.25),
+               Announce(enc.header.id, enc.header.sha256, "all", Kind.MODEL, 3, 70_000)]  # fmt: skip
+    (raw,) = pack_announces(entries)
+    assert read_announce(raw) == entries
+    assert len(pack_announces(entries[:1] * (MAX_ENTRIES + 1))) == 2
+    (late,) = pack_announces([Announce(enc.header.id, enc.header.sha256, "all", Kind.CTRL, 0, 100, 1e9)])
+    assert read_announce(late)[0].age_s == MAX_AGE_S  # a sender cannot push a frame far into the past
+    rel = [Release(enc.header.id, enc.header.sha256, Kind.LATENT, 2, 999, 1.5, 2.25),
+           Release(enc.header.id, enc.header.sha256, Kind.LOGITS, 3, 5, math.nan, math.nan, True)]  # fmt: skip
     back = read_releases(pack_releases(rel))
-    assert back[0] == rel[0] and back[1].lost and math.isnan(back[1].t_arrive)
-    for bad in (raw[:-1], raw + b"\0", raw[:40], enc.payload, b"NMOE", b""):
+    assert back[0] == rel[0] and back[1].lost and back[1].kind is Kind.LOGITS and math.isnan(back[1].t_arrive)
+    bad_dst = raw.replace(b"client-1", b"Client-1")
+    for bad in (raw[:-1], raw + b"\0", raw[:40], enc.payload, b"NMOE", b"", bad_dst):
         with pytest.raises(WireError) as err:
             read_announce(bad)
         assert err.value.reason == "bad_announce"
@@ -103,7 +113,7 @@ def test_announce_and_release_frames_round_trip_and_refuse_anything_else() -> No
         with pytest.raises(WireError) as err:
             read_releases(bad)
         assert err.value.reason == "bad_release"
-    unstamped = pack_releases([Release(enc.header.id, enc.header.sha256, 0, 5, math.inf, 1.0)])
+    unstamped = pack_releases([Release(enc.header.id, enc.header.sha256, Kind.LATENT, 0, 5, math.inf, 1.0)])
     with pytest.raises(WireError):
         read_releases(unstamped)  # a delivered frame needs finite stamps
 
@@ -166,7 +176,7 @@ def test_size_or_digest_that_differ_from_the_release_are_rejected() -> None:
 def test_releases_free_frames_in_release_order_per_sender() -> None:
     hold, _ = buffer()
     a, b, c = message(seed=1), message(seed=2), message(src=OTHER, seed=3)
-    rel = pack_releases([Release(m.header.id, m.header.sha256, 0, len(m.payload), 1.0, 2.0) for m in (a, b)])
+    rel = pack_releases([released(m) for m in (a, b)])
     assert give_release(hold, rel) == []
     assert give_body(hold, b.payload) == []  # a's body is not here yet: b waits behind it (FIFO)
     give_body(hold, c.payload, src=OTHER)
@@ -179,7 +189,7 @@ def test_a_release_whose_body_never_comes_stops_blocking_its_link_at_the_timeout
     clock = Clock()
     hold, rejected = buffer(clock, timeout_s=5.0)
     a, b = message(seed=1), message(seed=2)
-    rel = pack_releases([Release(m.header.id, m.header.sha256, 0, len(m.payload), 1.0, 2.0) for m in (a, b)])
+    rel = pack_releases([released(m) for m in (a, b)])
     give_release(hold, rel)
     clock.now = 1.0
     assert give_body(hold, b.payload) == []
@@ -212,7 +222,7 @@ def test_the_hold_buffer_is_bounded_per_sender_and_a_flood_costs_only_the_floode
     give_body(hold, message(n=20_000).payload)  # 80 kB: alone over SRC's byte budget
     assert rejected == ["oversized"]
     rejected.clear()
-    never = [Release(m.header.id, m.header.sha256, 0, 10, 1.0, 2.0) for m in (message(seed=s) for s in range(10, 14))]
+    never = [released(message(seed=s), size=10) for s in range(10, 14)]
     give_release(hold, pack_releases(never))
     assert rejected == ["release_overflow", "release_overflow"]
 
@@ -261,7 +271,7 @@ async def test_only_the_channel_account_can_release_a_held_body() -> None:
             channel = await stack.enter_async_context(raw_client(mosq.address_for("channel"), "chan"))
             x = np.arange(64, dtype=np.float32)
             msg_id = await tx.send("client-1", Kind.LATENT, {"h": x})  # no emulator: it is held
-            release = pack_releases([Release(msg_id, "00" * 32, 0, 0, 1.0, 2.0)])
+            release = pack_releases([Release(msg_id, "00" * 32, Kind.LATENT, 0, 0, 1.0, 2.0)])
             # another agent forges the release: the broker drops it (ACL), nothing is delivered
             await forger.publish(T.rx("client-1", "client-0", Kind.LATENT), release, qos=1)
             await forger.publish(T.rx("client-1", "client-2", Kind.LATENT), release, qos=1)
@@ -273,7 +283,8 @@ async def test_only_the_channel_account_can_release_a_held_body() -> None:
             assert (src, kind, held_id, index) == ("client-0", "latent", msg_id, 0)
             sha = encode(kind=Kind.LATENT, run=RUN, src="client-0", dst="client-1", tensors={"h": x}).header.sha256
             await channel.publish(T.rx("client-1", "client-0", Kind.LATENT),
-                                  pack_releases([Release(msg_id, sha, 0, size, 1.0, 2.0)]), qos=1)  # fmt: skip
+                                  pack_releases([Release(msg_id, sha, Kind.LATENT, 0, size, 1.0, 2.0)]),
+                                  qos=1)  # fmt: skip
             got = await rx.receive(timeout=5)
     assert np.array_equal(got.tensors["h"], x) and (got.header.t_model_send, got.header.t_model_arrive) == (1.0, 2.0)
 
@@ -303,3 +314,49 @@ async def test_a_held_request_and_its_reply_cross_the_real_emulator_with_the_cha
     assert stats["totals"]["announced"] == stats["totals"]["frames_in"] >= 4
     assert stats["totals"]["releases"] == stats["totals"]["delivered"] and stats["rejected"] == {}
     assert a.stats.rejected == {} and b.stats.rejected == {}
+
+
+async def test_a_backdated_header_goes_on_the_air_when_its_frame_left_never_before_the_models_clock() -> None:
+    from broker.channel.clock import RealtimeDriver
+    from broker.channel.model import ChannelModel, Delivery
+
+    cfg = ChannelConfig(preset="ideal", time_scale=0.1, link=LinkOverrides(delay_s=0.5))  # 1 s modeled = 0.1 s
+    results: list[object] = []
+    model = ChannelModel(cfg, ["client-0", "client-1"], 0, wired=(), on_result=results.append)
+    driver = RealtimeDriver(model)
+    driver.start()
+    try:
+        await asyncio.sleep(0.05)
+        now = driver.modeled_now()
+        driver.submit("client-0", "client-1", 100, key="late", at=now - 0.3)  # waited 0.3 modeled s to be announced
+        driver.submit("client-0", "client-1", 100, key="early", at=-5.0)  # before what the model has seen: clamped
+        await asyncio.sleep(0.25)
+    finally:
+        driver.close()
+    late, early = results
+    assert isinstance(late, Delivery) and isinstance(early, Delivery)
+    assert late.t_send == pytest.approx(now - 0.3, abs=1e-9) and late.latency == pytest.approx(1.0)
+    assert early.t_send == pytest.approx(now - 0.3, abs=1e-9)  # the model's clock, not -5
+
+
+@needs_mosquitto
+async def test_concurrent_sends_share_announces_and_every_message_arrives_once() -> None:
+    agents = ["client-0", "client-1"]
+    cfg = ChannelConfig(preset="ideal", time_scale=0.01)
+    with MosquittoBroker(RUN, make_accounts(agents), channel_mode="emulated") as mosq:
+        async with AsyncExitStack() as stack:
+            emu = await stack.enter_async_context(
+                ChannelEmulator(cfg, RUN, mosq.address_for("channel"), agents, seed=0, wired=()))
+            a = await stack.enter_async_context(_session(mosq, "client-0", chunk_size=4096))
+            b = await stack.enter_async_context(_session(mosq, "client-1"))
+            xs = [np.full(3000, i, np.float32) for i in range(24)]  # 12 kB each, in 4 kB chunks
+            await asyncio.gather(*(a.send("client-1", Kind.UPDATE, {"w": x}, round=i) for i, x in enumerate(xs)))
+            got = [await b.receive(timeout=10) for _ in xs]
+            await emu.flush(5)
+            totals = emu.stats()["totals"]
+    assert sorted(int(m.tensors["w"][0]) for m in got) == list(range(24))
+    size = len(encode(kind=Kind.UPDATE, run=RUN, src="client-0", dst="client-1", tensors={"w": xs[0]}).payload)
+    frames = 24 * chunk_count(size, 4096)
+    assert totals["announced"] == totals["releases"] == frames
+    assert totals["announces"] < 24 and totals["release_frames"] < frames  # batched, not one per frame
+    assert a.stats.announce_failures == 0 and b.stats.rejected == {}

@@ -72,7 +72,7 @@ from broker.channel.model import ChannelModel, Delivery, Result
 from broker.channel.relay import RelayOptions, RelaySession
 from broker.chunks import read_chunk
 from broker.envelope import FRAME_CHUNK, STAMPS, STAMPS_OFFSET, unpack_prefix
-from broker.held import FRAME_ANNOUNCE, MAX_ENTRIES, Release, frame_type, pack_releases, read_announce
+from broker.held import FRAME_ANNOUNCE, MAX_ENTRIES, Announce, Release, frame_type, pack_releases, read_announce
 from broker.topics import Kind, ParsedTopic, Topics
 from nmoe.errors import ChannelError, NmoeError, WireError
 
@@ -93,12 +93,23 @@ class _Frame:
 
 
 class _Held:
-    """One frame of a held body (``relay: headers``): only its size and identity are on the air."""
+    """One frame of a held body (``relay: headers``): only its header is on the air."""
 
-    __slots__ = ("index", "msg_id", "parsed", "sha256", "size")
+    __slots__ = ("announce", "src")
 
-    def __init__(self, parsed: ParsedTopic, msg_id: str, sha256: str, index: int, size: int) -> None:
-        self.parsed, self.msg_id, self.sha256, self.index, self.size = parsed, msg_id, sha256, index, size
+    def __init__(self, src: str, announce: Announce) -> None:
+        self.src, self.announce = src, announce
+
+
+class _ReleaseLink:
+    """Releases of one (src, dst) link: one frame awaits the broker at a time, the rest batch behind it."""
+
+    __slots__ = ("busy", "pending", "topic")
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.pending: list[Release] = []
+        self.busy = False  # a release frame of this link is scheduled or awaits its PUBACK
 
 
 class ChannelEmulator:
@@ -130,9 +141,7 @@ class ChannelEmulator:
         self.session = RelaySession(self.topics, address, options or RelayOptions(), self._on_message,
                                     on_subscribed=self._start_clock)  # fmt: skip
         self._rx_topics: dict[tuple[str, str, Kind], str] = {}
-        # releases of one loop step, batched per topic while consecutive (so every link keeps its order)
-        self._releases: list[tuple[str, list[Release]]] = []
-        self._release_flush: asyncio.Handle | None = None
+        self._release_links: dict[tuple[str, str], _ReleaseLink] = {}  # (src, dst) -> its releases
         self._rejected: Counter[str] = Counter()
         self._counts: Counter[str] = Counter()
         if epoch_unix is not None and not math.isfinite(epoch_unix):
@@ -180,9 +189,10 @@ class ChannelEmulator:
 
     async def __aexit__(self, *exc: object) -> None:
         try:
-            if self._release_flush is not None:  # releases of the last loop step go out too
-                self._release_flush.cancel()
-                self._flush_releases()
+            for link in self._release_links.values():  # releases still batched go out too
+                while link.pending:
+                    batch, link.pending = link.pending[:MAX_ENTRIES], link.pending[MAX_ENTRIES:]
+                    self.session.publish(link.topic, pack_releases(batch))
             await self.session.__aexit__(*exc)
         finally:
             self.driver.close()
@@ -202,9 +212,10 @@ class ChannelEmulator:
                     await asyncio.sleep(max(0.0, self.driver.wall_time(nxt) - loop.time()))
                     await asyncio.sleep(0)  # let the driver's timer run first
                     continue
-                if self._release_flush is not None:
-                    self._flush_releases()
                 await self.session.wait_published()
+                if self._releases_waiting():  # batched behind a frame just acknowledged
+                    await asyncio.sleep(0)
+                    continue
                 if self.model.env.peek() == math.inf:
                     return
 
@@ -244,20 +255,24 @@ class ChannelEmulator:
             self._reject("unknown_agent", topic, err)
 
     def _on_announce(self, topic: str, parsed: ParsedTopic, payload: bytes) -> None:
-        """Frames the sender published on a held topic: each goes on the air by its size alone."""
-        announce = read_announce(payload)
-        # the frames it announces are what is on the air (counted as the full relay counts them)
-        self._counts["frames_in"] += len(announce.frames)
-        self._counts["bytes_in"] += sum(size for _index, size in announce.frames)
-        self._counts["announced"] += len(announce.frames)
-        reliable = self.cfg.is_reliable(parsed.kind.value)
-        for index, size in announce.frames:
-            key = _Held(parsed, announce.msg_id, announce.sha256, index, size)
+        """Frames the sender published on held topics: each goes on the air by its size alone, as of
+        when the sender published it (its age when the announce left, bounded by broker/held.py)."""
+        entries = read_announce(payload)
+        self._counts["announces"] += 1
+        now = self.modeled_now()
+        for entry in entries:
+            # the frames it announces are what is on the air (counted as the full relay counts them)
+            self._counts["frames_in"] += 1
+            self._counts["bytes_in"] += entry.size
+            self._counts["announced"] += 1
+            if entry.dst == parsed.src:
+                self._reject("bad_announce", topic, "a frame to its own sender")
+                continue
             try:
-                self.driver.submit(parsed.src, parsed.dst, size, reliable=reliable, key=key)
+                self.driver.submit(parsed.src, entry.dst, entry.size, reliable=self.cfg.is_reliable(entry.kind.value),
+                                   key=_Held(parsed.src, entry), at=now - entry.age_s / self.time_scale)  # fmt: skip
             except ChannelError as err:
                 self._reject("unknown_agent", topic, err)
-                return
 
     # -- onto the air ----------------------------------------------------------------------------
     def _rx_topic(self, dst: str, parsed: ParsedTopic) -> str:
@@ -271,10 +286,11 @@ class ChannelEmulator:
         """Called by the model in modeled-time order; drops are tallied by the model itself."""
         key = result.key
         if isinstance(key, _Held):  # relay: headers: release (or report lost) the receiver's held frame
-            lost = not isinstance(result, Delivery)
+            a = key.announce
             t_arrive = result.t_arrive if isinstance(result, Delivery) else math.nan
-            release = Release(key.msg_id, key.sha256, key.index, key.size, result.t_send, t_arrive, lost)
-            self._queue_release(self._rx_topic(result.dst, key.parsed), release)
+            lost = not isinstance(result, Delivery)
+            self._queue_release(key.src, result.dst, a.kind, Release(a.msg_id, a.sha256, a.kind, a.index, a.size,
+                                                                    result.t_send, t_arrive, lost))  # fmt: skip
             return
         if not isinstance(result, Delivery):
             return
@@ -284,26 +300,32 @@ class ChannelEmulator:
         STAMPS.pack_into(payload, STAMPS_OFFSET, result.t_send, result.t_arrive)
         self.session.publish(self._rx_topic(result.dst, key.parsed), payload)
 
-    def _queue_release(self, topic: str, release: Release) -> None:
-        last = self._releases[-1] if self._releases else None
-        if last is not None and last[0] == topic and len(last[1]) < MAX_ENTRIES:
-            last[1].append(release)
-        else:
-            self._releases.append((topic, [release]))
-        if self._release_flush is None:
+    def _queue_release(self, src: str, dst: str, kind: Kind, release: Release) -> None:
+        link = self._release_links.get((src, dst))
+        if link is None:
+            link = self._release_links[(src, dst)] = _ReleaseLink(self.topics.rx(dst, src, kind))
+        link.pending.append(release)
+        if not link.busy:  # batch what falls due in this loop step; later ones wait for its PUBACK
+            link.busy = True
             try:
-                self._release_flush = asyncio.get_running_loop().call_soon(self._flush_releases)
+                asyncio.get_running_loop().call_soon(self._send_releases, link)
             except RuntimeError:  # driven outside a loop (tests of the model): publish at once
-                self._flush_releases()
+                self._send_releases(link)
 
-    def _flush_releases(self) -> None:
-        """Publish this step's releases: one frame per run of consecutive releases on one topic."""
-        self._release_flush = None
-        batches, self._releases = self._releases, []
-        for topic, releases in batches:
-            self._counts["releases"] += len(releases)
-            self._counts["releases_lost"] += sum(r.lost for r in releases)
-            self.session.publish(topic, pack_releases(releases))
+    def _send_releases(self, link: _ReleaseLink) -> None:
+        """Publish one frame of the link's pending releases, in order; the next when it is acknowledged."""
+        if not link.pending:
+            link.busy = False
+            return
+        batch, link.pending = link.pending[:MAX_ENTRIES], link.pending[MAX_ENTRIES:]
+        self._counts["releases"] += len(batch)
+        self._counts["releases_lost"] += sum(r.lost for r in batch)
+        self._counts["release_frames"] += 1
+        link.busy = True
+        self.session.publish(link.topic, pack_releases(batch), on_done=lambda: self._send_releases(link))
+
+    def _releases_waiting(self) -> bool:
+        return any(link.pending for link in self._release_links.values())
 
     # -- reporting -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -314,8 +336,10 @@ class ChannelEmulator:
         ``totals``: the same summed, plus frames_in/bytes_in (taken off the air; a held frame counts
         when its announce is read, with its own size), published/
         bytes_out (acknowledged by the broker), publish_failed, backlog_peak, reconnects, and for
-        held bodies (``relay: headers``) announced (frames submitted by size), releases (sent to
-        receivers, one per frame and destination) and releases_lost (of them, reporting a drop).
+        held bodies (``relay: headers``) announces (MQTT publishes read), announced (the frames
+        they listed, submitted by size), releases (sent to
+        receivers, one per frame and destination), releases_lost (of them, reporting a drop) and
+        release_frames (the MQTT publishes they were batched into).
         ``rejected``: malformed input by reason (bad_topic, bad_magic, truncated, bad_chunk, ...).
         """
         links: dict[str, dict[str, Any]] = {}
@@ -331,7 +355,7 @@ class ChannelEmulator:
             summed.update(delivered=s.delivered, retransmissions=s.retransmissions, bytes=s.bytes_delivered)
         counts = self._counts + self.session.counts
         names = ("frames_in", "bytes_in", "published", "bytes_out", "publish_failed", "backlog_peak", "reconnects",
-                 "announced", "releases", "releases_lost")
+                 "announces", "announced", "releases", "releases_lost", "release_frames")
         totals: dict[str, Any] = {
             "delivered": summed["delivered"], "dropped": dict(dropped), "retransmissions": summed["retransmissions"],
             "bytes": summed["bytes"], **{k: counts[k] for k in names},
