@@ -6,20 +6,30 @@
         ...                      # agents talk (BusSession in channel_mode='emulated')
         print(emu.stats())       # per-link counts and modeled latencies, JSON-ready
 
-One more client on the bus, with the ``channel`` account (read ``tx/#``, write ``rx/#``). Each MQTT
-payload a sender puts on the air (``tx/<src>/<dst>/<kind>``, a whole message or one chunk of a
-chunked message) is one unit on the link: it is submitted to the (src, dst) link of a
-:class:`~broker.channel.model.ChannelModel` with its size and the kind's reliability; a broadcast
-(dst ``all``) crosses the sender's uplink once and is forked at the base station, each copy with
-its own draws. On delivery the payload is republished on ``rx/<dst>/<src>/<kind>`` (per
-destination, broadcasts included) with its modeled send and arrival times written into its frame
-prefix (what :func:`broker.wire.restamp` does, with one copy less); a dropped one is only counted.
-A lost chunk makes the receiver's reassembly expire, as a lost packet of an unacknowledged
-transfer would. Agents are the same code in both channel modes.
+One more client on the bus, with the ``channel`` account (read ``tx/#``, write ``rx/#``). Each frame
+a sender puts on the air (a whole message or one chunk of a chunked message) is one unit on the
+link: it is submitted to the (src, dst) link of a :class:`~broker.channel.model.ChannelModel` with
+its size and the kind's reliability; a broadcast (dst ``all``) crosses the sender's uplink once and
+is forked at the base station, each copy with its own draws. Frames reach the emulator two ways,
+both served at once (a session picks one with ``channel.relay``):
 
-Modeled time reaches receivers in the headers: ``msg.header.t_model_send`` is when the emulator
-took the payload off the air (modeled seconds since the epoch: by default the moment the emulator
-subscribed), ``t_model_arrive`` when the channel delivered it; for a chunked message the earliest
+- ``headers`` (the default; broker/held.py): the body went straight to the receiver, who holds it;
+  the emulator reads an *announce* on ``tx/<src>/...`` listing frames (message id, sha256,
+  destination, kind, chunk index, size, and how long ago each left), submits each as of when it
+  left, and at its delivery (or drop) publishes a *release* with the modeled times (or "lost") on
+  ``rx/<dst>/<src>/<kind>``; the releases of one link that fall due while its previous release frame
+  awaits the broker go out together. Bodies cross the broker once.
+- ``bodies``: the frame itself arrives on ``tx/<src>/<dst>/<kind>``; on delivery it is republished on
+  ``rx/<dst>/<src>/<kind>`` (per destination, broadcasts included) with its modeled send and arrival
+  times written into its frame prefix (what :func:`broker.wire.restamp` does, with one copy less);
+  a dropped one is only counted. Bodies cross the broker twice.
+
+A lost chunk makes the receiver's reassembly expire, as a lost packet of an unacknowledged
+transfer would. Agents are the same code in both channel modes and both relays.
+
+Modeled time reaches receivers in the headers: ``msg.header.t_model_send`` is when the frame went
+on the air (the emulator read it; with ``relay: headers``, the sender published it; modeled seconds
+since the epoch: by default the moment the emulator subscribed), ``t_model_arrive`` when the channel delivered it; for a chunked message the earliest
 chunk send and the latest chunk arrival. That is how a coordinator tells who made a deadline:
 compare ``t_model_arrive`` with the round's start in modeled time, which an in-process coordinator
 reads from :meth:`modeled_now` and one in another process derives from :attr:`epoch_unix` and
@@ -29,9 +39,9 @@ here, ``--epoch-unix`` on the command line). There is no per-message lookup in t
 
 Driving: a :class:`~broker.channel.clock.RealtimeDriver` on the asyncio loop runs the model as far
 as the loop's clock (scaled by ``time_scale``) on each arrival and on a timer for the next event,
-never sleeping. Deliveries go to the ordered outbox of broker/channel/relay.py (QoS 1 publishes in
-delivery order, a bounded in-flight window, a backlog behind it), so the model never waits for the
-broker. Malformed input (bad topic, bad frame prefix, unknown agent) is counted by reason in
+never sleeping. Deliveries and releases go to the ordered outbox of broker/channel/relay.py (QoS 1
+publishes in delivery order, a bounded in-flight window, a backlog behind it), so the model never
+waits for the broker. Malformed input (bad topic, bad frame prefix or announce, unknown agent) is counted by reason in
 ``stats()["rejected"]`` and dropped, never raised. The connection (persistent session, reconnects
 with backoff) is broker/channel/relay.py's too. Messages still inside the model when the emulator
 exits are lost, as on a radio switched off; :meth:`flush` waits for them first.
