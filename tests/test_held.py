@@ -360,3 +360,16 @@ async def test_concurrent_sends_share_announces_and_every_message_arrives_once()
     assert totals["announced"] == totals["releases"] == frames
     assert totals["announces"] < 24 and totals["release_frames"] < frames  # batched, not one per frame
     assert a.stats.announce_failures == 0 and b.stats.rejected == {}
+
+
+def test_the_relay_is_a_validated_scenario_key(tmp_path) -> None:
+    from nmoe.errors import ConfigError
+    from scenarios.scenario import load_scenario
+
+    path = tmp_path / "s.yaml"
+    path.write_text("clients: 2\nchannel: {model: emulated, relay: bodies}\n")
+    assert load_scenario(str(path)).channel.relay == "bodies"
+    assert load_scenario(str(path), ["channel.relay=headers"]).channel.relay == "headers"
+    with pytest.raises(ConfigError, match="channel.relay") as err:
+        load_scenario(str(path), ["channel.relay=both"])
+    assert "headers" in str(err.value) and "bodies" in str(err.value)
