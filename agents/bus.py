@@ -88,6 +88,7 @@ class BusConfig:
     address: BrokerAddress
     channel_mode: ChannelMode = "direct"  # direct: publish to rx/...; emulated: through the channel emulator
     relay: RelayMode = "headers"  # emulated: body to held/..., header to tx/... (broker/held.py); bodies: to tx/...
+    held_min_bytes: int = 128 * 1024  # relay headers: smaller messages still go to tx/... whole (cheaper)
     chunk_size: int = 256 * 1024  # largest MQTT payload we publish; bigger messages are chunked
     qos: int = 1  # 1: at least once (duplicates are suppressed); 0: at most once
     compression: str = "none"  # default for float32 tensors: none | fp16 | int8
@@ -114,6 +115,8 @@ class BusConfig:
             raise ValueError("qos must be 0 or 1")
         if self.relay not in ("headers", "bodies"):
             raise ValueError("relay must be headers or bodies")
+        if self.held_min_bytes < 0:
+            raise ValueError("held_min_bytes must be >= 0")
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}")
         positive = ("publish_timeout_s", "publish_min_rate", "connect_timeout_s", "reconnect_initial_s")
@@ -417,16 +420,18 @@ class BusSession:
             stage=stage, meta=meta, reply_to=reply_to, msg_id=msg_id, finite=False,
             compression=self.cfg.compression if compression is None else compression,
         )  # fmt: skip
-        held = self.cfg.channel_mode == "emulated" and self.cfg.relay == "headers"
+        size, chunk = d.body_offset + len(d.body), self.cfg.chunk_size
+        total = chunk_count(size, chunk)
+        nbytes = size + (total * CHUNK_OVERHEAD if total > 1 else 0)
+        held = self.cfg.channel_mode == "emulated" and self.cfg.relay == "headers" and nbytes >= self.cfg.held_min_bytes
         if self.cfg.channel_mode == "direct":
             topic = self.topics.rx(dst, self.agent_id, kind)
         elif held:  # the body straight to the receiver, a header to the channel (broker/held.py)
             topic = self.topics.held(dst, self.agent_id, kind)
         else:
             topic = self.topics.tx(self.agent_id, dst, kind)
-        size, chunk = d.body_offset + len(d.body), self.cfg.chunk_size
-        total = chunk_count(size, chunk)
-        nbytes = size + (total * CHUNK_OVERHEAD if total > 1 else 0)
+            if not self._announced.is_set():  # a held message before it must reach the channel first
+                await self._announced.wait()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.publish_timeout(nbytes)
         head = covering(d.body_offset, size, chunk)

@@ -40,5 +40,6 @@ def bus_config(scn: Scenario, run_id: str, agent_id: str, address: BrokerAddress
     # held bodies (relay: headers) wait at the receiver as reassembly does: the same budget per sender
     hold = HoldLimits(max_bytes_per_source=per_source)
     return BusConfig(run_id, agent_id, address, channel_mode=mode, relay=scn.channel.relay,
+                     held_min_bytes=scn.channel.held_min_bytes,
                      chunk_size=scn.network.chunk_size, compression=scn.network.compression, limits=limits,
                      hold=hold)

@@ -72,7 +72,7 @@ def emulator(mosq: MosquittoBroker, cfg: ChannelConfig, seed: int = 0) -> Channe
 
 def session(mosq: MosquittoBroker, agent: str, **kw: Any) -> BusSession:
     fast: dict[str, Any] = {"reconnect_initial_s": 0.05, "reconnect_max_s": 0.3, "channel_mode": "emulated",
-                            "relay": RELAY}
+                            "relay": RELAY, "held_min_bytes": 0}  # headers: hold even the smallest message
     return BusSession(BusConfig(RUN, agent, mosq.address_for(agent), **(fast | kw)))
 
 

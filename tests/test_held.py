@@ -258,7 +258,9 @@ def test_the_acl_lets_agents_write_held_bodies_under_their_own_name_only() -> No
 
 
 def _session(mosq: MosquittoBroker, agent: str, **kw: object) -> BusSession:
-    return BusSession(BusConfig(RUN, agent, mosq.address_for(agent), channel_mode="emulated", **kw))  # type: ignore[arg-type]
+    """A session of an emulated channel that holds every body it sends (unless ``held_min_bytes`` says)."""
+    opts: dict[str, object] = {"channel_mode": "emulated", "held_min_bytes": 0} | kw
+    return BusSession(BusConfig(RUN, agent, mosq.address_for(agent), **opts))  # type: ignore[arg-type]
 
 
 @needs_mosquitto
@@ -373,3 +375,24 @@ def test_the_relay_is_a_validated_scenario_key(tmp_path) -> None:
     with pytest.raises(ConfigError, match="channel.relay") as err:
         load_scenario(str(path), ["channel.relay=both"])
     assert "headers" in str(err.value) and "bodies" in str(err.value)
+
+
+@needs_mosquitto
+async def test_small_messages_relayed_whole_keep_their_place_among_held_ones_on_a_link() -> None:
+    agents = ["client-0", "client-1"]
+    cfg = ChannelConfig(preset="ideal", time_scale=0.01, link=LinkOverrides(delay_s=0.2))
+    big = np.zeros(50_000, np.float32)  # 200 kB: held (over held_min_bytes)
+    with MosquittoBroker(RUN, make_accounts(agents), channel_mode="emulated") as mosq:
+        async with AsyncExitStack() as stack:
+            emu = await stack.enter_async_context(
+                ChannelEmulator(cfg, RUN, mosq.address_for("channel"), agents, seed=0, wired=()))
+            a = await stack.enter_async_context(_session(mosq, "client-0", held_min_bytes=128 * 1024))
+            b = await stack.enter_async_context(_session(mosq, "client-1"))
+            for i in range(12):  # big, small, big, small, ...: sent one after the other, as agents do
+                await a.send("client-1", Kind.MODEL, {"w": big} if i % 2 == 0 else None, round=i)
+            got = [await b.receive(timeout=10) for _ in range(12)]
+            totals = emu.stats()["totals"]
+    assert [m.header.round for m in got] == list(range(12))
+    assert totals["announces"] >= 1 and totals["announced"] >= 6  # the big ones were held ...
+    assert totals["published"] > totals["release_frames"]  # ... the small ones relayed whole
+    assert b.stats.rejected == {}

@@ -13,7 +13,8 @@ its size and the kind's reliability; a broadcast (dst ``all``) crosses the sende
 is forked at the base station, each copy with its own draws. Frames reach the emulator two ways,
 both served at once (a session picks one with ``channel.relay``):
 
-- ``headers`` (the default; broker/held.py): the body went straight to the receiver, who holds it;
+- ``headers`` (the default, for messages of ``held_min_bytes`` or more; broker/held.py): the body
+  went straight to the receiver, who holds it;
   the emulator reads an *announce* on ``tx/<src>/...`` listing frames (message id, sha256,
   destination, kind, chunk index, size, and how long ago each left), submits each as of when it
   left, and at its delivery (or drop) publishes a *release* with the modeled times (or "lost") on
@@ -29,13 +30,14 @@ transfer would. Agents are the same code in both channel modes and both relays.
 
 Modeled time reaches receivers in the headers: ``msg.header.t_model_send`` is when the frame went
 on the air (the emulator read it; with ``relay: headers``, the sender published it; modeled seconds
-since the epoch: by default the moment the emulator subscribed), ``t_model_arrive`` when the channel delivered it; for a chunked message the earliest
-chunk send and the latest chunk arrival. That is how a coordinator tells who made a deadline:
-compare ``t_model_arrive`` with the round's start in modeled time, which an in-process coordinator
-reads from :meth:`modeled_now` and one in another process derives from :attr:`epoch_unix` and
-``time_scale`` (modeled seconds = (time.time() - epoch_unix) / time_scale). A runner that starts
-the emulator as a process of its own picks the epoch itself and passes it to both (``epoch_unix=``
-here, ``--epoch-unix`` on the command line). There is no per-message lookup in the emulator.
+since the epoch: by default the moment the emulator subscribed), ``t_model_arrive`` when the
+channel delivered it; for a chunked message the earliest chunk send and the latest chunk arrival.
+That is how a coordinator tells who made a deadline: compare ``t_model_arrive`` with the round's
+start in modeled time, which an in-process coordinator reads from :meth:`modeled_now` and one in
+another process derives from :attr:`epoch_unix` and ``time_scale`` (modeled seconds =
+(time.time() - epoch_unix) / time_scale). A runner that starts the emulator as a process of its own
+picks the epoch itself and passes it to both (``epoch_unix=`` here, ``--epoch-unix`` on the command
+line). There is no per-message lookup in the emulator.
 
 Driving: a :class:`~broker.channel.clock.RealtimeDriver` on the asyncio loop runs the model as far
 as the loop's clock (scaled by ``time_scale``) on each arrival and on a timer for the next event,
@@ -112,14 +114,18 @@ class _Held:
 
 
 class _ReleaseLink:
-    """Releases of one (src, dst) link: one frame awaits the broker at a time, the rest batch behind it."""
+    """Releases of one (src, dst) link: one frame awaits the broker at a time, the rest batch behind it.
+
+    A relayed body of the link (a message under ``held_min_bytes``) delivered while releases wait
+    queues behind them, so that the link's deliveries reach the receiver in the model's order.
+    """
 
     __slots__ = ("busy", "pending", "topic")
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
-        self.pending: list[Release] = []
-        self.busy = False  # a release frame of this link is scheduled or awaits its PUBACK
+        self.pending: list[Release | tuple[str, bytearray]] = []  # releases, or (rx topic, relayed frame)
+        self.busy = False  # a publish of this link is scheduled or awaits its PUBACK
 
 
 class ChannelEmulator:
@@ -201,8 +207,8 @@ class ChannelEmulator:
         try:
             for link in self._release_links.values():  # releases still batched go out too
                 while link.pending:
-                    batch, link.pending = link.pending[:MAX_ENTRIES], link.pending[MAX_ENTRIES:]
-                    self.session.publish(link.topic, pack_releases(batch))
+                    topic, payload = self._next_publish(link)
+                    self.session.publish(topic, payload)
             await self.session.__aexit__(*exc)
         finally:
             self.driver.close()
@@ -308,7 +314,12 @@ class ChannelEmulator:
         # restamp() without its second copy: paho takes a bytearray as it is (the prefix was checked).
         payload = bytearray(key.payload)
         STAMPS.pack_into(payload, STAMPS_OFFSET, result.t_send, result.t_arrive)
-        self.session.publish(self._rx_topic(result.dst, key.parsed), payload)
+        topic = self._rx_topic(result.dst, key.parsed)
+        link = self._release_links.get((key.parsed.src, result.dst))
+        if link is not None and link.busy:  # not before the releases the model delivered ahead of it
+            link.pending.append((topic, payload))
+        else:
+            self.session.publish(topic, payload)
 
     def _queue_release(self, src: str, dst: str, kind: Kind, release: Release) -> None:
         link = self._release_links.get((src, dst))
@@ -323,16 +334,29 @@ class ChannelEmulator:
                 self._send_releases(link)
 
     def _send_releases(self, link: _ReleaseLink) -> None:
-        """Publish one frame of the link's pending releases, in order; the next when it is acknowledged."""
+        """Publish the link's next pending item, in order; the one after it when it is acknowledged."""
         if not link.pending:
             link.busy = False
             return
-        batch, link.pending = link.pending[:MAX_ENTRIES], link.pending[MAX_ENTRIES:]
+        link.busy = True
+        topic, payload = self._next_publish(link)
+        self.session.publish(topic, payload, on_done=lambda: self._send_releases(link))
+
+    def _next_publish(self, link: _ReleaseLink) -> tuple[str, bytes | bytearray]:
+        """Take the link's next publish: a relayed frame, or one frame of the releases ahead of it."""
+        head = link.pending[0]
+        if isinstance(head, tuple):
+            link.pending.pop(0)
+            return head
+        n = 0
+        while n < len(link.pending) and n < MAX_ENTRIES and isinstance(link.pending[n], Release):
+            n += 1
+        batch = [r for r in link.pending[:n] if isinstance(r, Release)]
+        del link.pending[:n]
         self._counts["releases"] += len(batch)
         self._counts["releases_lost"] += sum(r.lost for r in batch)
         self._counts["release_frames"] += 1
-        link.busy = True
-        self.session.publish(link.topic, pack_releases(batch), on_done=lambda: self._send_releases(link))
+        return link.topic, pack_releases(batch)
 
     def _releases_waiting(self) -> bool:
         return any(link.pending for link in self._release_links.values())
