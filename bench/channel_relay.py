@@ -1,14 +1,16 @@
 """What the channel emulator costs: relayed throughput and added latency against the direct bus.
 
 One mosquitto (its ACL allows every path), one run, side by side: a sender streams tensor messages
-(64 KiB and 1 MiB bodies, default 256 KiB chunks) to a receiver through BusSessions on three
-paths: ``direct`` (publish straight to rx/...), ``headers`` (the emulated channel's default,
-``channel.relay: headers``: each body goes straight to the receiver's held/... topic and waits
-there, a small announce goes to the emulator, which releases the body at its modeled delivery)
-and ``bodies`` (``channel.relay: bodies``: every body goes to tx/... and the emulator republishes
-it on rx/..., crossing the broker twice). The emulator runs an ``ideal`` channel at time_scale 1:
+(64 KiB and 1 MiB bodies, default 256 KiB chunks) to a receiver through BusSessions on four
+paths: ``direct`` (publish straight to rx/...); ``headers``, the emulated channel's default
+(``channel.relay: headers``: a body of ``held_min_bytes`` (128 KiB) or more goes straight to the
+receiver's held/... topic and waits there while a small announce goes to the emulator, which
+releases the body at its modeled delivery; a smaller message goes through the emulator whole);
+``held`` (the same with ``held_min_bytes: 0``: every body held, whatever its size); and ``bodies``
+(``channel.relay: bodies``: every body goes to tx/... and the emulator republishes it on rx/...,
+crossing the broker twice). The emulator runs an ``ideal`` channel at time_scale 1:
 no airtime, no delay, no loss, only the relay itself. The sender awaits each send, as agents do;
-the clock stops when the receiver holds the last one. Each trial runs the three paths back to
+the clock stops when the receiver holds the last one. Each trial runs the four paths back to
 back (order rotating) and gives one direct/path ratio per emulated path; the ratio reported is the
 median of those paired ratios, which cancels most of the noise of a shared machine. Then the
 one-way latency of small messages (a 16x64 float32 latent), sent one at a time, in rotating
@@ -20,10 +22,10 @@ with both agents, where the three share one core and one GIL (the worst case).
 
     python bench/channel_relay.py [--quick] [--emulator process|inprocess] [--trials T]
 
-relay_ratio is the headers path's throughput over direct's, for the worse message size, and
-bodies_ratio the same for the full relay; added_p50_ms is the median one-way latency, headers minus
-direct (bodies_added_p50_ms: the full relay's). The last line printed is
-``relay_ratio=<x> bodies_ratio=<y> added_p50_ms=<z> bodies_added_p50_ms=<w>``.
+relay_ratio is the default (headers) path's throughput over direct's, for the worse message size;
+held_ratio and bodies_ratio the same for the other two; added_p50_ms is the median one-way latency
+of the default path minus direct's (bodies_added_p50_ms: the full relay's). The last line printed
+is ``relay_ratio=<x> held_ratio=<h> bodies_ratio=<y> added_p50_ms=<z> bodies_added_p50_ms=<w>``.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from broker.wire import encode  # noqa: E402
 RUN = "bench"
 SENDER, RECEIVER = "client-0", "client-1"
 AGENTS = [SENDER, RECEIVER]
-MODES = ("direct", "headers", "bodies")  # direct bus; emulated channel, relay: headers | bodies
+MODES = ("direct", "headers", "held", "bodies")  # direct bus; emulated: the default, every body held, full relay
 EMULATED = MODES[1:]
 RNG = np.random.default_rng(0)
 SIZES = {"64 KiB": RNG.standard_normal(16_384).astype(np.float32),
@@ -104,7 +106,8 @@ def sessions(broker: MosquittoBroker, mode: str) -> tuple[BusSession, BusSession
         tx = BusSession(BusConfig(RUN, SENDER, broker.address_for(SENDER)))
         rx = BusSession(BusConfig(RUN, RECEIVER, broker.address_for(RECEIVER)))
     else:
-        tx = BusSession(BusConfig(RUN, SENDER, broker.address_for(SENDER), channel_mode="emulated", relay=mode))  # type: ignore[arg-type]
+        relay = {"headers": {}, "held": {"held_min_bytes": 0}, "bodies": {"relay": "bodies"}}[mode]
+        tx = BusSession(BusConfig(RUN, SENDER, broker.address_for(SENDER), channel_mode="emulated", **relay))  # type: ignore[arg-type]
         rx = BusSession(BusConfig(RUN, RECEIVER, broker.address_for(RECEIVER), channel_mode="emulated"))
     return tx, rx
 
@@ -188,8 +191,7 @@ async def main(args: argparse.Namespace) -> None:
 
     title = f"direct bus vs channel emulator (ideal preset, emulator {args.emulator}), {args.trials} trials"
     table = Table(title=title)
-    for col in ("message", "count", "MB/s direct", "MB/s headers", "MB/s bodies", "ratio headers (median)",
-                "ratio headers (min-max)", "ratio bodies (median)", "ratio bodies (min-max)"):  # fmt: skip
+    for col in ("message", "count", *(f"MB/s {m}" for m in MODES), *(f"ratio {m} (median, min-max)" for m in EMULATED)):
         table.add_column(col, justify="left" if col == "message" else "right")
     for size in SIZES:
         n, mb = counts[size], counts[size] * wire[size] / 1e6
@@ -197,7 +199,7 @@ async def main(args: argparse.Namespace) -> None:
         cells = []
         for mode in EMULATED:
             r = ratios[(size, mode)]
-            cells += [f"{median(r):.3f}", f"{min(r):.2f}-{max(r):.2f}"]
+            cells.append(f"{median(r):.3f} ({min(r):.2f}-{max(r):.2f})")
         table.add_row(size, str(n), *rates, *cells)
     console.print(table)
     cpu_table = Table(title="CPU per message, microseconds (median over trials)")
@@ -218,7 +220,7 @@ async def main(args: argparse.Namespace) -> None:
     console.print(lt)
     worst = {mode: min(median(ratios[(size, mode)]) for size in SIZES) for mode in EMULATED}
     added = {mode: (median(lat[mode]) - median(lat["direct"])) * 1e3 for mode in EMULATED}
-    print(f"relay_ratio={worst['headers']:.3f} bodies_ratio={worst['bodies']:.3f} "
+    print(f"relay_ratio={worst['headers']:.3f} held_ratio={worst['held']:.3f} bodies_ratio={worst['bodies']:.3f} "
           f"added_p50_ms={added['headers']:.3f} bodies_added_p50_ms={added['bodies']:.3f}")
 
 
@@ -231,7 +233,7 @@ if __name__ == "__main__":
     parser.add_argument("--latency", type=int, default=None, help="one-way latency samples per path")
     ns = parser.parse_args()
     ns.messages = ns.messages or (60 if ns.quick else 150)
-    ns.trials = ns.trials or (6 if ns.quick else 15)
-    ns.latency = ns.latency or (600 if ns.quick else 3000)
-    ns.latency_blocks = 6 if ns.quick else 10
+    ns.trials = ns.trials or (4 if ns.quick else 12)
+    ns.latency = ns.latency or (400 if ns.quick else 3000)
+    ns.latency_blocks = 4 if ns.quick else 12
     asyncio.run(main(ns))

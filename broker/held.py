@@ -14,6 +14,9 @@ for every frame of a message and equal the sha256 in the decoded message's heade
 decoder checks against the body (:meth:`HoldBuffer.verify`): so what reaches the application is
 exactly the message the channel modeled, with no second hash of the bytes.
 
+Messages under ``held_min_bytes`` (a ChannelConfig and BusConfig setting) are relayed whole, as with
+``relay: bodies``: for a small message the announce and release cost more than the second crossing.
+
 Who sent what stays proven by the broker's ACL: an agent may write held bodies only under its own
 name (``held/+/<id>/#``) and, with an emulated channel, no ``rx/`` topic at all: only the channel
 account publishes releases. A body without a release never reaches the application.
