@@ -302,7 +302,7 @@ class BusSession:
     def _feed_ready(self, ready: list[Ready]) -> None:
         now = time.time()
         for r in ready:
-            self._pipeline.feed(r.topic, r.frame, received_at=now, parsed=r.parsed)
+            self._pipeline.feed(r.topic, r.frame, received_at=now, parsed=r.parsed, stamps=r.stamps)
 
     def _dispatch(self, msg: Message) -> None:
         """A decoded message: drop duplicates, wake its request, or queue it for messages()."""

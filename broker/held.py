@@ -7,12 +7,13 @@ its link model as if the body were there (the model uses the size only). When th
 (or drops) a frame, the emulator publishes a *release* on ``rx/<dst>/<src>/<kind>``: the frame's
 message id, chunk index, size, the message's sha256, and the two modeled stamps (or "lost").
 The receiver's :class:`HoldBuffer` keeps a body until its release arrives (either may come first),
-checks the size, writes the stamps into the frame's prefix where the emulator of the full relay
-writes them (broker/envelope.py's ``STAMPS_OFFSET``), and hands the frame on to the ordinary
-decoder (chunk reassembly and all checks unchanged). The sha256 a release carries must be the same
-for every frame of a message and equal the sha256 in the decoded message's header, which the
-decoder checks against the body (:meth:`HoldBuffer.verify`): so what reaches the application is
-exactly the message the channel modeled, with no second hash of the bytes.
+checks the size, and hands the frame on to the ordinary decoder (chunk reassembly and all checks
+unchanged) with the release's stamps standing for those in its prefix, where the emulator of the
+full relay writes them (broker/envelope.py's ``STAMPS_OFFSET``; :meth:`Ready.stamped`). The sha256
+a release carries must be the same for every frame of a message and equal the sha256 in the
+decoded message's header, which the decoder checks against the body (:meth:`HoldBuffer.verify`):
+so what reaches the application is exactly the message the channel modeled, with no second hash
+of the bytes.
 
 Messages under ``held_min_bytes`` (a ChannelConfig and BusConfig setting) are relayed whole, as with
 ``relay: bodies``: for a small message the announce and release cost more than the second crossing.
@@ -209,11 +210,20 @@ class HoldLimits:
 
 @dataclass(frozen=True)
 class Ready:
-    """A released frame, stamped, for the decoder: as if the full relay had delivered it on ``topic``."""
+    """A released frame for the decoder, as if the full relay had delivered it on ``topic`` with
+    ``stamps`` (modeled send, arrival) in its prefix: the decoder takes them instead of the prefix's,
+    which saves a copy of the frame (:meth:`stamped` makes that copy, for other uses)."""
 
     topic: str
     parsed: ParsedTopic
     frame: bytes
+    stamps: tuple[float, float]
+
+    def stamped(self) -> bytes:
+        """The frame with the stamps written where the full relay writes them."""
+        out = bytearray(self.frame)
+        STAMPS.pack_into(out, STAMPS_OFFSET, *self.stamps)
+        return bytes(out)
 
 
 _Key = tuple[str, Kind, str, int]  # src, kind, message id, chunk index
@@ -383,11 +393,9 @@ class HoldBuffer:
                              self.topics.rx(body.dst, src, kind))  # fmt: skip
                 continue
             self._settle(key, True)
-            frame = bytearray(body.payload)
-            STAMPS.pack_into(frame, STAMPS_OFFSET, rel.t_send, rel.t_arrive)
             # as the full relay delivers it: on the release's topic (a broadcast on each receiver's own)
             topic = self.topics.rx(dst, src, kind)
-            out.append(Ready(topic, ParsedTopic("rx", src, dst, kind), bytes(frame)))
+            out.append(Ready(topic, ParsedTopic("rx", src, dst, kind), body.payload, (rel.t_send, rel.t_arrive)))
         return out
 
     def _settle_digest(self, src: str, rel: Release) -> bool:

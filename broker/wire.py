@@ -171,21 +171,24 @@ class Decoder:
             return None
 
     def accept(
-        self, topic: str, payload: bytes, *, received_at: float | None = None, parsed: ParsedTopic | None = None
+        self, topic: str, payload: bytes, *, received_at: float | None = None, parsed: ParsedTopic | None = None,
+        stamps: tuple[float, float] | None = None,
     ) -> DecodeJob | None:
         """The cheap part of decoding (topic, framing, reassembly): a job for a whole frame, or None.
 
-        ``parsed`` saves parsing the topic again when the caller already did.
+        ``parsed`` saves parsing the topic again when the caller already did; ``stamps`` stand for
+        the modeled stamps in the frame's prefix (a held frame's release carries them).
         """
         try:
             with _contained(topic):
-                return self._accept(topic, payload, received_at, parsed)
+                return self._accept(topic, payload, received_at, parsed, stamps)
         except WireError as err:
             self.reject(err, topic)
             return None
 
     def _accept(
-        self, topic: str, payload: bytes, received_at: float | None, parsed: ParsedTopic | None
+        self, topic: str, payload: bytes, received_at: float | None, parsed: ParsedTopic | None,
+        given: tuple[float, float] | None = None,
     ) -> DecodeJob | None:
         self.expire()
         parsed = parsed or self.topics.parse(topic)
@@ -194,9 +197,9 @@ class Decoder:
         frame: bytes = payload
         body: bytes | None = None
         wire_bytes: int | None = None
-        stamps: tuple[float | None, float | None] | None = None
+        stamps: tuple[float | None, float | None] | None = given
         if unpack_prefix(payload)[0] == FRAME_CHUNK:
-            done = self.reassembler.add(topic, parsed.src, payload)
+            done = self.reassembler.add(topic, parsed.src, payload, given)
             if done is None:
                 return None
             frame, body, wire_bytes, stamps = done.payload, done.body, done.wire_bytes, done.stamps
@@ -227,9 +230,10 @@ class DecodePipeline:
         self._drainer: asyncio.Task[None] | None = None
 
     def feed(
-        self, topic: str, payload: bytes, *, received_at: float | None = None, parsed: ParsedTopic | None = None
+        self, topic: str, payload: bytes, *, received_at: float | None = None, parsed: ParsedTopic | None = None,
+        stamps: tuple[float, float] | None = None,
     ) -> None:
-        job = self.decoder.accept(topic, payload, received_at=received_at, parsed=parsed)
+        job = self.decoder.accept(topic, payload, received_at=received_at, parsed=parsed, stamps=stamps)
         if job is None:
             return
         big = job.size >= self.offload_bytes

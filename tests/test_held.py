@@ -128,9 +128,10 @@ def test_a_body_is_delivered_stamped_once_its_release_arrives_in_either_order(bo
     assert first == []  # nothing reaches the application on one half
     (ready,) = give_release(hold, rel) if body_first else give_body(hold, enc.payload)
     assert ready.topic == T.rx(ME, SRC, Kind.LATENT) and ready.parsed.direction == "rx"
-    assert STAMPS.unpack_from(ready.frame, STAMPS_OFFSET) == (7.0, 7.5)
-    assert ready.frame[:STAMPS_OFFSET] == enc.payload[:STAMPS_OFFSET]
-    assert ready.frame[STAMPS_OFFSET + STAMPS.size :] == enc.payload[STAMPS_OFFSET + STAMPS.size :]
+    stamped = ready.stamped()
+    assert ready.stamps == (7.0, 7.5) and STAMPS.unpack_from(stamped, STAMPS_OFFSET) == (7.0, 7.5)
+    assert stamped[:STAMPS_OFFSET] == enc.payload[:STAMPS_OFFSET]
+    assert stamped[STAMPS_OFFSET + STAMPS.size :] == enc.payload[STAMPS_OFFSET + STAMPS.size :]
     assert hold.verify(SRC, enc.header.id, enc.header.sha256) and rejected == [] and hold.held == 0
 
 
