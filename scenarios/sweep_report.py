@@ -30,13 +30,15 @@ LINES = {"nmoe": "NMoE", "nmoe_fedavg_gate": "NMoE (FedAvg-gate)", "centralized"
          "fedce_personal": "FedCE classifier (personal heads)", "fedavg": "FedAvg classifier",
          "local": "Local classifier"}
 """Chart legends: one line per method whatever the cell (a row's label names its cell's Stage 1)."""
-RUN_EXTRAS = ("epsilon", "answered_share", "air_mb", "compute_j", "radio_j", "energy_j", "host_lag_share",
-              "wall_s")
+RUN_EXTRAS = ("epsilon", "answered_share", "time_to_target_s", "target_reached", "training_modeled_s", "air_mb",
+              "compute_j", "radio_j", "energy_j", "host_lag_share", "wall_s")
 """Figures of the whole run: the DP budget spent (FedSC with privacy), the mean share of clients
-answered per training round, megabytes on the air (emulated channel), the energy of the modeled
-devices (``devices:``), how far the host lagged behind their clock, and the wall time."""
+answered per training round, the modeled seconds of training until NMoE first reached
+``eval.target_accuracy`` (mean over the seeds that reached it) and the share of seeds that did,
+the modeled seconds of the whole training, megabytes on the air (emulated channel), the energy of
+the modeled devices (``devices:``), how far the host lagged behind their clock, and the wall time."""
 CHARTED = ("fallback_rate", "latency_p95_ms", "bytes_per_sample", "payload_bytes_per_sample", "answered_share",
-           "air_mb", "energy_j")
+           "time_to_target_s", "target_reached", "air_mb", "energy_j")
 """Charted besides accuracy and macro-F1 when a sweep has them."""
 
 
@@ -47,6 +49,13 @@ def run_figures(results: Mapping[str, Any]) -> dict[str, float]:
     if training:
         out["answered_share"] = float(np.mean([len(r["answered"]) / max(1, len(r["answered"]) + len(r["failures"]))
                                                for r in training]))
+    curve = results.get("curve") or {}
+    if curve.get("target_accuracy") is not None:
+        out["target_reached"] = float(bool(curve.get("reached")))
+        if curve.get("time_to_target_s") is not None:  # a seed that never got there has no time to average
+            out["time_to_target_s"] = float(curve["time_to_target_s"])
+    if results.get("training_modeled_s") is not None:
+        out["training_modeled_s"] = float(results["training_modeled_s"])
     channel = (results.get("traffic") or {}).get("channel") or {}
     if channel.get("totals"):
         out["air_mb"] = float(channel["totals"]["bytes"]) / 1e6
