@@ -141,3 +141,18 @@ def test_the_curve_networked_agrees_with_in_process(tmp_path):
     assert all(r["modeled_s"] is not None and r["modeled_s"] > 0 for r in net["rounds"])
     assert net["curve"]["clock"].startswith("no channel model (direct) + this host's compute seconds")
     assert net["curve"]["points"][-1]["modeled_s"] == pytest.approx(_training_clock(net))
+
+
+def test_in_process_with_devices_the_clock_is_the_devices_not_this_hosts(tmp_path):
+    """FLOPs over throughput: a 10x faster device takes a tenth of the modeled time for the same
+    work, to rounding, which this host's own seconds would never do."""
+    nano = run_inprocess(toy_scenario(tmp_path, [*CURVE, "devices.preset=jetson-nano"]), tmp_path / "a", quiet())
+    faster = "{train_gflops: 250, infer_gflops: 500}"
+    fast = run_inprocess(toy_scenario(tmp_path, [
+        *CURVE, "devices.preset=jetson-nano",
+        f"devices.clients={{client-0: {faster}, client-1: {faster}, client-2: {faster}}}"]), tmp_path / "b", quiet())
+    clock = [r["modeled_s"] for r in nano["rounds"]]
+    # (Stage 3's exchange of latents runs the experts outside the task's own compute: nothing to count)
+    assert all(r["modeled_s"] > 0 for r in nano["rounds"] if r["op"] != "stage3_prepare")
+    assert [r["modeled_s"] for r in fast["rounds"]] == pytest.approx([c / 10 for c in clock], rel=1e-9)
+    assert nano["curve"]["clock"].startswith("the devices' modeled compute")
