@@ -156,3 +156,26 @@ def test_in_process_with_devices_the_clock_is_the_devices_not_this_hosts(tmp_pat
     assert all(r["modeled_s"] > 0 for r in nano["rounds"] if r["op"] != "stage3_prepare")
     assert [r["modeled_s"] for r in fast["rounds"]] == pytest.approx([c / 10 for c in clock], rel=1e-9)
     assert nano["curve"]["clock"].startswith("the devices' modeled compute")
+
+
+def test_a_sweep_summarizes_and_charts_the_time_to_target(tmp_path):
+    import csv
+
+    from scenarios.cli import main
+
+    (tmp_path / "base.yaml").write_text(
+        "name: toy\nseed: 3\nclients: 3\nthreads: 1\ndata: {name: synthetic, synthetic_train: 2000}\n"
+        "partition: {kind: noniid, tau: 0.5, train_per_client: 48, test_per_client: 24}\n"
+        "model: {head_hidden: 16, gate_hidden: 8}\nstage1: {method: fedce, rounds: 1, batch_size: 16}\n"
+        "stage2: {epochs: 1}\nstage3: {rounds: 2, local_epochs: 1}\nbaselines: []\n")
+    # one target every run reaches (a tiny accuracy) and one none does (1.0 on this noise-level toy)
+    (tmp_path / "sweep.yaml").write_text("base: base.yaml\ngrid: {eval.target_accuracy: [0.001, 1.0]}\n"
+                                         "set: {eval.every_round: true}\nseeds: [0, 1]\n")
+    out = tmp_path / "out"
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--out", str(out)]) == 0
+    with open(out / "summary.csv") as fh:
+        rows = {r["eval.target_accuracy"]: r for r in csv.DictReader(fh) if r["method"] == "nmoe"}
+    assert rows["0.001"]["target_reached_mean"] == "1" and float(rows["0.001"]["time_to_target_s_mean"]) > 0
+    assert rows["1.0"]["target_reached_mean"] == "0" and rows["1.0"]["time_to_target_s_mean"] == ""
+    assert float(rows["1.0"]["training_modeled_s_mean"]) > 0
+    assert (out / "chart_curves.png").stat().st_size > 10_000
