@@ -174,7 +174,8 @@ class ClientAgent:
         d, c = self.exp.model.latent_dim, self.learner.classes if self.learner else 10
         return {
             Kind.LATENT: Schema({LATENTS: TensorSpec("float32", (None, d))}),
-            Kind.LOGITS: Schema({LOGPROBS: TensorSpec("float32", (None, c))}),
+            # optional: an expert that declines a query (no expert yet, too slow) answers without logits
+            Kind.LOGITS: Schema({LOGPROBS: TensorSpec("float32", (None, c), optional=True)}),
         }
 
     async def run(self) -> None:
