@@ -39,6 +39,7 @@ from .codec import (
     decode_expert_answer,
     decode_task,
     encode_control,
+    encode_elapsed,
     encode_expert_answer,
     encode_expert_decline,
     encode_expert_query,
@@ -173,7 +174,8 @@ class ClientAgent:
         d, c = self.exp.model.latent_dim, self.learner.classes if self.learner else 10
         return {
             Kind.LATENT: Schema({LATENTS: TensorSpec("float32", (None, d))}),
-            Kind.LOGITS: Schema({LOGPROBS: TensorSpec("float32", (None, c))}),
+            # optional: an expert that declines a query (no expert yet, too slow) answers without logits
+            Kind.LOGITS: Schema({LOGPROBS: TensorSpec("float32", (None, c), optional=True)}),
         }
 
     async def run(self) -> None:
@@ -348,6 +350,12 @@ class ClientAgent:
         send, which the channel's stamps put ``t_model_arrive - t_model_send`` before our receipt."""
         return received_at + (self.net.deadline_s(op) - (msg.header.transit_s or 0.0)) * self.time_scale
 
+    def _elapsed(self, msg: Message, received_at: float, usage: Usage | None) -> float:
+        """Modeled seconds from the coordinator's send of ``msg`` to now: its transit on the channel,
+        then this client's time on it, less this host's lag behind the modeled device."""
+        busy = (asyncio.get_running_loop().time() - received_at) / self.time_scale
+        return (msg.header.transit_s or 0.0) + max(0.0, busy - (usage.lag_s if usage is not None else 0.0))
+
     def _usage(self, bus: BusSession, reply_bytes: int, too_slow: bool = False) -> Usage | None:
         if self.meter is None:
             return None
@@ -380,6 +388,7 @@ class ClientAgent:
             wire = encode_reply(reply, task_id, task.op, task.round)
             if (usage := self._usage(bus, wire_bytes(wire))) is not None:  # the reply's size is part of it
                 wire = replace(wire, meta={**wire.meta, **encode_usage(usage)})
+            wire = replace(wire, meta={**wire.meta, **encode_elapsed(self._elapsed(msg, received_at, usage))})
             self._remember(task_id, wire)
             await self._send(bus, wire)
         except PublishTimeout as err:  # the broker is away: the coordinator re-issues the task later

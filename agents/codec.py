@@ -190,6 +190,29 @@ def decode_usage(meta: Mapping[str, Any]) -> Usage | None:
         raise f.bad(str(err)) from err
 
 
+ELAPSED_S = "elapsed_s"
+MAX_ELAPSED_S = 1e7
+"""Bound on a reply's elapsed_s (like any number off the wire)."""
+
+
+def encode_elapsed(elapsed_s: float) -> Meta:
+    """What a reply says about the modeled seconds from its task's send to the reply (the task's
+    transit on the channel, then the client's work with its host's lag behind its device taken
+    out), for the coordinator's modeled clock."""
+    return {ELAPSED_S: min(max(float(elapsed_s), 0.0), MAX_ELAPSED_S)}
+
+
+def decode_elapsed(meta: Mapping[str, Any]) -> float | None:
+    """The modeled seconds a reply says its task took until it was sent (None when it does not
+    say); ProtocolError when malformed."""
+    if ELAPSED_S not in meta:
+        return None
+    v = _Fields(meta, "bad_reply").float(ELAPSED_S)
+    if not 0.0 <= v <= MAX_ELAPSED_S:
+        raise ProtocolError("bad_reply", f"{ELAPSED_S} must be in 0..{MAX_ELAPSED_S:g}, got {v!r}")
+    return v
+
+
 def encode_control(message: Control) -> Wire:
     match message:
         case Hello(samples=samples, data_s=data_s, session=session):

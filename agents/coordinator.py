@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from broker.topics import BROADCAST, Status
 from broker.wire import Message
@@ -26,6 +27,7 @@ from .codec import (
     client_index,
     client_name,
     decode_control,
+    decode_elapsed,
     decode_reply,
     decode_usage,
     encode_control,
@@ -64,6 +66,7 @@ class BusFleet:
         self._pump: asyncio.Task[None] | None = None
         self._reissuer: asyncio.Task[None] | None = None
         self.reissued = 0  # tasks sent again after the coordinator's session reconnected
+        self._elapsed: dict[str, dict[int, float]] = {}  # open task id -> client -> modeled s, send to reply
 
     @property
     def clients(self) -> Sequence[int]:
@@ -113,7 +116,9 @@ class BusFleet:
             self.telemetry.task_usage(task_id, client, usage)
         route = self.book.route(task_id)
         if route == "open":
-            self.book.open[task_id].offer(client, reply)
+            elapsed = decode_elapsed(wire.meta)
+            if self.book.open[task_id].offer(client, reply) == "accepted" and elapsed is not None:
+                self._elapsed.setdefault(task_id, {})[client] = elapsed + (msg.header.transit_s or 0.0)
         elif route == "late":
             late = self.book.late(task_id, client)
             self.late.append(late)
@@ -215,7 +220,16 @@ class BusFleet:
         outcome = collector.close(offline=lambda i: status.get(client_name(i)) == Status.OFFLINE.value,
                                   never_joined=() if step.personal else self.members.never_joined())
         self.telemetry.task_closed(task_id, outcome.failures)
-        return outcome
+        return replace(outcome, modeled_s=self._modeled_s(step.op, outcome, self._elapsed.pop(task_id, {})))
+
+    def _modeled_s(self, op: Op, outcome: RoundOutcome, elapsed: Mapping[int, float]) -> float:
+        """The step's duration on the modeled clock: its slowest accepted reply (the task's transit,
+        the client's modeled work, the reply's transit); the whole modeled deadline when a target
+        stayed silent or sent a rejected reply (the coordinator waited for it). A client seen going
+        offline, or saying it cannot do the task, is not waited for."""
+        if any(why == "missing" or why.startswith("rejected") for why in outcome.failures.values()):
+            return self.net.deadline_s(op)
+        return max(elapsed.values(), default=0.0)
 
     async def _collect(self, collector: Collector) -> None:
         """Until every target answered, or every one still silent is offline, or the deadline passed

@@ -67,6 +67,9 @@ class RoundOutcome:
 
     replies: Mapping[int, Reply]
     failures: Mapping[int, str] = field(default_factory=dict)
+    modeled_s: float | None = None
+    """How long the step took on the modeled clock (the channel's transit times and the devices'
+    compute, not this host's speed); None when the fleet cannot say."""
 
     def __post_init__(self) -> None:  # immutable copies: nobody can change a round after the fact
         object.__setattr__(self, "replies", MappingProxyType(dict(sorted(self.replies.items()))))

@@ -72,6 +72,8 @@ class RoundRecord:
     """An immutable copy (see RoundOutcome); a late answer is reported apart, as an event."""
     loss: float
     seconds: float
+    modeled_s: float | None = None
+    """The step's duration on the modeled clock (RoundOutcome.modeled_s)."""
 
 
 class Observer(Protocol):
@@ -95,6 +97,17 @@ class NullObserver:
         pass
 
 
+@dataclass(frozen=True)
+class CurvePoint:
+    """One evaluation of the NMoE during Stage 3 (``eval.every_round``): after ``round`` of
+    ``stage``, when the run had trained for ``modeled_s`` seconds on the modeled clock."""
+
+    stage: str
+    round: int
+    modeled_s: float
+    per_client: Mapping[int, Mapping[str, float]]
+
+
 @dataclass
 class RunSummary:
     """Per method: client -> metrics (accuracy, f1_macro, and inference figures for NMoE)."""
@@ -103,6 +116,12 @@ class RunSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     rounds: list[RoundRecord] = field(default_factory=list)
     privacy: dict[str, float] = field(default_factory=dict)
+    curve: list[CurvePoint] = field(default_factory=list)
+
+    def training_modeled_s(self) -> float:
+        """The modeled clock: the modeled durations of every training step so far (evaluations,
+        the curve's included, are not training time; a step a fleet could not time counts 0)."""
+        return sum(r.modeled_s or 0.0 for r in self.rounds if r.op is not Op.EVALUATE)
 
 
 class StageStore(Protocol):
@@ -175,6 +194,9 @@ class Strategy:
             clock = time.perf_counter()
             name = "nmoe" if variant == self.exp.stage3.method else "nmoe_fedavg_gate"
             self.summary.methods[name] = await self.evaluate(fleet, gate)
+            if name == "nmoe" and self.exp.eval.every_round:  # the final evaluation is the curve's last point
+                self.summary.curve.append(CurvePoint(f"{Stage.STAGE3.value}:{variant}", self.exp.stage3.rounds - 1,
+                                                     self.summary.training_modeled_s(), self.summary.methods[name]))
             self.summary.stage_seconds[f"eval_{variant}"] = time.perf_counter() - clock
         self.stage = Stage.DONE
         return self.summary
@@ -263,6 +285,8 @@ class Strategy:
             fit = await self._step(fleet, Step(spec, Stage3Fit(r, gate, variant, reset=r == 0), reference=gate), label)
             gate = self._aggregate(fit.replies, gate)
             self._checkpoint(label, r, gate)
+            if self.exp.eval.every_round and variant == s3.method and r < s3.rounds - 1:
+                await self._curve_point(fleet, gate, label, r)
         return gate
 
     async def evaluate(self, fleet: Fleet, gate: StateDict) -> dict[int, dict[str, float]]:
@@ -270,6 +294,16 @@ class Strategy:
         ev = self.exp.eval
         out = await self._step(fleet, Step(ReplySpec(Metrics), Evaluate(gate, ev.top_k, ev.batch_size)))
         return {i: dict(rep.values) for i, rep in out.replies.items() if isinstance(rep, Metrics)}
+
+    async def _curve_point(self, fleet: Fleet, gate: StateDict, label: str, round_index: int) -> None:
+        """The learning curve's point after a Stage 3 round: the final evaluation's Evaluate step on
+        the round's gate, through the same fleet. It does not stop the run when too few answer (the
+        curve is an observation, not part of the method); its time is not on the modeled clock."""
+        ev = self.exp.eval
+        step = Step(ReplySpec(Metrics), Evaluate(gate, ev.top_k, ev.batch_size, round=round_index))
+        out = await self._step(fleet, step, label, required=False)
+        per_client = {i: dict(rep.values) for i, rep in out.replies.items() if isinstance(rep, Metrics)}
+        self.summary.curve.append(CurvePoint(label, round_index, self.summary.training_modeled_s(), per_client))
 
     def _checkpoint(self, stage: str, round_index: int, global_state: Mapping[str, torch.Tensor]) -> None:
         """The coordinator's state after a round: the global part being trained (``global.*``),
@@ -309,17 +343,19 @@ class Strategy:
             self.summary.rounds = [r for r in records if r.stage == Stage.STAGE1.value]
         return "Stage 2"
 
-    async def _step(self, fleet: Fleet, step: Step, label: str | None = None) -> RoundOutcome:
-        """Run one step, record it (``label``: the stage, by default the op's), fail below min_clients."""
+    async def _step(self, fleet: Fleet, step: Step, label: str | None = None, required: bool = True) -> RoundOutcome:
+        """Run one step, record it (``label``: the stage, by default the op's), fail below min_clients
+        (unless not ``required``)."""
         stage = label or step.op.stage.value
         clock = time.perf_counter()
         out = self._screen(step, await fleet.run(step))
         losses = [loss for reply in out.replies.values() if (loss := reply_loss(reply)) is not None]
         record = RoundRecord(stage, step.round, step.op, tuple(out.replies), out.failures,
-                             sum(losses) / len(losses) if losses else float("nan"), time.perf_counter() - clock)
+                             sum(losses) / len(losses) if losses else float("nan"), time.perf_counter() - clock,
+                             out.modeled_s)
         self.summary.rounds.append(record)
         self.obs.on_round(record)
-        if len(out.replies) < self.min_clients:
+        if required and len(out.replies) < self.min_clients:
             missing = ", ".join(f"client-{i} ({why})" for i, why in out.failures.items()) or "none"
             raise RoundFailed(
                 f"{stage} round {step.round} ({step.op.value}): only {len(out.replies)} client(s) answered, "
@@ -338,7 +374,7 @@ class Strategy:
         if not bad:
             return out
         return RoundOutcome({i: r for i, r in out.replies.items() if i not in bad},
-                            {**out.failures, **{i: f"rejected: {why}" for i, why in bad.items()}})
+                            {**out.failures, **{i: f"rejected: {why}" for i, why in bad.items()}}, out.modeled_s)
 
     def _aggregate(self, replies: Mapping[int, Reply], reference: StateDict) -> StateDict:
         """The round's new global state, by the scenario's aggregation method."""
@@ -358,14 +394,16 @@ class Strategy:
 def records_to_data(records: Sequence[RoundRecord]) -> list[dict[str, object]]:
     """Round records as plain data (checkpoints and the stage cache keep them)."""
     return [{"stage": r.stage, "round": r.round, "op": r.op.value, "answered": list(r.answered),
-             "failures": {str(i): why for i, why in r.failures.items()}, "loss": r.loss, "seconds": r.seconds}
+             "failures": {str(i): why for i, why in r.failures.items()}, "loss": r.loss, "seconds": r.seconds,
+             "modeled_s": r.modeled_s}
             for r in records]
 
 
 def records_from_data(rows: Sequence[Mapping[str, Any]]) -> list[RoundRecord]:
     return [RoundRecord(str(r["stage"]), int(r["round"]), Op(r["op"]), tuple(int(i) for i in r["answered"]),
                         MappingProxyType({int(i): str(why) for i, why in r["failures"].items()}),
-                        float(r["loss"]), float(r["seconds"]))
+                        float(r["loss"]), float(r["seconds"]),
+                        None if r.get("modeled_s") is None else float(r["modeled_s"]))
             for r in rows]
 
 

@@ -40,10 +40,12 @@ MAX_ST_HEADER_DEPTH = 4
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """What a receiver expects of one tensor: dtype name and shape (None = any size)."""
+    """What a receiver expects of one tensor: dtype name and shape (None = any size); an
+    ``optional`` one may be absent (e.g. an expert's logits in a reply that declines the query)."""
 
     dtype: str
     shape: tuple[int | None, ...]
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ALLOWED_DTYPES:
@@ -85,6 +87,8 @@ class Schema:
     def check(self, tensors: Mapping[str, np.ndarray]) -> None:
         for name, spec in self.tensors.items():
             if name not in tensors:
+                if spec.optional:
+                    continue
                 raise WireError("missing_tensor", name)
             spec.check(name, tensors[name])
         if not self.allow_extra:

@@ -289,10 +289,21 @@ class EvalConfig:
     availability, the expert's device) and swaps an expert that would miss
     network.inference_deadline_s for the next-best by gate score, or serves the row locally
     (agents/routing.py). In process (no network) the two are the same."""
+    every_round: bool = False
+    """Also evaluate the NMoE (the same serverless Evaluate step, through the same fleet) after each
+    Stage 3 round but the last (whose point is the final evaluation), and record its accuracy against
+    the modeled clock: results.json's ``curve``. The evaluations' own time is not on that clock."""
+    target_accuracy: float | None = None
+    """With every_round: the accuracy (mean over clients, 0..1] whose first reaching gives
+    ``curve.time_to_target_s``, the modeled seconds of training until then (null: not reached)."""
 
     def __post_init__(self) -> None:
         check(self.top_k >= 1, "top_k", "must be >= 1")
         check(1 <= self.batch_size <= MAX_BATCH, "batch_size", f"must be in 1..{MAX_BATCH} (got {self.batch_size})")
+        if self.target_accuracy is not None:
+            check(0 < self.target_accuracy <= 1, "target_accuracy",
+                  f"must be a number in (0, 1] (got {self.target_accuracy!r})")
+            check(self.every_round, "target_accuracy", "needs eval.every_round: true (it is read from the curve)")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import json
 import math
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agents.messages import Op
-from agents.strategy import RoundRecord, RunSummary
+from agents.strategy import CurvePoint, RoundRecord, RunSummary
 
 from .scenario import Scenario
 from .schema import to_dict
@@ -78,14 +78,54 @@ def build_results(scn: Scenario, mode: str, summary: RunSummary, baselines: Mapp
             {"stage": r.stage, "round": r.round, "op": r.op.value, "answered": [f"client-{i}" for i in r.answered],
              "failures": {f"client-{i}": why for i, why in sorted(r.failures.items())},
              "loss": r.loss if math.isfinite(r.loss) else None,
-             "seconds": r.seconds}
+             "seconds": r.seconds, "modeled_s": r.modeled_s}
             for r in summary.rounds
         ],
+        "training_modeled_s": summary.training_modeled_s(),
+        **({"curve": build_curve(scn, mode, summary.curve)} if scn.eval.every_round else {}),
         "privacy": dict(summary.privacy),
         **extra,
         "environment": environment(),
         "config": to_dict(scn),
     }
+
+
+def clock_basis(scn: Scenario, mode: str) -> str:
+    """What the modeled clock of a run is made of, in words."""
+    devices = scn.devices.enabled
+    if mode == "inprocess":
+        return ("the devices' modeled compute (FLOPs / throughput); no channel in process" if devices
+                else "this host's compute seconds (no devices, no channel in process)")
+    channel = "the channel's modeled transit" if scn.channel.model == "emulated" else "no channel model (direct)"
+    work = ("the devices' modeled compute" if devices else "this host's compute seconds")
+    return f"{channel} + {work}; a round with a silent client lasts its modeled deadline"
+
+
+def time_to_target(points: Sequence[Mapping[str, Any]], target: float) -> float | None:
+    """Modeled seconds of training until the first point whose accuracy is at or above ``target``
+    (None: never reached)."""
+    for p in points:
+        if p["accuracy"] is not None and p["accuracy"] >= target:
+            return float(p["modeled_s"])
+    return None
+
+
+def build_curve(scn: Scenario, mode: str, points: Sequence[CurvePoint]) -> dict[str, Any]:
+    """results.json's ``curve``: NMoE's accuracy after each Stage 3 round against the modeled clock."""
+    rows = []
+    for p in points:
+        acc = [m["accuracy"] for _, m in sorted(p.per_client.items()) if "accuracy" in m]
+        # a point nobody answered has no accuracy (null), it does not count as reaching anything
+        rows.append({"stage": p.stage, "round": p.round, "modeled_s": p.modeled_s, "clients": len(acc),
+                     "accuracy": float(np.mean(acc)) if acc else None,
+                     "f1_macro": float(np.mean([m["f1_macro"] for m in p.per_client.values() if "f1_macro" in m]))
+                     if acc else None})
+    target = scn.eval.target_accuracy
+    out: dict[str, Any] = {"clock": clock_basis(scn, mode), "points": rows, "target_accuracy": target}
+    if target is not None:
+        reached = time_to_target(rows, target)
+        out |= {"time_to_target_s": reached, "reached": reached is not None}
+    return out
 
 
 def finite(obj: Any) -> Any:
@@ -104,16 +144,18 @@ def write_outputs(out_dir: Path, results: Mapping[str, Any], rounds: list[RoundR
     (out_dir / "results.json").write_text(json.dumps(finite(results), indent=2, allow_nan=False))
     with open(out_dir / "metrics.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["stage", "round", "op", "answered", "failed", "failures", "mean_loss", "seconds"])
+        w.writerow(["stage", "round", "op", "answered", "failed", "failures", "mean_loss", "seconds", "modeled_s"])
         for r in rounds:
             failures = ";".join(f"client-{i}:{why}" for i, why in sorted(r.failures.items()))
             loss = "" if math.isnan(r.loss) else f"{r.loss:.6f}"
             w.writerow([r.stage, r.round, r.op.value, len(r.answered), len(r.failures), failures, loss,
-                        f"{r.seconds:.3f}"])
+                        f"{r.seconds:.3f}", "" if r.modeled_s is None else f"{r.modeled_s:.3f}"])
     paths = [out_dir / "results.json", out_dir / "metrics.csv", plot_methods(out_dir / "methods.png", results)]
     curve = plot_losses(out_dir / "training.png", rounds)
     if curve is not None:
         paths.append(curve)
+    if results.get("curve", {}).get("points"):
+        paths.append(plot_curve(out_dir / "learning_curve.png", results))
     return paths
 
 
@@ -175,6 +217,54 @@ def plot_losses(path: Path, rounds: list[RoundRecord]) -> Path | None:
     return path
 
 
+def plot_curve(path: Path, results: Mapping[str, Any]) -> Path:
+    """NMoE's accuracy (mean over clients) against the modeled clock, with the target if any."""
+    curve = results["curve"]
+    pts = [p for p in curve["points"] if p["accuracy"] is not None]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    ax.plot([p["modeled_s"] for p in pts], [p["accuracy"] for p in pts], marker="o", ms=4, label="NMoE accuracy")
+    for p in pts:
+        ax.annotate(f"r{p['round']}", (p["modeled_s"], p["accuracy"]), textcoords="offset points", xytext=(3, 4),
+                    fontsize=7)
+    target = curve.get("target_accuracy")
+    if target is not None:
+        ax.axhline(target, color="C3", ls="--", lw=1, label=f"target {target:g}")
+        if curve.get("time_to_target_s") is not None:
+            ax.axvline(curve["time_to_target_s"], color="C3", ls=":", lw=1,
+                       label=f"reached at {curve['time_to_target_s']:.1f} s")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("modeled training time (s)")
+    ax.set_ylabel("accuracy, mean over clients")
+    ax.set_title(f"{results['scenario']}: accuracy after each Stage 3 round", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def print_curve(console: Console, curve: Mapping[str, Any]) -> None:
+    table = Table(title="learning curve: NMoE after each Stage 3 round, on the modeled clock")
+    table.add_column("after")
+    table.add_column("modeled s", justify="right")
+    table.add_column("accuracy", justify="right")
+    table.add_column("clients", justify="right")
+    for p in curve["points"]:
+        acc = "-" if p["accuracy"] is None else f"{p['accuracy']:.4f}"
+        table.add_row(f"{p['stage']} round {p['round']}", f"{p['modeled_s']:.1f}", acc, str(p["clients"]))
+    console.print(table)
+    console.print(f"clock: {curve['clock']}", highlight=False)
+    target = curve.get("target_accuracy")
+    if target is not None:
+        reached = curve.get("time_to_target_s")
+        console.print(f"time to accuracy {target:g}: "
+                      + (f"[bold]{reached:.1f} modeled s[/bold]" if reached is not None
+                         else "[yellow]not reached[/yellow] (null in results.json)"))
+
+
 def print_summary(console: Console, results: Mapping[str, Any]) -> None:
     table = Table(title=f"{results['scenario']} ({results['mode']}): mean over clients")
     table.add_column("method")
@@ -195,6 +285,8 @@ def print_summary(console: Console, results: Mapping[str, Any]) -> None:
         times.add_row(stage, f"{seconds:.1f}")
     times.add_row("total", f"{results['wall_s']:.1f}", style="bold")
     console.print(times)
+    if results.get("curve"):
+        print_curve(console, results["curve"])
     if results.get("privacy"):
         p = results["privacy"]
         console.print(f"FedSC correlation matrices: ({p['epsilon']:.2f}, {p['delta']:g})-DP over "

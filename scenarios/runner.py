@@ -36,6 +36,7 @@ from nmoe_models.learner import ClientLearner
 from nmoe_models.partition import ClientData, load_client_data, load_union
 
 from .cache import CachedStages, StageCache, cached_models
+from .devices import devices_of
 from .report import PerClient, build_results, print_summary, write_outputs
 from .scenario import Scenario
 from .schema import to_dict
@@ -123,7 +124,8 @@ class ProgressObserver:
             info += f", [red]{len(record.failures)} failed[/red]"
         if record.loss == record.loss:  # not NaN
             info += f", loss {record.loss:.4f}"
-        self.progress.update(task, advance=1 if record.op in ROUND_ENDS else 0, info=info)
+        curve = record.op is Op.EVALUATE and record.stage != Stage.EVAL.value  # eval.every_round's, inside a round
+        self.progress.update(task, advance=1 if record.op in ROUND_ENDS and not curve else 0, info=info)
         if not self.progress.console.is_terminal:  # a log file gets one line per step instead of bars
             self.progress.console.print(f"{self.label}{record.stage} round {record.round} {record.op.value}: {info} "
                                         f"({record.seconds:.1f}s)", markup=True, highlight=False)
@@ -238,13 +240,16 @@ def run_inprocess(scn: Scenario, out_dir: Path, console: Console, cache: StageCa
     write_scenario(scn, out_dir / "scenario.yaml")  # the resolved settings, for --resume
     if scn.devices.enabled:  # the device model lives in the client agents (agents/compute.py)
         console.print("[yellow]devices: modeled in networked runs only; this in-process run computes at this "
-                      "host's speed and reports no energy[/yellow]")
+                      "host's speed and reports no energy"
+                      + (" (the learning curve's clock counts the devices' modeled compute)" if scn.eval.every_round
+                         else "") + "[/yellow]")
     with make_progress(console) as progress:
         datas = load_all(scn, progress)
         learners = {i: ClientLearner(scn, d) for i, d in datas.items()}
         strategy = Strategy(scn, ProgressObserver(progress, out_dir))
         resume_strategy(strategy, resume, progress.console)
-        fleet = InProcessFleet(learners)
+        # the curve's modeled clock: the devices' compute for the FLOPs run (counting them costs a little)
+        fleet = InProcessFleet(learners, (devices_of(scn) or {}) if scn.eval.every_round else None)
         store = CachedStages(cache, fleet) if cache is not None and resume is None else None
         summary = asyncio.run(strategy.run(fleet, store))
         clock = time.perf_counter()

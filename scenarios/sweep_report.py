@@ -30,13 +30,15 @@ LINES = {"nmoe": "NMoE", "nmoe_fedavg_gate": "NMoE (FedAvg-gate)", "centralized"
          "fedce_personal": "FedCE classifier (personal heads)", "fedavg": "FedAvg classifier",
          "local": "Local classifier"}
 """Chart legends: one line per method whatever the cell (a row's label names its cell's Stage 1)."""
-RUN_EXTRAS = ("epsilon", "answered_share", "air_mb", "compute_j", "radio_j", "energy_j", "host_lag_share",
-              "wall_s")
+RUN_EXTRAS = ("epsilon", "answered_share", "time_to_target_s", "target_reached", "training_modeled_s", "air_mb",
+              "compute_j", "radio_j", "energy_j", "host_lag_share", "wall_s")
 """Figures of the whole run: the DP budget spent (FedSC with privacy), the mean share of clients
-answered per training round, megabytes on the air (emulated channel), the energy of the modeled
-devices (``devices:``), how far the host lagged behind their clock, and the wall time."""
+answered per training round, the modeled seconds of training until NMoE first reached
+``eval.target_accuracy`` (mean over the seeds that reached it) and the share of seeds that did,
+the modeled seconds of the whole training, megabytes on the air (emulated channel), the energy of
+the modeled devices (``devices:``), how far the host lagged behind their clock, and the wall time."""
 CHARTED = ("fallback_rate", "latency_p95_ms", "bytes_per_sample", "payload_bytes_per_sample", "answered_share",
-           "air_mb", "energy_j")
+           "time_to_target_s", "target_reached", "air_mb", "energy_j")
 """Charted besides accuracy and macro-F1 when a sweep has them."""
 
 
@@ -47,6 +49,13 @@ def run_figures(results: Mapping[str, Any]) -> dict[str, float]:
     if training:
         out["answered_share"] = float(np.mean([len(r["answered"]) / max(1, len(r["answered"]) + len(r["failures"]))
                                                for r in training]))
+    curve = results.get("curve") or {}
+    if curve.get("target_accuracy") is not None:
+        out["target_reached"] = float(bool(curve.get("reached")))
+        if curve.get("time_to_target_s") is not None:  # a seed that never got there has no time to average
+            out["time_to_target_s"] = float(curve["time_to_target_s"])
+    if results.get("training_modeled_s") is not None:
+        out["training_modeled_s"] = float(results["training_modeled_s"])
     channel = (results.get("traffic") or {}).get("channel") or {}
     if channel.get("totals"):
         out["air_mb"] = float(channel["totals"]["bytes"]) / 1e6
@@ -174,7 +183,45 @@ def write_summary(sweep: Sweep, console: Console) -> list[Path]:
     charts = [plot_key(sweep, key, records) for key, values in sweep.grid.items() if len(values) > 1]
     if any(rec.get("energy_j_mean") for rec in records):
         charts.append(plot_energy(sweep, records))
-    return [path, *charts]
+    curves = plot_curves(sweep)
+    return [path, *charts, *([curves] if curves is not None else [])]
+
+
+def plot_curves(sweep: Sweep) -> Path | None:
+    """Every run's learning curve (``eval.every_round``): NMoE's accuracy against the modeled clock,
+    one color per cell, one line per seed, with the target; None when no run has a curve."""
+    curves: dict[str, list[tuple[list[float], list[float]]]] = {}
+    target = None
+    for run in sweep.runs:
+        results, _ = _read(run)
+        curve = (results or {}).get("curve")
+        if not curve:
+            continue
+        target = curve.get("target_accuracy", target)
+        pts = [p for p in curve["points"] if p["accuracy"] is not None]
+        label = ", ".join(tick_label(v, 40) for v in run.values.values()) or run.cell
+        curves.setdefault(label, []).append(([p["modeled_s"] for p in pts], [p["accuracy"] for p in pts]))
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    for i, (label, lines) in enumerate(curves.items()):
+        for j, (xs, ys) in enumerate(lines):
+            ax.plot(xs, ys, marker="o", ms=3, lw=1.2, alpha=0.8, color=f"C{i % 10}",
+                    label=f"{label} ({len(lines)} seed{'s' if len(lines) > 1 else ''})" if j == 0 else None)
+    if target is not None:
+        ax.axhline(target, color="k", ls="--", lw=0.8, label=f"target {target:g}")
+    ax.set_xlabel("modeled training time (s): Stage 1, 2 and 3 rounds so far")
+    ax.set_ylabel("NMoE accuracy after each Stage 3 round")
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"sweep {sweep.name}: learning curves on the modeled clock", fontsize=10)
+    fig.tight_layout()
+    path = sweep.out / "chart_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_energy(sweep: Sweep, records: Sequence[Mapping[str, str]]) -> Path:
@@ -210,17 +257,27 @@ def print_table(console: Console, sweep: Sweep, records: Sequence[Mapping[str, s
     table = Table(title=f"sweep {sweep.name}: mean ± 95% CI over seeds")
     for key in sweep.grid:
         table.add_column(key)
-    for name in ("method", "n", "accuracy", "macro-F1", "failed"):
+    timed = any(rec.get("target_reached_mean") for rec in records)
+    for name in ("method", "n", "accuracy", "macro-F1", *(("to target (modeled s)",) if timed else ()), "failed"):
         table.add_column(name, justify="left" if name == "method" else "right")
 
     def pm(rec: Mapping[str, str], k: str) -> str:
         mean, ci = rec[f"{k}_mean"], rec[f"{k}_ci95"]
         return "-" if not mean else f"{float(mean):.4f}" + (f" ± {float(ci):.4f}" if ci else "")
 
+    def to_target(rec: Mapping[str, str]) -> tuple[str, ...]:
+        if not timed:
+            return ()
+        if rec["method"] != "nmoe" or not rec.get("target_reached_mean"):
+            return ("",)
+        share = float(rec["target_reached_mean"])
+        return (("not reached" if share == 0 else pm(rec, "time_to_target_s"))
+                + (f" ({100 * share:.0f}% of seeds)" if 0 < share < 1 else ""),)
+
     for rec in records:
         failed = rec["failed_seeds"]
         table.add_row(*[rec[k] for k in sweep.grid], rec["label"] or rec["method"], rec["n_seeds"], pm(rec, "accuracy"),
-                      pm(rec, "f1_macro"), f"[red]{failed}[/red]" if failed != "0" else "0")
+                      pm(rec, "f1_macro"), *to_target(rec), f"[red]{failed}[/red]" if failed != "0" else "0")
     console.print(table)
 
 

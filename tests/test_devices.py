@@ -183,6 +183,30 @@ def test_a_query_carries_its_deadline_and_an_expert_can_decline_it():
         decode_expert_answer({}, {})  # neither an answer nor a decline
 
 
+def test_a_clients_wire_schema_lets_a_decline_through(tmp_path):
+    """A decline carries no logits: the requester's wire check must pass it to the decoder (else it
+    is dropped as missing_tensor and the requester waits out its deadline instead of falling back)."""
+    import numpy as np
+
+    from agents.bus import BusConfig
+    from agents.client import ClientAgent
+    from broker.auth import BrokerAddress
+    from broker.topics import Kind
+    from nmoe.errors import WireError
+
+    scn = toy_scenario(tmp_path, [], DEVICE_TOY)
+    agent = ClientAgent(scn, scn.network, 0, BusConfig("t", "client-0", BrokerAddress("127.0.0.1", 1, "u", "p")))
+    logits = agent.schemas()[Kind.LOGITS]
+    logits.check(encode_expert_decline("no trained expert on this client").tensors)  # no exception
+    logits.check({"logp": np.zeros((4, 10), dtype=np.float32)})
+    for bad, reason in (({"logp": np.zeros((4, 3), dtype=np.float32)}, "bad_shape"),
+                        ({"logp": np.zeros((4, 10), dtype=np.float32), "x": np.zeros(1, dtype=np.float32)},
+                         "unexpected_tensor")):
+        with pytest.raises(WireError) as err:
+            logits.check(bad)
+        assert err.value.reason == reason
+
+
 def test_mean_rates_match_the_channel_presets_and_loss_costs_energy():
     assert mean_rate_bps(LTE.uplink) / 1e6 == pytest.approx(13, abs=1.0)
     assert mean_rate_bps(LTE.downlink) / 1e6 == pytest.approx(29, abs=1.5)
