@@ -4,8 +4,9 @@
 against every baseline) as a user runs it, each time with an empty stage cache (a first run), in
 alternating order: ``beside`` (the default: a forked worker trains the baselines while the
 federated stages run, scenarios/baseline_worker.py) and ``after`` (``NMOE_PARALLEL_BASELINES=0``:
-the baselines train in the run's process once the federated stages are done). Both must report
-the same baseline scores (checked here too).
+the baselines train in the run's process once the federated stages are done). The worker trains with one torch
+thread, the run afterwards with the scenario's (two here), so their scores agree only up to that
+(printed); at equal thread counts they are identical (tests/test_baseline_worker.py).
 
     python bench/quickstart.py [--quick] [--repeat R]
 
@@ -65,10 +66,10 @@ def main(args: argparse.Namespace) -> None:
                 federated = sum(v for s, v in stages.items() if s != "baselines")
                 table.add_row(str(k), mode, f"{wall:.1f}", f"{federated:.1f}", f"{stages.get('baselines', 0):.1f}",
                               f"{os.getloadavg()[0]:.1f}")
-            for name in ("local", "fedavg", "centralized"):
-                a, b = (results[m]["methods"][name]["per_client"] for m in ("beside", "after"))
-                if a != b:
-                    raise SystemExit(f"the {name} baseline differs between the two ways of running it: {a} != {b}")
+            for name in ("local", "fedavg", "centralized"):  # one torch thread beside, the scenario's after
+                accs = [statistics.mean(c["accuracy"] for c in results[m]["methods"][name]["per_client"].values())
+                        for m in ("beside", "after")]
+                console.print(f"run {k}: {name} baseline accuracy {accs[0]:.4f} beside, {accs[1]:.4f} after")
     console.print(table)
     beside, after = statistics.median(walls["beside"]), statistics.median(walls["after"])
     print(f"quickstart_s={beside:.1f} after_s={after:.1f} ratio={beside / after:.3f}")

@@ -17,8 +17,10 @@ run (``PR_SET_PDEATHSIG``) and is reaped by PID. ``NMOE_PARALLEL_BASELINES=0`` t
 baselines after the federated stages in the run's own process, as before (for side-by-side
 measurement: ``bench/quickstart.py``).
 
-Results are unchanged: the same code trains the same models from the same seeds with the same
-number of torch threads, whichever process it runs in (``tests/test_baseline_worker.py``).
+The worker trains with one torch thread (:data:`THREADS`). Same code, seeds and thread count give
+the same scores in either process (``tests/test_baseline_worker.py``, at ``threads: 1``); a
+scenario with more threads gets, from the worker, the scores of one thread (torch's reductions
+split differently over threads, so the last bits, and after training the scores, move a little).
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ from .scenario import Scenario
 
 NICE = 10
 """How much lower the worker's priority is than the run's (and its agents')."""
+THREADS = 1
+"""torch threads in the worker. It shares the cores with the agents: with two, one of them waits
+at every parallel region for a thread the scheduler gave to an agent (measured: the quickstart's
+baselines 7x slower beside the federated stages with 2 threads, on par with 1)."""
 MAX_ANSWER = 16 << 20
 """The worker's answer: scores per client and baseline; anything near this is a bug."""
 ENV = "NMOE_PARALLEL_BASELINES"
@@ -73,7 +79,7 @@ def _train(scn: Scenario, cache: StageCache | None) -> dict[str, Any]:
 
     from .runner import run_baselines, set_threads
 
-    set_threads(scn.threads)
+    set_threads(THREADS)
     started = time.process_time()
     datas = {i: load_client_data(scn, i) for i in range(scn.clients)}
     sub = dataclasses.replace(scn, baselines=wanted(scn))
