@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # What an agent imports that a run may not have yet; imported once here, shared by every agent.
 PRELOAD = ("torch._dynamo", "sklearn.metrics", "agents.client", "scenarios.edge",
            "logging.handlers", "torch._subclasses.schema_check_mode")
-MAX_LINE = 1 << 20  # a request or an answer; anything longer is a bug, not a longer agent list
+MAX_LINE = 1 << 20  # a request or an answer (1000 agents' group request: ~120 KB); anything longer is a bug
 
 
 def _leave_the_fork_server() -> None:
@@ -61,16 +61,8 @@ def _leave_the_fork_server() -> None:
         server._forkserver_alive_fd = None
 
 
-def agent_process(argv: list[str], password: str, log_path: str) -> None:
-    """Body of one agent process: `nmoe agent ARGV` with its output in its own log file."""
-    # Every object inherited from the fork server (torch, the agent code: most of its 400 MB) into
-    # the permanent generation: the cyclic GC would otherwise write to each one's header on its
-    # next full collection and copy nearly every shared page into this process (+85 MB measured).
-    gc.freeze()
-    if multiprocessing.parent_process() is not None:  # forked by multiprocessing's fork server
-        _leave_the_fork_server()
-    else:  # forked by the run's agent host
-        die_with_parent(signal.SIGTERM)
+def redirect_output(log_path: str) -> None:
+    """This process' output (fds 1 and 2, ``sys.stdout``/``sys.stderr``, log handlers) to ``log_path``."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -81,15 +73,28 @@ def agent_process(argv: list[str], password: str, log_path: str) -> None:
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     for handler in list(logging.root.handlers):
         logging.root.removeHandler(handler)
+
+
+def agent_process(argv: list[str], password: str, log_path: str) -> None:
+    """Body of one agent process: `nmoe agent ARGV` with its output in its own log file."""
+    # Every object inherited from the fork server (torch, the agent code: most of its 400 MB) into
+    # the permanent generation: the cyclic GC would otherwise write to each one's header on its
+    # next full collection and copy nearly every shared page into this process (+85 MB measured).
+    gc.freeze()
+    if multiprocessing.parent_process() is not None:  # forked by multiprocessing's fork server
+        _leave_the_fork_server()
+    else:  # forked by the run's agent host
+        die_with_parent(signal.SIGTERM)
+    redirect_output(log_path)
     os.environ[PASSWORD_ENV] = password  # this process only; never on a command line
     from .edge import main
 
     sys.exit(main(argv))
 
 
-def _serve(requests: int, answers: int) -> None:
-    """The host's loop: fork an agent per request, report each start and exit, until the run
-    closes the request pipe and every agent has ended."""
+def _serve(requests: int, answers: int, control: int) -> None:
+    """The host's loop: fork an agent (or the multi-agent process) per request, report each start
+    and exit, until the run closes the request pipe and every agent has ended."""
     die_with_parent(signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # die quietly with the run (not the run's KeyboardInterrupt)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's to handle; it stops us by PID
@@ -116,11 +121,18 @@ def _serve(requests: int, answers: int) -> None:
                 pid = os.fork()
                 if pid == 0:  # the agent
                     os.close(requests)
-                    out.close()
                     signal.signal(signal.SIGINT, signal.default_int_handler)
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # `nmoe agent` installs its own
                     code = 1
                     try:
+                        if req.get("group"):  # every agent as a task of this one process
+                            die_with_parent(signal.SIGTERM)
+                            from .agent_tasks import group_process
+
+                            code = group_process(req, control, out.fileno())
+                            raise SystemExit(code)
+                        out.close()
+                        os.close(control)
                         agent_process(req["argv"], req["password"], req["log"])
                     except SystemExit as stop:
                         code = stop.code if isinstance(stop.code, int) else 1
@@ -153,6 +165,7 @@ class AgentHost:
     pid: int
     requests: Any
     answers: int
+    control: Any
     pids: dict[str, int] = field(default_factory=dict)
     exits: dict[str, int] = field(default_factory=dict)
     _buffer: bytes = b""
@@ -164,18 +177,20 @@ class AgentHost:
             raise RuntimeError("the agent host must be forked before the run starts any thread")
         req_r, req_w = os.pipe()
         ans_r, ans_w = os.pipe()
+        ctl_r, ctl_w = os.pipe()  # the run -> the multi-agent process (kill lines), through the host
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
             os.close(req_w)
             os.close(ans_r)
+            os.close(ctl_w)
             code = 0
             try:
                 for module in PRELOAD:  # what the run has not imported yet (torch imports dynamo lazily)
                     importlib.import_module(module)
                 gc.freeze()  # inherited objects out of the GC's reach: their pages stay shared
-                _serve(req_r, ans_w)
+                _serve(req_r, ans_w, ctl_r)
             except BaseException:  # noqa: BLE001 - the host's last word goes to stderr; nothing else can hear it
                 import traceback
 
@@ -185,12 +200,22 @@ class AgentHost:
                 os._exit(code)
         os.close(req_r)
         os.close(ans_w)
+        os.close(ctl_r)
         os.set_blocking(ans_r, False)
-        return cls(pid, os.fdopen(req_w, "wb", buffering=0), ans_r)
+        return cls(pid, os.fdopen(req_w, "wb", buffering=0), ans_r, os.fdopen(ctl_w, "wb", buffering=0))
 
     def spawn(self, agent: str, argv: list[str], password: str, log_path: str) -> None:
         self.requests.write(json.dumps({"id": agent, "argv": argv, "password": password, "log": log_path}).encode()
                             + b"\n")
+
+    def spawn_group(self, spec: dict[str, Any]) -> None:
+        """Fork the multi-agent process (``agent_tasks.group_process``); it is known as ``spec["id"]``,
+        and each of its agents' ends comes back as an ``exited`` answer of its own."""
+        self.requests.write(json.dumps(spec).encode() + b"\n")
+
+    def tell_group(self, line: str) -> None:
+        """One control line (``kill <agent>``) to the multi-agent process."""
+        self.control.write(line.encode() + b"\n")
 
     def poll(self) -> None:
         """Read what the host said so far (non-blocking)."""
@@ -236,6 +261,8 @@ class AgentHost:
         self.closed = True
         with contextlib.suppress(OSError):
             self.requests.close()
+        with contextlib.suppress(OSError):
+            self.control.close()
         deadline = _now() + timeout
         while _now() < deadline:
             pid, _ = os.waitpid(self.pid, os.WNOHANG)

@@ -31,10 +31,15 @@ def bus_config(scn: Scenario, run_id: str, agent_id: str, address: BrokerAddress
     largest = int(largest_message_bytes(scn) * 1.25)  # headers, chunk frames and safetensors metadata
     default = ReassemblyLimits()
     # per sender: room for two of its largest messages at once (a retry behind a lost one); in all
-    # (the backstop): every client's plus the coordinator's, so honest senders never hit it
+    # (the backstop, in bytes and in messages): every client's plus the coordinator's, so honest
+    # senders never hit it: a round's updates all arrive at once (100 clients' chunked updates
+    # overran the fixed 64-message backstop and the round waited for updates it had dropped)
     per_source = max(default.max_pending_bytes_per_source, 2 * largest)
+    senders = scn.clients + 1
     limits = ReassemblyLimits(max_message_bytes=max(default.max_message_bytes, 2 * largest),
                               max_pending_bytes_per_source=per_source,
-                              max_pending_bytes=max(default.max_pending_bytes, (scn.clients + 1) * per_source))
+                              max_pending_messages=max(default.max_pending_messages,
+                                                       senders * default.max_pending_per_source),
+                              max_pending_bytes=max(default.max_pending_bytes, senders * per_source))
     return BusConfig(run_id, agent_id, address, channel_mode=mode, chunk_size=scn.network.chunk_size,
                      compression=scn.network.compression, limits=limits)

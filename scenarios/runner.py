@@ -246,7 +246,7 @@ def run_inprocess(scn: Scenario, out_dir: Path, console: Console, cache: StageCa
         resume_strategy(strategy, resume, progress.console)
         fleet = InProcessFleet(learners)
         store = CachedStages(cache, fleet) if cache is not None and resume is None else None
-        summary = asyncio.run(strategy.run(fleet, store))
+        summary = asyncio.run(strategy.run(fleet, store, until=Stage(scn.until)))
         clock = time.perf_counter()
         baselines = run_baselines(scn, datas, progress, stage1_classifier(scn, summary), cache)
         summary.stage_seconds["baselines"] = time.perf_counter() - clock
