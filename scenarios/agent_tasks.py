@@ -29,7 +29,6 @@ import gc
 import json
 import logging
 import os
-import resource
 import signal
 import sys
 from collections.abc import Callable, Mapping
@@ -40,6 +39,7 @@ from typing import Any, TypeVar
 from agents.client import ClientAgent
 from agents.codec import client_index
 from broker.auth import BrokerAddress
+from broker.server import ensure_open_files
 from nmoe.errors import ConfigError
 
 from .bus_sizing import bus_config
@@ -71,21 +71,6 @@ class SerialWorker:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def ensure_open_files(agents: int, reserve: int = 256) -> int:
-    """Raise this process' soft limit of open files to what ``agents`` sessions need; a ConfigError
-    naming ``clients`` when the hard limit is too low. Returns the soft limit now in force."""
-    needed = agents * FDS_PER_AGENT + reserve
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return int(soft)
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        raise ConfigError(f"clients: {agents} agents in one process need about {needed} open files, but the hard "
-                          f"limit is {hard} (ulimit -Hn): raise it (e.g. LimitNOFILE= in systemd, nofile in "
-                          "/etc/security/limits.conf) or run fewer clients per process")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-    return needed
-
-
 class AgentTasks:
     """Client agents as asyncio tasks on the running loop, one bus session each, sharing one
     :class:`SerialWorker`. ``on_exit(agent, code)`` hears of each agent that ends (0: it left after
@@ -99,7 +84,8 @@ class AgentTasks:
         self.worker: SerialWorker | None = None
 
     async def start(self) -> None:
-        ensure_open_files(len(self.addresses))
+        n = len(self.addresses)
+        ensure_open_files(n * FDS_PER_AGENT + 256, f"{n} agents in one process")
         self.worker = SerialWorker()
         for name, address in self.addresses.items():
             i = client_index(name)

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import needs_mosquitto
 
+from broker.server import ensure_open_files
 from nmoe.errors import ConfigError
-from scenarios.agent_tasks import SerialWorker, ensure_open_files
+from scenarios.agent_tasks import SerialWorker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,7 +107,7 @@ def test_too_low_a_hard_limit_of_open_files_names_clients(monkeypatch: pytest.Mo
     monkeypatch.setattr(resource, "getrlimit", lambda _: (256, 1024))
     # Execute / Assert
     with pytest.raises(ConfigError, match=r"clients: 1000 agents .* hard limit is 1024"):
-        ensure_open_files(1000)
+        ensure_open_files(4256, "1000 agents in one process")
 
 
 def test_the_soft_limit_of_open_files_is_raised_to_what_the_agents_need(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,6 +116,6 @@ def test_the_soft_limit_of_open_files_is_raised_to_what_the_agents_need(monkeypa
     monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 1 << 20))
     monkeypatch.setattr(resource, "setrlimit", lambda which, limits: calls.append(limits))
     # Execute
-    soft = ensure_open_files(1000)
+    soft = ensure_open_files(4256, "1000 agents in one process")
     # Assert
-    assert soft >= 4000 and calls == [(soft, 1 << 20)]
+    assert soft == 4256 and calls == [(4256, 1 << 20)]
