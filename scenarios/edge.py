@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from nmoe.errors import ConfigError, NmoeError
 
-from .scenario import load_scenario
+from .scenario import Scenario, load_scenario
 
 
 def agent_args(agent: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -38,6 +38,38 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+_WARM: dict[tuple[str, tuple[str, ...]], Scenario | None] = {}  # None: it did not load (tried once)
+
+
+def warm(argv: Sequence[str]) -> None:
+    """Do once, in the agent host, the start-up work every agent of a run repeats (load the scenario,
+    size the bus from the model, map the dataset and cut the partition tables): agents forked
+    afterwards find it done, in pages they share. A scenario that does not load is left for the
+    agent itself to report (in its log, with exit status 2)."""
+    import torch
+
+    from nmoe_models.partition import load_client_data
+
+    from .bus_sizing import largest_message_bytes
+
+    args = agent_args(argparse.ArgumentParser(prog="nmoe agent")).parse_args(argv)
+    key = (args.scenario, tuple(args.overrides))
+    if key in _WARM:
+        return
+    # one thread: the host must start none (a fork copies only the calling thread), and torch's
+    # pool starts with the first parallel operation (agents set their own count)
+    torch.set_num_threads(1)
+    try:
+        scn = load_scenario(args.scenario, args.overrides)
+        largest_message_bytes(scn)
+        load_client_data(scn, 0)
+    except NmoeError as err:
+        print(f"agent host: not warming {args.scenario}: {err}", file=sys.stderr)
+        _WARM[key] = None
+        return
+    _WARM[key] = scn
+
+
 def run_agent(args: argparse.Namespace) -> int:
     """One client agent by itself: load the scenario, connect, serve until the coordinator is done."""
     import asyncio
@@ -54,7 +86,7 @@ def run_agent(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    scn = load_scenario(args.scenario, args.overrides)
+    scn = _WARM.get((args.scenario, tuple(args.overrides))) or load_scenario(args.scenario, args.overrides)
     index = client_index(args.id)
     if index is None or index >= scn.clients:
         raise ConfigError(f"--id {args.id!r}: expected client-0 .. client-{scn.clients - 1} for this scenario")
