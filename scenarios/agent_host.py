@@ -61,20 +61,6 @@ def _leave_the_fork_server() -> None:
         server._forkserver_alive_fd = None
 
 
-def redirect_output(log_path: str) -> None:
-    """This process' output (fds 1 and 2, ``sys.stdout``/``sys.stderr``, log handlers) to ``log_path``."""
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    # a copy of the run (the agent host) inherits its Python-level streams and log handlers too
-    # (under pytest: capture buffers): point both at the log file again
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives as long as the process
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    for handler in list(logging.root.handlers):
-        logging.root.removeHandler(handler)
-
-
 def agent_process(argv: list[str], password: str, log_path: str) -> None:
     """Body of one agent process: `nmoe agent ARGV` with its output in its own log file."""
     # Every object inherited from the fork server (torch, the agent code: most of its 400 MB) into
@@ -85,9 +71,10 @@ def agent_process(argv: list[str], password: str, log_path: str) -> None:
         _leave_the_fork_server()
     else:  # forked by the run's agent host
         die_with_parent(signal.SIGTERM)
+    from .edge import main, redirect_output
+
     redirect_output(log_path)
     os.environ[PASSWORD_ENV] = password  # this process only; never on a command line
-    from .edge import main
 
     sys.exit(main(argv))
 

@@ -144,7 +144,7 @@ def group_process(spec: Mapping[str, Any], control: int, answers: int) -> int:
     lines from the run; each agent's end goes to ``answers`` as ``{"exited": id, "code": c}``."""
     import torch
 
-    from .agent_host import redirect_output
+    from .edge import redirect_output
     from .scenario import load_scenario
 
     gc.freeze()  # see agent_host.agent_process: inherited objects' pages stay shared

@@ -7,6 +7,8 @@ without importing the runner (no import cycle, and less to import in each agent)
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -26,6 +28,20 @@ def agent_args(agent: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="override a field, as the coordinator's run did")
     agent.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return agent
+
+
+def redirect_output(log_path: str) -> None:
+    """This process' output (fds 1 and 2, ``sys.stdout``/``sys.stderr``, log handlers) to ``log_path``."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    # a copy of the run (the agent host) inherits its Python-level streams and log handlers too
+    # (under pytest: capture buffers): point both at the log file again
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives as long as the process
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    for handler in list(logging.root.handlers):
+        logging.root.removeHandler(handler)
 
 
 def stop_on_sigterm() -> None:
