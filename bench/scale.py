@@ -106,7 +106,7 @@ def _cmdline(pid: int) -> str:
 
 
 class Sampler(threading.Thread):
-    """Polls the PSS of the run process and of every agent (the children of its agent host)."""
+    """Polls the PSS of the run process and of every agent (the agent host's descendants)."""
 
     def __init__(self, pid: int, agents: int, period_s: float = 0.3) -> None:
         super().__init__(daemon=True)
@@ -126,7 +126,16 @@ class Sampler(threading.Thread):
                 if "python" not in _cmdline(child) or not kids.get(child):
                     continue
                 self.server_peak = max(self.server_peak, pss_kb(child) or 0)
-                now = [kb for agent in kids.get(child, []) if (kb := pss_kb(agent)) is not None]
+                # the agents: the host's descendants without children of their own (the host forks
+                # a batch through spawners, which are the parents of their share)
+                leaves, todo = [], list(kids.get(child, []))
+                while todo:
+                    pid = todo.pop()
+                    if kids.get(pid):
+                        todo.extend(kids[pid])
+                    else:
+                        leaves.append(pid)
+                now = [kb for agent in leaves if (kb := pss_kb(agent)) is not None]
                 self.seen = max(self.seen, len(now))
                 self.agents_peak = max(self.agents_peak, sum(now))
                 if len(now) >= self.agents:  # all there: a lone early agent shares pages with fewer
