@@ -135,8 +135,10 @@ class Sampler(threading.Thread):
                         todo.extend(kids[pid])
                     else:
                         leaves.append(pid)
+                self.seen = max(self.seen, len(leaves))
+                if len(leaves) < self.agents:  # reading 100 agents' PSS takes seconds on a loaded machine:
+                    continue  # only once all are there (a lone early agent shares pages with fewer anyway)
                 now = [kb for agent in leaves if (kb := pss_kb(agent)) is not None]
-                self.seen = max(self.seen, len(now))
                 self.agents_peak = max(self.agents_peak, sum(now))
                 if len(now) >= self.agents:  # all there: a lone early agent shares pages with fewer
                     self.peak_median = max(self.peak_median, statistics.median(now))
