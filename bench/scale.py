@@ -6,7 +6,8 @@ one FedCE round, no Stage 2/3, no baselines), launched as a user launches it:
 - ``--agents subprocess`` (the default): N agent processes forked from the run's agent host. While
   the run lives, every agent's PSS (``/proc/PID/smaps_rollup``: private pages plus its share of the
   pages it shares with the run, the host and the other agents) is sampled every 0.3 s; ``pss_mb`` is
-  the highest median over agents among the samples that saw all N alive (training included);
+  the median over agents of each one's highest PSS in the samples that saw all N alive (training
+  included);
 - ``--agents inprocess``: N agents as asyncio tasks of one process (forked by the agent host), each
   with its own bus session; ``pss_mb`` is that process' peak PSS over N (the run's own, coordinator
   included, is reported beside it). These runs stop after Stage 2 (``until: stage2``): Stage 3 opens
@@ -112,7 +113,8 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.agents, self.period_s = pid, agents, period_s
         self.seen = 0
-        self.peak_median = 0.0  # the highest median agent PSS (kB) over samples that saw every agent
+        self.peak_median = 0.0  # the median over agents of each one's peak PSS (kB) while all were alive
+        self.per_agent: dict[int, int] = {}  # agent pid -> its highest PSS (kB) in samples that saw every agent
         self.agents_peak = 0  # the highest sum of the agent host's children's PSS (kB): in-process, one process
         self.run_peak = 0
         self.server_peak = 0
@@ -138,10 +140,12 @@ class Sampler(threading.Thread):
                 self.seen = max(self.seen, len(leaves))
                 if len(leaves) < self.agents:  # reading 100 agents' PSS takes seconds on a loaded machine:
                     continue  # only once all are there (a lone early agent shares pages with fewer anyway)
-                now = [kb for agent in leaves if (kb := pss_kb(agent)) is not None]
-                self.agents_peak = max(self.agents_peak, sum(now))
-                if len(now) >= self.agents:  # all there: a lone early agent shares pages with fewer
-                    self.peak_median = max(self.peak_median, statistics.median(now))
+                now = {agent: kb for agent in leaves if (kb := pss_kb(agent)) is not None}
+                self.agents_peak = max(self.agents_peak, sum(now.values()))
+                for agent, kb in now.items():  # each agent's peak while all were there
+                    self.per_agent[agent] = max(self.per_agent.get(agent, 0), kb)
+                if len(self.per_agent) >= self.agents:
+                    self.peak_median = statistics.median(self.per_agent.values())
             self.stop.wait(self.period_s)
 
 
