@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -176,9 +177,12 @@ def one_run(mode: str, n: int, tmp: Path) -> Point:
     with open(out / "metrics.csv") as fh:
         rounds = [float(r["seconds"]) for r in csv.DictReader(fh) if r["op"] == "stage1_fit"]
     if mode == "subprocess":
-        if sampler.peak_median == 0:
-            raise Failed(f"saw at most {sampler.seen} of {n} agent processes at once; the run was too quick")
-        pss = sampler.peak_median / 1024
+        # nan, not a failed point: the run's own figures (join, round) stand; on a loaded machine a
+        # pass over 100 agents' smaps can take longer than the window in which all of them live
+        pss = sampler.peak_median / 1024 if sampler.peak_median else math.nan
+        if not sampler.peak_median:
+            print(f"subprocess x{n}: no PSS sample saw all {n} agents (at most {sampler.seen}); pss_mb=nan",
+                  file=sys.stderr)
     else:
         if sampler.agents_peak == 0:
             raise Failed("never saw the multi-agent process (no agent host?)")
