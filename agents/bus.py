@@ -35,8 +35,19 @@ import aiomqtt
 import numpy as np
 
 from broker.auth import CHANNEL_MODES, BrokerAddress, ChannelMode
+from broker.channel.config import RelayMode
+from broker.held import (
+    FRAME_RELEASE,
+    Announce,
+    HoldBuffer,
+    HoldLimits,
+    Ready,
+    announce_frames,
+    frame_type,
+    pack_announces,
+)
 from broker.mqtt import Connection, ConnectionOptions
-from broker.topics import BROADCAST, Kind, Status, Topics, check_agent_id, is_destination, parse_kind
+from broker.topics import BROADCAST, Kind, ParsedTopic, Status, Topics, check_agent_id, is_destination, parse_kind
 from broker.wire import (
     CHUNK_OVERHEAD,
     COMPRESSIONS,
@@ -75,7 +86,9 @@ class BusConfig:
     run_id: str
     agent_id: str
     address: BrokerAddress
-    channel_mode: ChannelMode = "direct"  # direct: publish to rx/...; emulated: to tx/... (channel relays)
+    channel_mode: ChannelMode = "direct"  # direct: publish to rx/...; emulated: through the channel emulator
+    relay: RelayMode = "headers"  # emulated: body to held/..., header to tx/... (broker/held.py); bodies: to tx/...
+    held_min_bytes: int = 128 * 1024  # relay headers: smaller messages still go to tx/... whole (cheaper)
     chunk_size: int = 256 * 1024  # largest MQTT payload we publish; bigger messages are chunked
     qos: int = 1  # 1: at least once (duplicates are suppressed); 0: at most once
     compression: str = "none"  # default for float32 tensors: none | fp16 | int8
@@ -89,6 +102,7 @@ class BusConfig:
     dedup_window: int = 8192  # message ids remembered to drop QoS 1 duplicates
     late_reply_window: int = 4096  # expired request ids remembered to count late replies
     limits: ReassemblyLimits = field(default_factory=ReassemblyLimits)
+    hold: HoldLimits = field(default_factory=HoldLimits)  # held bodies awaiting the channel's release
 
     def __post_init__(self) -> None:
         Topics(self.run_id)
@@ -99,6 +113,10 @@ class BusConfig:
             raise ValueError(f"chunk_size must be >= {MIN_CHUNK_SIZE}")
         if self.qos not in (0, 1):
             raise ValueError("qos must be 0 or 1")
+        if self.relay not in ("headers", "bodies"):
+            raise ValueError("relay must be headers or bodies")
+        if self.held_min_bytes < 0:
+            raise ValueError("held_min_bytes must be >= 0")
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}")
         positive = ("publish_timeout_s", "publish_min_rate", "connect_timeout_s", "reconnect_initial_s")
@@ -123,6 +141,7 @@ class BusStats:
     late_replies: int = 0
     reconnects: int = 0
     compression_saved_bytes: int = 0
+    announce_failures: int = 0  # relay: headers: frames whose header the broker never took (they stay held)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -170,6 +189,7 @@ class BusSession:
         )
         self.stats.rejected = self._decoder.rejected  # one counter, shared
         self._pipeline = DecodePipeline(self._decoder, self._dispatch)
+        self._holder = HoldBuffer(self.topics, cfg.hold, on_reject=self._decoder.reject)
         self._inbox: asyncio.Queue[Message | None] = asyncio.Queue()
         self._waiters: dict[str, asyncio.Future[Message]] = {}
         self._seen = _Lru(cfg.dedup_window)
@@ -177,6 +197,8 @@ class BusSession:
         self._status: dict[str, str] = {}
         self._status_changed = asyncio.Event()  # replaced by a fresh one after each change
         filters = list(self.topics.inbox_filters(self.agent_id))
+        if cfg.channel_mode == "emulated":  # held bodies (relay: headers), whatever this session sends with
+            filters += self.topics.held_filters(self.agent_id)
         if watch_status:
             filters.append(self.topics.status_filter())
         else:
@@ -193,6 +215,11 @@ class BusSession:
             on_connect=self._on_connect, error=BusError,
         )  # fmt: skip
         self._closing = False
+        # relay: headers: headers of published frames waiting for their announce, with when they left
+        self._announces: list[tuple[Announce, float]] = []
+        self._announcing: asyncio.Handle | asyncio.Task[None] | None = None  # the flush to come, then the publish
+        self._announced = asyncio.Event()
+        self._announced.set()
 
     @property
     def agent_id(self) -> str:
@@ -212,6 +239,14 @@ class BusSession:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if not self._announced.is_set():  # what we sent must still reach the channel
+            if isinstance(self._announcing, asyncio.Handle):
+                self._announcing.cancel()
+                self._flush_announces()
+            try:
+                await asyncio.wait_for(self._announced.wait(), self.cfg.publish_timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("%s: closing with %d headers not announced", self.agent_id, len(self._announces))
         self._closing = True
         await self._conn.close()
         self._close_inbox()
@@ -246,10 +281,34 @@ class BusSession:
             return
         if parsed.src == self.agent_id:
             return  # our own broadcast, echoed back
+        if parsed.direction == "held" or frame_type(payload) == FRAME_RELEASE:
+            self._on_held(parsed, topic, bytes(payload))
+            return
         self._pipeline.feed(topic, bytes(payload), received_at=time.time(), parsed=parsed)
+
+    def _on_held(self, parsed: ParsedTopic, topic: str, payload: bytes) -> None:
+        """A held body or a release (broker/held.py); what they free goes on to the decoder in order."""
+        try:
+            if parsed.direction == "held":
+                ready = self._holder.body(parsed, topic, payload)
+            else:
+                ready = self._holder.release(parsed, topic, payload)
+        except Exception as err:  # a bug in the hold buffer costs this frame, never the session
+            log.exception("%s: handling a held frame on %s raised", self.agent_id, topic[:200])
+            self._decoder.reject(WireError("decode_error", f"{type(err).__name__}: {err}"[:200]), topic)
+            return
+        self._feed_ready(ready)
+
+    def _feed_ready(self, ready: list[Ready]) -> None:
+        now = time.time()
+        for r in ready:
+            self._pipeline.feed(r.topic, r.frame, received_at=now, parsed=r.parsed, stamps=r.stamps)
 
     def _dispatch(self, msg: Message) -> None:
         """A decoded message: drop duplicates, wake its request, or queue it for messages()."""
+        if not self._holder.verify(msg.src, msg.id, msg.header.sha256):
+            self._decoder.reject(WireError("release_mismatch", "not the message the channel released"), msg.topic)
+            return
         if msg.id in self._seen:
             self.stats.duplicates += 1
             return
@@ -302,6 +361,10 @@ class BusSession:
             self._inbox.put_nowait(None)
             raise BusError("bus session closed")
         return msg
+
+    def held_frames(self) -> list[tuple[str, str, str, int, int]]:
+        """Frames held for the channel's release: (src, kind, message id, chunk index, size)."""
+        return self._holder.pending()
 
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, str]:
@@ -357,41 +420,102 @@ class BusSession:
             stage=stage, meta=meta, reply_to=reply_to, msg_id=msg_id, finite=False,
             compression=self.cfg.compression if compression is None else compression,
         )  # fmt: skip
-        if self.cfg.channel_mode == "direct":
-            topic = self.topics.rx(dst, self.agent_id, kind)
-        else:
-            topic = self.topics.tx(self.agent_id, dst, kind)
         size, chunk = d.body_offset + len(d.body), self.cfg.chunk_size
         total = chunk_count(size, chunk)
         nbytes = size + (total * CHUNK_OVERHEAD if total > 1 else 0)
+        held = self.cfg.channel_mode == "emulated" and self.cfg.relay == "headers" and nbytes >= self.cfg.held_min_bytes
+        if self.cfg.channel_mode == "direct":
+            topic = self.topics.rx(dst, self.agent_id, kind)
+        elif held:  # the body straight to the receiver, a header to the channel (broker/held.py)
+            topic = self.topics.held(dst, self.agent_id, kind)
+        else:
+            topic = self.topics.tx(self.agent_id, dst, kind)
+            if not self._announced.is_set():  # a held message before it must reach the channel first
+                await self._announced.wait()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.publish_timeout(nbytes)
         head = covering(d.body_offset, size, chunk)
+
+        started = loop.time()
+
+        def announce(sha256: str, *groups: list[bytes]) -> None:
+            """A held send's frames are all with the broker: the channel may now put them on the air."""
+            if held:
+                frames = announce_frames(f for group in groups for f in group)
+                self._announce([Announce(d.header.id, sha256, dst, kind, i, n) for i, n in frames], started)
+
         if len(head) == total:  # nothing to overlap with the hash
             check_finite(tensors or {})
-            await self._publish(topic, split(d.head(d.digest()), d.header.id, chunk, tail=d.body), deadline)
+            sha256 = d.digest()
+            frames = split(d.head(sha256), d.header.id, chunk, tail=d.body)
+            await self._publish([(topic, f) for f in frames], deadline)
+            announce(sha256, frames)
         else:
             # Publish the body-only chunks while the body is checked and hashed off the loop (numpy
             # and hashlib release the GIL), then the chunks holding the header. Should the tensors
-            # not be finite after all, the receiver drops the incomplete message when it expires.
+            # not be finite after all, the receiver drops the incomplete (or never released)
+            # message when it expires.
             digest = loop.run_in_executor(None, _checked_digest, d, tensors or {})
             tail = split(d.head(), d.header.id, chunk, only=range(len(head), total), tail=d.body)
-            tail_sent = asyncio.ensure_future(self._publish(topic, tail, deadline))
+            tail_sent = asyncio.ensure_future(self._publish([(topic, f) for f in tail], deadline))
             try:
-                first = split(d.head(await digest), d.header.id, chunk, only=head, tail=d.body)
-                await self._publish(topic, first, deadline)
+                sha256 = await digest
+                first = split(d.head(sha256), d.header.id, chunk, only=head, tail=d.body)
+                await self._publish([(topic, f) for f in first], deadline)
             finally:
                 await tail_sent
+            announce(sha256, tail, first)
         self.stats.sent_messages[kind.value] += 1
         self.stats.sent_bytes[kind.value] += nbytes
         self.stats.compression_saved_bytes += d.saved_bytes
         return d.header.id
 
-    async def _publish(self, topic: str, frames: list[bytes], deadline: float) -> None:
-        """Publish frames until the broker acknowledged all, across reconnections, or time out."""
+    # -- announces (relay: headers) ----------------------------------------------------------------
+    def _announce(self, headers: list[Announce], since: float) -> None:
+        """Queue headers of frames the broker has taken since loop time ``since``; never blocks.
+
+        They go out at once when no announce of ours awaits the broker, else together when it is
+        acknowledged (so concurrent sends share announces; a waiting timer would cost latency and,
+        measured, throughput too). Their age tells the emulator how long ago the frames left.
+        """
+        self._announces += [(h, since) for h in headers]
+        if self._announcing is None:
+            self._announced.clear()
+            self._announcing = asyncio.get_running_loop().call_soon(self._flush_announces)
+
+    def _flush_announces(self) -> None:
+        """Publish every queued header in one announce (in order), each with its age; the next batch
+        goes when the broker has acknowledged this one."""
+        if not self._announces:
+            self._announcing = None
+            self._announced.set()
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        batch = [Announce(h.msg_id, h.sha256, h.dst, h.kind, h.index, h.size, now - since)
+                 for h, since in self._announces]  # fmt: skip
+        self._announces = []
+        frames = pack_announces(batch)
+        topic = self.topics.tx(self.agent_id, batch[0].dst, batch[0].kind)
+        deadline = now + self.cfg.publish_timeout(sum(len(f) for f in frames))
+        task = loop.create_task(self._publish([(topic, f) for f in frames], deadline))
+        self._announcing = task
+
+        def done(task: asyncio.Task[None]) -> None:
+            err = None if task.cancelled() else task.exception()
+            if task.cancelled() or err is not None:
+                self.stats.announce_failures += len(batch)
+                log.warning("%s: %d headers were not announced (%s); their frames stay held until they expire",
+                            self.agent_id, len(batch), err or "cancelled")  # fmt: skip
+            self._flush_announces()  # what queued meanwhile has waited a round trip already
+
+        task.add_done_callback(done)
+
+    async def _publish(self, items: list[tuple[str, bytes]], deadline: float) -> None:
+        """Publish (topic, frame) pairs until the broker acknowledged all, across reconnections, or time out."""
         client = self._conn.client
         loop = asyncio.get_running_loop()
-        pending = frames
+        pending = items
         while pending:
             try:
                 if deadline <= loop.time():
@@ -400,17 +524,17 @@ class BusSession:
                     await asyncio.wait_for(self._conn.connected_event.wait(), deadline - loop.time())
                 results = await asyncio.wait_for(
                     asyncio.gather(
-                        *(client.publish(topic, f, qos=self.cfg.qos, timeout=math.inf) for f in pending),
+                        *(client.publish(t, f, qos=self.cfg.qos, timeout=math.inf) for t, f in pending),
                         return_exceptions=True,
                     ),
                     deadline - loop.time(),
                 )
             except asyncio.TimeoutError:
-                raise PublishTimeout(f"publish on {topic} not acknowledged in time") from None
+                raise PublishTimeout(f"publish on {pending[0][0]} not acknowledged in time") from None
             for result in results:
                 if isinstance(result, BaseException) and not isinstance(result, aiomqtt.MqttError):
                     raise result
-            pending = [f for f, r in zip(pending, results, strict=True) if isinstance(r, BaseException)]
+            pending = [item for item, r in zip(pending, results, strict=True) if isinstance(r, BaseException)]
             if pending:  # the connection dropped: let the runner notice before trying again
                 await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
             if self._closing:

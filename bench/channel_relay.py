@@ -1,14 +1,20 @@
 """What the channel emulator costs: relayed throughput and added latency against the direct bus.
 
-One mosquitto (its ACL allows both paths), one run, side by side: a sender streams tensor messages
-(64 KiB and 1 MiB bodies, default 256 KiB chunks) to a receiver through BusSessions in ``direct``
-mode (publish straight to rx/...) and in ``emulated`` mode (publish to tx/..., the emulator relays
-on an ``ideal`` channel at time_scale 1: no airtime, no delay, no loss, only the relay itself).
-The sender awaits each send, as agents do; the clock stops when the receiver holds the last one.
-Each trial runs both paths back to back (order alternating) and gives one emulated/direct ratio;
-the ratio reported is the median of those paired ratios, which cancels most of the noise of a
-shared machine. Then the one-way latency of small messages (a 16x64 float32 latent), sent one at
-a time, in alternating blocks. CPU seconds per message of each process come from /proc.
+One mosquitto (its ACL allows every path), one run, side by side: a sender streams tensor messages
+(64 KiB and 1 MiB bodies, default 256 KiB chunks) to a receiver through BusSessions on four
+paths: ``direct`` (publish straight to rx/...); ``headers``, the emulated channel's default
+(``channel.relay: headers``: a body of ``held_min_bytes`` (128 KiB) or more goes straight to the
+receiver's held/... topic and waits there while a small announce goes to the emulator, which
+releases the body at its modeled delivery; a smaller message goes through the emulator whole);
+``held`` (the same with ``held_min_bytes: 0``: every body held, whatever its size); and ``bodies``
+(``channel.relay: bodies``: every body goes to tx/... and the emulator republishes it on rx/...,
+crossing the broker twice). The emulator runs an ``ideal`` channel at time_scale 1:
+no airtime, no delay, no loss, only the relay itself. The sender awaits each send, as agents do;
+the clock stops when the receiver holds the last one. Each trial runs the four paths back to
+back (order rotating) and gives one direct/path ratio per emulated path; the ratio reported is the
+median of those paired ratios, which cancels most of the noise of a shared machine. Then the
+one-way latency of small messages (a 16x64 float32 latent), sent one at a time, in rotating
+blocks. CPU seconds per message of each process come from /proc.
 
 By default the emulator runs as ``python -m broker.channel.emulator``, a process of its own, as in
 a run (the agents are other processes); ``--emulator inprocess`` puts it on the bench's event loop
@@ -16,9 +22,10 @@ with both agents, where the three share one core and one GIL (the worst case).
 
     python bench/channel_relay.py [--quick] [--emulator process|inprocess] [--trials T]
 
-relay_ratio is the emulated / direct throughput ratio of the worse message size; added_p50_ms is
-the median one-way latency, emulated minus direct. The last line printed is
-``relay_ratio=<x> added_p50_ms=<y>``.
+relay_ratio is the default (headers) path's throughput over direct's, for the worse message size;
+held_ratio and bodies_ratio the same for the other two; added_p50_ms is the median one-way latency
+of the default path minus direct's (bodies_added_p50_ms: the full relay's). The last line printed
+is ``relay_ratio=<x> held_ratio=<h> bodies_ratio=<y> added_p50_ms=<z> bodies_added_p50_ms=<w>``.
 """
 
 from __future__ import annotations
@@ -52,7 +59,8 @@ from broker.wire import encode  # noqa: E402
 RUN = "bench"
 SENDER, RECEIVER = "client-0", "client-1"
 AGENTS = [SENDER, RECEIVER]
-MODES = ("direct", "emulated")
+MODES = ("direct", "headers", "held", "bodies")  # direct bus; emulated: the default, every body held, full relay
+EMULATED = MODES[1:]
 RNG = np.random.default_rng(0)
 SIZES = {"64 KiB": RNG.standard_normal(16_384).astype(np.float32),
          "1 MiB": RNG.standard_normal(262_144).astype(np.float32)}  # fmt: skip
@@ -94,8 +102,13 @@ async def emulator(broker: MosquittoBroker, where: str) -> AsyncIterator[int | N
 
 
 def sessions(broker: MosquittoBroker, mode: str) -> tuple[BusSession, BusSession]:
-    tx = BusSession(BusConfig(RUN, SENDER, broker.address_for(SENDER), channel_mode=mode))  # type: ignore[arg-type]
-    rx = BusSession(BusConfig(RUN, RECEIVER, broker.address_for(RECEIVER)))
+    if mode == "direct":
+        tx = BusSession(BusConfig(RUN, SENDER, broker.address_for(SENDER)))
+        rx = BusSession(BusConfig(RUN, RECEIVER, broker.address_for(RECEIVER)))
+    else:
+        relay = {"headers": {}, "held": {"held_min_bytes": 0}, "bodies": {"relay": "bodies"}}[mode]
+        tx = BusSession(BusConfig(RUN, SENDER, broker.address_for(SENDER), channel_mode="emulated", **relay))  # type: ignore[arg-type]
+        rx = BusSession(BusConfig(RUN, RECEIVER, broker.address_for(RECEIVER), channel_mode="emulated"))
     return tx, rx
 
 
@@ -135,6 +148,12 @@ async def one_way(broker: MosquittoBroker, mode: str, n: int) -> list[float]:
     return times
 
 
+def rotate(modes: tuple[str, ...], i: int) -> tuple[str, ...]:
+    """The paths in the order of trial ``i``: each goes first, second and last equally often."""
+    k = i % len(modes)
+    return modes[k:] + modes[:k]
+
+
 def median(xs: list[float]) -> float:
     return float(np.median(xs))
 
@@ -146,7 +165,7 @@ async def main(args: argparse.Namespace) -> None:
             for k, t in SIZES.items()}  # fmt: skip
     times: dict[tuple[str, str], list[float]] = defaultdict(list)
     cpus: dict[tuple[str, str, str], list[float]] = defaultdict(list)  # (size, mode, process) -> s/msg
-    ratios: dict[str, list[float]] = defaultdict(list)
+    ratios: dict[tuple[str, str], list[float]] = defaultdict(list)  # (size, emulated path) -> direct/path
     lat: dict[str, list[float]] = {m: [] for m in MODES}
     with MosquittoBroker(RUN, make_accounts(AGENTS), channel_mode="direct") as broker:
         async with emulator(broker, args.emulator) as emu_pid:
@@ -159,27 +178,29 @@ async def main(args: argparse.Namespace) -> None:
             for trial in range(args.trials):
                 for size, tensor in SIZES.items():
                     pair = {}
-                    for mode in MODES if trial % 2 == 0 else MODES[::-1]:
+                    for mode in rotate(MODES, trial):
                         pair[mode], cpu = await stream(broker, mode, tensor, counts[size], pids)
                         times[(size, mode)].append(pair[mode])
                         for name, seconds in cpu.items():
                             cpus[(size, mode, name)].append(seconds / counts[size])
-                    ratios[size].append(pair["direct"] / pair["emulated"])
+                    for mode in EMULATED:
+                        ratios[(size, mode)].append(pair["direct"] / pair[mode])
             for block in range(args.latency_blocks):
-                for mode in MODES if block % 2 == 0 else MODES[::-1]:
+                for mode in rotate(MODES, block):
                     lat[mode] += await one_way(broker, mode, args.latency // args.latency_blocks)
 
     title = f"direct bus vs channel emulator (ideal preset, emulator {args.emulator}), {args.trials} trials"
     table = Table(title=title)
-    for col in ("message", "count", "MB/s direct", "MB/s emulated", "msg/s direct", "msg/s emulated",
-                "ratio (median)", "ratio (min-max)"):  # fmt: skip
+    for col in ("message", "count", *(f"MB/s {m}" for m in MODES), *(f"ratio {m} (median, min-max)" for m in EMULATED)):
         table.add_column(col, justify="left" if col == "message" else "right")
     for size in SIZES:
-        d, e = (median(times[(size, m)]) for m in MODES)
         n, mb = counts[size], counts[size] * wire[size] / 1e6
-        r = ratios[size]
-        table.add_row(size, str(n), f"{mb / d:.0f}", f"{mb / e:.0f}", f"{n / d:.0f}", f"{n / e:.0f}",
-                      f"{median(r):.3f}", f"{min(r):.2f}-{max(r):.2f}")  # fmt: skip
+        rates = [f"{mb / median(times[(size, m)]):.0f}" for m in MODES]
+        cells = []
+        for mode in EMULATED:
+            r = ratios[(size, mode)]
+            cells.append(f"{median(r):.3f} ({min(r):.2f}-{max(r):.2f})")
+        table.add_row(size, str(n), *rates, *cells)
     console.print(table)
     cpu_table = Table(title="CPU per message, microseconds (median over trials)")
     cpu_table.add_column("message / path")
@@ -197,9 +218,10 @@ async def main(args: argparse.Namespace) -> None:
     for mode, xs in lat.items():
         lt.add_row(mode, *(f"{float(np.percentile(xs, q)) * 1e3:.3f}" for q in (50, 90, 99)))
     console.print(lt)
-    relay_ratio = min(median(r) for r in ratios.values())
-    added = (median(lat["emulated"]) - median(lat["direct"])) * 1e3
-    print(f"relay_ratio={relay_ratio:.3f} added_p50_ms={added:.3f}")
+    worst = {mode: min(median(ratios[(size, mode)]) for size in SIZES) for mode in EMULATED}
+    added = {mode: (median(lat[mode]) - median(lat["direct"])) * 1e3 for mode in EMULATED}
+    print(f"relay_ratio={worst['headers']:.3f} held_ratio={worst['held']:.3f} bodies_ratio={worst['bodies']:.3f} "
+          f"added_p50_ms={added['headers']:.3f} bodies_added_p50_ms={added['bodies']:.3f}")
 
 
 if __name__ == "__main__":
@@ -211,7 +233,7 @@ if __name__ == "__main__":
     parser.add_argument("--latency", type=int, default=None, help="one-way latency samples per path")
     ns = parser.parse_args()
     ns.messages = ns.messages or (60 if ns.quick else 150)
-    ns.trials = ns.trials or (9 if ns.quick else 15)
-    ns.latency = ns.latency or (600 if ns.quick else 3000)
-    ns.latency_blocks = 6 if ns.quick else 10
+    ns.trials = ns.trials or (4 if ns.quick else 12)
+    ns.latency = ns.latency or (400 if ns.quick else 3000)
+    ns.latency_blocks = 4 if ns.quick else 12
     asyncio.run(main(ns))

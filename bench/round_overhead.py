@@ -7,11 +7,14 @@ them. Both run only Stage 1 here (Stage 2 and 3 are switched off, no baselines).
 
 - round_ratio: mean networked Stage 1 round time / mean in-process round time (goal <= 1.05);
 - startup_s: from launching ``nmoe run`` to the coordinator sending round 0's task, minus the
-  slowest agent's data preparation (loading its partition, building its models) (goal <= 5 s).
+  slowest agent's data preparation (loading its partition, building its models) (goal <= 5 s);
+- fixed_s (each mode): the command's wall time, from launch to exit, minus the sum of its Stage 1
+  round times: everything a run costs that is not learning (imports, broker, joining, evaluation,
+  reporting, shutting down). Issue 12's goal: <= 6 s networked for the 3-round job.
 
     python bench/round_overhead.py [--quick] [--rounds R] [--clients N] [--samples S]
 
-The last line printed is ``round_ratio=<x> startup_s=<y>``.
+The last line printed is ``round_ratio=<x> startup_s=<y> fixed_s=<networked> fixed_inprocess_s=<z>``.
 """
 
 from __future__ import annotations
@@ -42,15 +45,16 @@ def settings(args: argparse.Namespace) -> list[str]:
     return [x for s in sets for x in ("--set", s)]
 
 
-def run(mode: str, args: argparse.Namespace, out: Path) -> tuple[float, dict]:
+def run(mode: str, args: argparse.Namespace, out: Path) -> tuple[float, float, dict]:
     cmd = [*NMOE, "run", "paper_fedce_noniid", *settings(args), "--out", str(out)]
     if mode == "inprocess":
         cmd.append("--inprocess")
     launched = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.time() - launched
     if proc.returncode != 0:
         raise SystemExit(f"{mode} run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return launched, json.loads((out / "results.json").read_text())
+    return launched, wall, json.loads((out / "results.json").read_text())
 
 
 def round_seconds(out: Path) -> list[float]:
@@ -61,8 +65,8 @@ def round_seconds(out: Path) -> list[float]:
 def main(args: argparse.Namespace) -> None:
     console = Console()
     with tempfile.TemporaryDirectory(prefix="nmoe-bench-") as tmp:
-        _, ref = run("inprocess", args, Path(tmp) / "inprocess")
-        launched, net = run("networked", args, Path(tmp) / "networked")
+        _, wall_local, _ = run("inprocess", args, Path(tmp) / "inprocess")
+        launched, wall_remote, net = run("networked", args, Path(tmp) / "networked")
         local, remote = round_seconds(Path(tmp) / "inprocess"), round_seconds(Path(tmp) / "networked")
     tl = net["traffic"]["timeline"]
     startup = tl["first_task_at"] - launched - tl["max_data_s"]
@@ -84,7 +88,15 @@ def main(args: argparse.Namespace) -> None:
     start.add_row(f"{tl['broker_ready_at'] - launched:.2f}", f"{tl['all_joined_at'] - launched:.2f}",
                   f"{tl['first_task_at'] - launched:.2f}", f"{tl['max_data_s']:.2f}", f"{startup:.2f}")
     console.print(start)
-    print(f"round_ratio={ratio:.3f} startup_s={startup:.2f}")
+    fixed_local, fixed_remote = wall_local - sum(local), wall_remote - sum(remote)
+    fixed = Table(title="fixed cost: command wall time minus Stage 1 round time (seconds)")
+    for col in ("mode", "wall", "rounds", "fixed"):
+        fixed.add_column(col, justify="right")
+    fixed.add_row("in-process", f"{wall_local:.2f}", f"{sum(local):.2f}", f"{fixed_local:.2f}")
+    fixed.add_row("networked", f"{wall_remote:.2f}", f"{sum(remote):.2f}", f"{fixed_remote:.2f}", style="bold")
+    console.print(fixed)
+    print(f"round_ratio={ratio:.3f} startup_s={startup:.2f} fixed_s={fixed_remote:.2f} "
+          f"fixed_inprocess_s={fixed_local:.2f}")
 
 
 if __name__ == "__main__":

@@ -5,16 +5,20 @@ One account per agent (username = agent id) with a generated password, per run. 
 ========== ============================================ ==========================================
 role       write                                        read
 ========== ============================================ ==========================================
-agent      ``tx/<id>/#``, ``status/<id>``, and in        ``rx/<id>/#``, ``rx/all/#``,
-           direct mode ``rx/+/<id>/#``                   ``status/coordinator``
+agent      ``tx/<id>/#``, ``held/+/<id>/#``,            ``rx/<id>/#``, ``rx/all/#``,
+           ``status/<id>``, and in direct mode          ``held/<id>/#``, ``held/all/#``,
+           ``rx/+/<id>/#``                              ``status/coordinator``
 coordinator as agent                                    as agent, plus ``status/#``
 channel    ``rx/#``, ``status/<id>``                    ``tx/#``
 observer   nothing                                      ``status/#``
 ========== ============================================ ==========================================
 
 Because rx topics carry the sender (``rx/<dst>/<src>/<kind>``) and the decoder insists that the
-header's src matches the topic, the ACL is what authenticates senders. Passwords never appear in
-reprs, logs or errors (``field(repr=False)``); :meth:`BrokerAddress.redacted` is safe to print.
+header's src matches the topic, the ACL is what authenticates senders. Held bodies
+(``held/<dst>/<src>/<kind>``, broker/held.py) carry the sender the same way, and reach an
+application only with a release on ``rx/``, which with an emulated channel only the channel writes.
+Passwords never appear in reprs, logs or errors (``field(repr=False)``);
+:meth:`BrokerAddress.redacted` is safe to print.
 """
 
 from __future__ import annotations
@@ -163,10 +167,10 @@ def acl_rules(account: Account, topics: Topics, channel_mode: ChannelMode) -> Ac
         return AclRules(read=(topics.status_filter(),), write=())
     if account.role is Role.CHANNEL:
         return AclRules(read=(topics.tx_filter(),), write=(topics.rx_filter(), topics.status(me)))
-    write = [f"{p}/tx/{me}/#", topics.status(me)]
+    write = [f"{p}/tx/{me}/#", f"{p}/held/+/{me}/#", topics.status(me)]
     if channel_mode == "direct":
         write.append(f"{p}/rx/+/{me}/#")
-    read = list(topics.inbox_filters(me))
+    read = [*topics.inbox_filters(me), *topics.held_filters(me)]
     if account.role is Role.COORDINATOR:
         read.append(topics.status_filter())
     else:

@@ -20,7 +20,7 @@ import struct
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from broker.envelope import FRAME_CHUNK, HEADER_LEN, MESSAGE_OVERHEAD, PREFIX, pack_prefix, unpack_prefix
 from nmoe.errors import WireError
@@ -270,13 +270,19 @@ class Reassembler:
         self._by_source.setdefault(src, OrderedDict())[key] = None
         return entry
 
-    def add(self, topic: str, src: str, payload: bytes) -> Assembled | None:
+    def add(
+        self, topic: str, src: str, payload: bytes, stamps: tuple[float, float] | None = None
+    ) -> Assembled | None:
         """Take one chunk frame; returns the whole message once its last chunk is in.
 
-        A message is rejected once (WireError); its remaining chunks are then dropped silently,
-        and so are QoS 1 redeliveries of chunks of a message already rebuilt.
+        ``stamps`` (modeled send, arrival) stand for those in the chunk's prefix (a held chunk's
+        release carries them: broker/held.py). A message is rejected once (WireError); its remaining
+        chunks are then dropped silently, and so are QoS 1 redeliveries of chunks of a message
+        already rebuilt.
         """
         info = read_chunk(payload)
+        if stamps is not None:
+            info = replace(info, t_model_send=stamps[0], t_model_arrive=stamps[1])
         key = (topic, info.msg_id)
         if key in self._settled:
             return None

@@ -5,6 +5,9 @@ All topics live under ``nmoe/<run_id>/``:
 - ``tx/<src>/<dst>/<kind>``: what a sender puts on the air when a channel emulator is in the path.
 - ``rx/<dst>/<src>/<kind>``: what a receiver hears. The src segment is there so that the broker's
   ACL authenticates the sender in direct mode (an agent may only write ``rx/+/<own id>/#``).
+- ``held/<dst>/<src>/<kind>``: a body the sender routed straight to the receiver, held there until
+  the channel emulator releases it (``channel.relay: headers``, broker/held.py); the ACL lets an
+  agent write only ``held/+/<own id>/#``.
 - ``status/<agent>``: retained ``online`` / ``offline`` (offline is the MQTT last will).
 
 ``dst`` is an agent id or ``all`` (broadcast). Agent ids match ``^[a-z][a-z0-9_-]{0,31}$`` and
@@ -26,7 +29,7 @@ BROADCAST = "all"
 AGENT_ID_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-Direction = Literal["tx", "rx"]
+Direction = Literal["tx", "rx", "held"]
 
 
 class Kind(str, enum.Enum):
@@ -94,7 +97,7 @@ class ParsedTopic:
     kind: Kind
 
     def __post_init__(self) -> None:
-        if self.direction not in ("tx", "rx"):
+        if self.direction not in ("tx", "rx", "held"):
             raise WireError("bad_topic", f"unknown direction {self.direction!r}")
         check_agent_id(self.src, "source")
         if not is_destination(self.dst):
@@ -116,6 +119,8 @@ def _parse(run_id: str, topic: str) -> ParsedTopic:
         return ParsedTopic("tx", src=parts[3], dst=parts[4], kind=parse_kind(parts[5]))
     if direction == "rx":
         return ParsedTopic("rx", src=parts[4], dst=parts[3], kind=parse_kind(parts[5]))
+    if direction == "held":
+        return ParsedTopic("held", src=parts[4], dst=parts[3], kind=parse_kind(parts[5]))
     raise WireError("bad_topic", f"unknown direction in {topic!r}")
 
 
@@ -151,6 +156,11 @@ class Topics:
         p = ParsedTopic("rx", src, dst, parse_kind(kind))
         return f"{self.prefix}/rx/{p.dst}/{p.src}/{p.kind.value}"
 
+    def held(self, dst: str, src: str, kind: Kind | str) -> str:
+        """Where ``src`` puts a body for ``dst`` that waits for the channel's release."""
+        p = ParsedTopic("held", src, dst, parse_kind(kind))
+        return f"{self.prefix}/held/{p.dst}/{p.src}/{p.kind.value}"
+
     def status(self, agent: str) -> str:
         return f"{self.prefix}/status/{check_agent_id(agent)}"
 
@@ -158,6 +168,10 @@ class Topics:
     def inbox_filters(self, agent: str) -> tuple[str, str]:
         """What an agent subscribes: its own inbox and the broadcast inbox."""
         return (f"{self.prefix}/rx/{check_agent_id(agent)}/#", f"{self.prefix}/rx/{BROADCAST}/#")
+
+    def held_filters(self, agent: str) -> tuple[str, str]:
+        """The held bodies an agent receives: its own and broadcast ones."""
+        return (f"{self.prefix}/held/{check_agent_id(agent)}/#", f"{self.prefix}/held/{BROADCAST}/#")
 
     def tx_filter(self) -> str:
         """Everything put on the air (the channel emulator's subscription)."""
@@ -171,7 +185,7 @@ class Topics:
 
     # -- parsers --------------------------------------------------------------------------------
     def parse(self, topic: str) -> ParsedTopic:
-        """Parse a tx or rx topic of this run, else raise WireError('bad_topic')."""
+        """Parse a tx, rx or held topic of this run, else raise WireError('bad_topic')."""
         if not isinstance(topic, str):
             raise WireError("bad_topic", f"not a topic: {topic!r}")
         return _parse(self.run_id, topic)

@@ -54,6 +54,7 @@ from broker.envelope import (
     unpack_prefix,
 )
 from broker.header import MAX_META_BYTES, PROTOCOL_VERSION, Header, MetaValue
+from broker.held import REASONS as HELD_REASONS
 from broker.tensors import ANY, COMPRESSIONS, Schema, TensorSpec, check_finite
 from broker.topics import Direction, Kind, ParsedTopic, Topics
 from nmoe.errors import WireError
@@ -73,7 +74,7 @@ REASONS = (
     "bad_magic", "truncated", "bad_header", "bad_version", "bad_topic", "topic_mismatch",
     "hash_mismatch", "bad_body", "missing_tensor", "unexpected_tensor", "bad_dtype", "bad_shape",
     "non_finite", "oversized", "too_deep", "bad_chunk", "chunk_overflow", "chunk_expired",
-    "decode_error",
+    "decode_error", *HELD_REASONS,
 )  # fmt: skip
 _LOUD_PER_REASON = 10  # log the first rejections of each reason as warnings, the rest at debug
 
@@ -170,21 +171,24 @@ class Decoder:
             return None
 
     def accept(
-        self, topic: str, payload: bytes, *, received_at: float | None = None, parsed: ParsedTopic | None = None
+        self, topic: str, payload: bytes, *, received_at: float | None = None, parsed: ParsedTopic | None = None,
+        stamps: tuple[float, float] | None = None,
     ) -> DecodeJob | None:
         """The cheap part of decoding (topic, framing, reassembly): a job for a whole frame, or None.
 
-        ``parsed`` saves parsing the topic again when the caller already did.
+        ``parsed`` saves parsing the topic again when the caller already did; ``stamps`` stand for
+        the modeled stamps in the frame's prefix (a held frame's release carries them).
         """
         try:
             with _contained(topic):
-                return self._accept(topic, payload, received_at, parsed)
+                return self._accept(topic, payload, received_at, parsed, stamps)
         except WireError as err:
             self.reject(err, topic)
             return None
 
     def _accept(
-        self, topic: str, payload: bytes, received_at: float | None, parsed: ParsedTopic | None
+        self, topic: str, payload: bytes, received_at: float | None, parsed: ParsedTopic | None,
+        given: tuple[float, float] | None = None,
     ) -> DecodeJob | None:
         self.expire()
         parsed = parsed or self.topics.parse(topic)
@@ -193,9 +197,9 @@ class Decoder:
         frame: bytes = payload
         body: bytes | None = None
         wire_bytes: int | None = None
-        stamps: tuple[float | None, float | None] | None = None
+        stamps: tuple[float | None, float | None] | None = given
         if unpack_prefix(payload)[0] == FRAME_CHUNK:
-            done = self.reassembler.add(topic, parsed.src, payload)
+            done = self.reassembler.add(topic, parsed.src, payload, given)
             if done is None:
                 return None
             frame, body, wire_bytes, stamps = done.payload, done.body, done.wire_bytes, done.stamps
@@ -226,9 +230,10 @@ class DecodePipeline:
         self._drainer: asyncio.Task[None] | None = None
 
     def feed(
-        self, topic: str, payload: bytes, *, received_at: float | None = None, parsed: ParsedTopic | None = None
+        self, topic: str, payload: bytes, *, received_at: float | None = None, parsed: ParsedTopic | None = None,
+        stamps: tuple[float, float] | None = None,
     ) -> None:
-        job = self.decoder.accept(topic, payload, received_at=received_at, parsed=parsed)
+        job = self.decoder.accept(topic, payload, received_at=received_at, parsed=parsed, stamps=stamps)
         if job is None:
             return
         big = job.size >= self.offload_bytes

@@ -8,6 +8,7 @@ import torch
 
 from agents.bus import BusConfig
 from broker.auth import BrokerAddress, ChannelMode
+from broker.held import HoldLimits
 from broker.wire import ReassemblyLimits
 from nmoe_models.learner import build_gate, build_stage1_model
 
@@ -53,5 +54,9 @@ def bus_config(scn: Scenario, run_id: str, agent_id: str, address: BrokerAddress
                               max_pending_messages=max(default.max_pending_messages,
                                                        senders * default.max_pending_per_source),
                               max_pending_bytes=max(default.max_pending_bytes, senders * per_source))
-    return BusConfig(run_id, agent_id, address, channel_mode=mode, chunk_size=scn.network.chunk_size,
-                     compression=scn.network.compression, limits=limits)
+    # held bodies (relay: headers) wait at the receiver as reassembly does: the same budget per sender
+    hold = HoldLimits(max_bytes_per_source=per_source)
+    return BusConfig(run_id, agent_id, address, channel_mode=mode, relay=scn.channel.relay,
+                     held_min_bytes=scn.channel.held_min_bytes,
+                     chunk_size=scn.network.chunk_size, compression=scn.network.compression, limits=limits,
+                     hold=hold)

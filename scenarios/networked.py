@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -34,8 +35,10 @@ from nmoe.errors import ConfigError, NmoeError
 from nmoe_models.data import load_dataset
 from nmoe_models.partition import load_client_data
 
+from . import baseline_worker
 from .agent_groups import AgentGroup, AgentsMode, ExternalAgents, agents_running, make_group
 from .agent_host import AgentHost, can_fork_host
+from .baseline_worker import BaselineWorker
 from .bus_sizing import bus_config
 from .cache import StageCache
 from .channel_process import ChannelProcess, channel_running
@@ -246,33 +249,47 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
     from .report import build_results, print_summary, write_outputs
 
     started = time.perf_counter()
+    worker: BaselineWorker | None = None
     # first, while this process is still single-threaded: agents are then forked from a copy of it
     host = AgentHost.fork() if mode in ("subprocess", "inprocess") and can_fork_host() else None
     try:
+        # the baselines need nothing from the bus: a copy of this process trains them meanwhile
+        worker = BaselineWorker.fork(scn, cache) if baseline_worker.enabled(scn) else None
         # The coordinator's tensor work is many small operations (checking and screening each reply's
         # ~140 tensors, averaging): with torch's thread pool on two busy cores each costs ten times
         # more than in one thread (measured 40 vs 4.6 ms to check one ResNet20 update) and it runs on
-        # the event loop. Elementwise arithmetic is bit-identical either way. The baselines get
-        # scn.threads again below.
+        # the event loop. Elementwise arithmetic is bit-identical either way. Baselines trained in
+        # this process (no worker) get scn.threads again below.
         torch.set_num_threads(1)
-        # the baselines train here on every client's data: check it is here before hours of training
+        # the baselines train on every client's data: check it is here before hours of training
         datas = {i: load_client_data(scn, i) for i in range(scn.clients)} if scn.baselines else {}
         if mode != "external":  # once here, so agents on this machine map the files it decompressed
             load_dataset(scn.data, scn.seed)
         summary, traffic = asyncio.run(run_networked(scn, out_dir, console, mode, broker_url, listen, broker_kind,
                                                      broker_accounts, resume, dashboard,
                                                      dashboard_token=dashboard_token, host=host))
+    except BaseException:
+        if worker is not None:
+            worker.close()
+        raise
     finally:
         if host is not None:
             host.close()
     set_threads(scn.threads)
+    extra: dict[str, Any] = {}
     with make_progress(console) as progress:
         clock = time.perf_counter()
         classifier = stage1_classifier(scn, summary)
-        baselines = run_baselines(scn, datas, progress, classifier, cache) if scn.baselines else {}
+        baselines: dict[str, Any] = {}
+        if worker is not None:
+            baselines, waited = worker.result(progress)
+            extra["baseline_worker"] = {"baselines": list(worker.baselines), "waited_s": waited}
+        rest = tuple(b for b in scn.baselines if b not in baselines)
+        if rest:  # no worker, or the FedAvg baseline the run turned out to need after all
+            baselines |= run_baselines(dataclasses.replace(scn, baselines=rest), datas, progress, classifier, cache)
         summary.stage_seconds["baselines"] = time.perf_counter() - clock
     devices = traffic.pop("devices", None)
-    extra: dict[str, Any] = {"traffic": traffic} | ({"devices": devices} if devices is not None else {})
+    extra |= {"traffic": traffic} | ({"devices": devices} if devices is not None else {})
     if cache is not None and cache.report:
         extra["cache"] = {"root": str(cache.root), "stages": dict(cache.report)}
         for stage, entry in cache.report.items():

@@ -257,7 +257,8 @@ async def test_emulated_mode_goes_through_the_channel() -> None:
     async with (
         launch_broker(RUN, accounts, channel_mode="emulated", prefer="mosquitto") as running,
         raw_client(running.address_for("channel")) as channel,
-        BusSession(cfg(running, "client-0", channel_mode="emulated", chunk_size=64 * 1024)) as c0,
+        # the stand-in relays whole bodies (relay: bodies); held bodies are tests/test_held.py's
+        BusSession(cfg(running, "client-0", channel_mode="emulated", relay="bodies", chunk_size=64 * 1024)) as c0,
         BusSession(cfg(running, "client-1", channel_mode="emulated")) as c1,
     ):
         relayer = asyncio.create_task(relay(channel, ["client-0", "client-1", "coordinator"]))

@@ -69,9 +69,19 @@ class RealtimeDriver:
         self.model.run_until(t if to is None else max(t, to))
         self._arm()
 
-    def submit(self, src: str, dst: str, nbytes: int, *, reliable: bool = True, key: object = None) -> None:
-        """Catch the model up with the clock, then put the message on the air at modeled now."""
-        self.advance()
+    def submit(
+        self, src: str, dst: str, nbytes: int, *, reliable: bool = True, key: object = None, at: float | None = None
+    ) -> None:
+        """Catch the model up with the clock, then put the message on the air at modeled now.
+
+        ``at``: put it on the air as of that modeled time instead (a header that waited to be
+        batched), or as of the model's own clock if that is later: modeled time never goes back.
+        Whatever fell due since is processed right after, on the timer.
+        """
+        if at is None:
+            self.advance()
+        else:
+            self.model.run_until(min(at, self.modeled_now()))
         self.model.submit(src, dst, nbytes, reliable=reliable, key=key)
         self._arm()
 

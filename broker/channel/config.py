@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args
 from nmoe.errors import check
 
 ChannelMode = Literal["direct", "emulated"]
+RelayMode = Literal["headers", "bodies"]
 PresetName = Literal["ideal", "wifi", "lte", "edge-poor"]
 RateModel = Literal["unlimited", "fixed", "shannon"]
 LossModel = Literal["none", "bernoulli", "gilbert_elliott"]
@@ -247,6 +248,14 @@ class ChannelConfig:
 
     model: ChannelMode = "emulated"
     """'emulated': the SimPy channel relays every message; 'direct': no emulator (real networks)."""
+    relay: RelayMode = "headers"
+    """How an emulated channel carries bodies: 'headers' (senders route each body straight to its
+    receiver, who holds it until the emulator, which models it from a small header, releases it:
+    bodies cross the broker once) or 'bodies' (every body goes through the emulator: twice)."""
+    held_min_bytes: int = 128 * 1024
+    """With relay 'headers', a message smaller than this (its frames' bytes) still goes through the
+    emulator whole: for small messages the announce and release cost more than relaying the body
+    (measured in docs/SCALE.md). 0 holds every body."""
     preset: PresetName = "wifi"
     """Radio preset of every client (see broker.channel.presets): ideal, wifi, lte, edge-poor."""
     link: LinkOverrides = field(default_factory=LinkOverrides)
@@ -271,6 +280,9 @@ class ChannelConfig:
     def __post_init__(self) -> None:
         check(self.model in get_args(ChannelMode), "model",
               f"must be direct or emulated (got {self.model!r})")
+        check(self.relay in get_args(RelayMode), "relay", f"must be headers or bodies (got {self.relay!r})")
+        check(isinstance(self.held_min_bytes, int) and 0 <= self.held_min_bytes <= 2**31, "held_min_bytes",
+              f"must be an integer in 0..2**31 (got {self.held_min_bytes!r})")
         check(self.preset in PRESET_NAMES, "preset",
               f"must be one of {', '.join(PRESET_NAMES)} (got {self.preset!r})")
         low, high = TIME_SCALES

@@ -6,32 +6,44 @@
         ...                      # agents talk (BusSession in channel_mode='emulated')
         print(emu.stats())       # per-link counts and modeled latencies, JSON-ready
 
-One more client on the bus, with the ``channel`` account (read ``tx/#``, write ``rx/#``). Each MQTT
-payload a sender puts on the air (``tx/<src>/<dst>/<kind>``, a whole message or one chunk of a
-chunked message) is one unit on the link: it is submitted to the (src, dst) link of a
-:class:`~broker.channel.model.ChannelModel` with its size and the kind's reliability; a broadcast
-(dst ``all``) crosses the sender's uplink once and is forked at the base station, each copy with
-its own draws. On delivery the payload is republished on ``rx/<dst>/<src>/<kind>`` (per
-destination, broadcasts included) with its modeled send and arrival times written into its frame
-prefix (what :func:`broker.wire.restamp` does, with one copy less); a dropped one is only counted.
-A lost chunk makes the receiver's reassembly expire, as a lost packet of an unacknowledged
-transfer would. Agents are the same code in both channel modes.
+One more client on the bus, with the ``channel`` account (read ``tx/#``, write ``rx/#``). Each frame
+a sender puts on the air (a whole message or one chunk of a chunked message) is one unit on the
+link: it is submitted to the (src, dst) link of a :class:`~broker.channel.model.ChannelModel` with
+its size and the kind's reliability; a broadcast (dst ``all``) crosses the sender's uplink once and
+is forked at the base station, each copy with its own draws. Frames reach the emulator two ways,
+both served at once (a session picks one with ``channel.relay``):
 
-Modeled time reaches receivers in the headers: ``msg.header.t_model_send`` is when the emulator
-took the payload off the air (modeled seconds since the epoch: by default the moment the emulator
-subscribed), ``t_model_arrive`` when the channel delivered it; for a chunked message the earliest
-chunk send and the latest chunk arrival. That is how a coordinator tells who made a deadline:
-compare ``t_model_arrive`` with the round's start in modeled time, which an in-process coordinator
-reads from :meth:`modeled_now` and one in another process derives from :attr:`epoch_unix` and
-``time_scale`` (modeled seconds = (time.time() - epoch_unix) / time_scale). A runner that starts
-the emulator as a process of its own picks the epoch itself and passes it to both (``epoch_unix=``
-here, ``--epoch-unix`` on the command line). There is no per-message lookup in the emulator.
+- ``headers`` (the default, for messages of ``held_min_bytes`` or more; broker/held.py): the body
+  went straight to the receiver, who holds it;
+  the emulator reads an *announce* on ``tx/<src>/...`` listing frames (message id, sha256,
+  destination, kind, chunk index, size, and how long ago each left), submits each as of when it
+  left, and at its delivery (or drop) publishes a *release* with the modeled times (or "lost") on
+  ``rx/<dst>/<src>/<kind>``; the releases of one link that fall due while its previous release frame
+  awaits the broker go out together. Bodies cross the broker once.
+- ``bodies``: the frame itself arrives on ``tx/<src>/<dst>/<kind>``; on delivery it is republished on
+  ``rx/<dst>/<src>/<kind>`` (per destination, broadcasts included) with its modeled send and arrival
+  times written into its frame prefix (what :func:`broker.wire.restamp` does, with one copy less);
+  a dropped one is only counted. Bodies cross the broker twice.
+
+A lost chunk makes the receiver's reassembly expire, as a lost packet of an unacknowledged
+transfer would. Agents are the same code in both channel modes and both relays.
+
+Modeled time reaches receivers in the headers: ``msg.header.t_model_send`` is when the frame went
+on the air (the emulator read it; with ``relay: headers``, the sender published it; modeled seconds
+since the epoch: by default the moment the emulator subscribed), ``t_model_arrive`` when the
+channel delivered it; for a chunked message the earliest chunk send and the latest chunk arrival.
+That is how a coordinator tells who made a deadline: compare ``t_model_arrive`` with the round's
+start in modeled time, which an in-process coordinator reads from :meth:`modeled_now` and one in
+another process derives from :attr:`epoch_unix` and ``time_scale`` (modeled seconds =
+(time.time() - epoch_unix) / time_scale). A runner that starts the emulator as a process of its own
+picks the epoch itself and passes it to both (``epoch_unix=`` here, ``--epoch-unix`` on the command
+line). There is no per-message lookup in the emulator.
 
 Driving: a :class:`~broker.channel.clock.RealtimeDriver` on the asyncio loop runs the model as far
 as the loop's clock (scaled by ``time_scale``) on each arrival and on a timer for the next event,
-never sleeping. Deliveries go to the ordered outbox of broker/channel/relay.py (QoS 1 publishes in
-delivery order, a bounded in-flight window, a backlog behind it), so the model never waits for the
-broker. Malformed input (bad topic, bad frame prefix, unknown agent) is counted by reason in
+never sleeping. Deliveries and releases go to the ordered outbox of broker/channel/relay.py (QoS 1
+publishes in delivery order, a bounded in-flight window, a backlog behind it), so the model never
+waits for the broker. Malformed input (bad topic, bad frame prefix or announce, unknown agent) is counted by reason in
 ``stats()["rejected"]`` and dropped, never raised. The connection (persistent session, reconnects
 with backoff) is broker/channel/relay.py's too. Messages still inside the model when the emulator
 exits are lost, as on a radio switched off; :meth:`flush` waits for them first.
@@ -72,6 +84,7 @@ from broker.channel.model import ChannelModel, Delivery, Result
 from broker.channel.relay import RelayOptions, RelaySession
 from broker.chunks import read_chunk
 from broker.envelope import FRAME_CHUNK, STAMPS, STAMPS_OFFSET, unpack_prefix
+from broker.held import FRAME_ANNOUNCE, MAX_ENTRIES, Announce, Release, frame_type, pack_releases, read_announce
 from broker.topics import Kind, ParsedTopic, Topics
 from nmoe.errors import ChannelError, NmoeError, WireError
 
@@ -89,6 +102,30 @@ class _Frame:
 
     def __init__(self, parsed: ParsedTopic, payload: bytes) -> None:
         self.parsed, self.payload = parsed, payload
+
+
+class _Held:
+    """One frame of a held body (``relay: headers``): only its header is on the air."""
+
+    __slots__ = ("announce", "src")
+
+    def __init__(self, src: str, announce: Announce) -> None:
+        self.src, self.announce = src, announce
+
+
+class _ReleaseLink:
+    """Releases of one (src, dst) link: one frame awaits the broker at a time, the rest batch behind it.
+
+    A relayed body of the link (a message under ``held_min_bytes``) delivered while releases wait
+    queues behind them, so that the link's deliveries reach the receiver in the model's order.
+    """
+
+    __slots__ = ("busy", "pending", "topic")
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.pending: list[Release | tuple[str, bytearray]] = []  # releases, or (rx topic, relayed frame)
+        self.busy = False  # a publish of this link is scheduled or awaits its PUBACK
 
 
 class ChannelEmulator:
@@ -120,6 +157,7 @@ class ChannelEmulator:
         self.session = RelaySession(self.topics, address, options or RelayOptions(), self._on_message,
                                     on_subscribed=self._start_clock)  # fmt: skip
         self._rx_topics: dict[tuple[str, str, Kind], str] = {}
+        self._release_links: dict[tuple[str, str], _ReleaseLink] = {}  # (src, dst) -> its releases
         self._rejected: Counter[str] = Counter()
         self._counts: Counter[str] = Counter()
         if epoch_unix is not None and not math.isfinite(epoch_unix):
@@ -167,6 +205,10 @@ class ChannelEmulator:
 
     async def __aexit__(self, *exc: object) -> None:
         try:
+            for link in self._release_links.values():  # releases still batched go out too
+                while link.pending:
+                    topic, payload = self._next_publish(link)
+                    self.session.publish(topic, payload)
             await self.session.__aexit__(*exc)
         finally:
             self.driver.close()
@@ -187,6 +229,9 @@ class ChannelEmulator:
                     await asyncio.sleep(0)  # let the driver's timer run first
                     continue
                 await self.session.wait_published()
+                if self._releases_waiting():  # batched behind a frame just acknowledged
+                    await asyncio.sleep(0)
+                    continue
                 if self.model.env.peek() == math.inf:
                     return
 
@@ -199,12 +244,21 @@ class ChannelEmulator:
         log.log(level, "channel emulator dropped a payload on %s: %s", topic[:200], detail)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        self._counts["frames_in"] += 1
-        self._counts["bytes_in"] += len(payload)
         try:
             parsed = self.topics.parse(topic)
             if parsed.direction != "tx":
                 raise WireError("bad_topic", "not a tx topic")
+            if frame_type(payload) == FRAME_ANNOUNCE:
+                self._on_announce(topic, parsed, payload)
+                return
+        except WireError as err:
+            self._counts["frames_in"] += 1
+            self._counts["bytes_in"] += len(payload)
+            self._reject(err.reason, topic, err)
+            return
+        self._counts["frames_in"] += 1
+        self._counts["bytes_in"] += len(payload)
+        try:
             if unpack_prefix(payload)[0] == FRAME_CHUNK:
                 read_chunk(payload)  # index, total and length must make sense
         except WireError as err:
@@ -216,6 +270,26 @@ class ChannelEmulator:
         except ChannelError as err:  # an agent the channel does not know
             self._reject("unknown_agent", topic, err)
 
+    def _on_announce(self, topic: str, parsed: ParsedTopic, payload: bytes) -> None:
+        """Frames the sender published on held topics: each goes on the air by its size alone, as of
+        when the sender published it (its age when the announce left, bounded by broker/held.py)."""
+        entries = read_announce(payload)
+        self._counts["announces"] += 1
+        now = self.modeled_now()
+        for entry in entries:
+            # the frames it announces are what is on the air (counted as the full relay counts them)
+            self._counts["frames_in"] += 1
+            self._counts["bytes_in"] += entry.size
+            self._counts["announced"] += 1
+            if entry.dst == parsed.src:
+                self._reject("bad_announce", topic, "a frame to its own sender")
+                continue
+            try:
+                self.driver.submit(parsed.src, entry.dst, entry.size, reliable=self.cfg.is_reliable(entry.kind.value),
+                                   key=_Held(parsed.src, entry), at=now - entry.age_s / self.time_scale)  # fmt: skip
+            except ChannelError as err:
+                self._reject("unknown_agent", topic, err)
+
     # -- onto the air ----------------------------------------------------------------------------
     def _rx_topic(self, dst: str, parsed: ParsedTopic) -> str:
         key = (dst, parsed.src, parsed.kind)
@@ -226,14 +300,66 @@ class ChannelEmulator:
 
     def _on_result(self, result: Result) -> None:
         """Called by the model in modeled-time order; drops are tallied by the model itself."""
+        key = result.key
+        if isinstance(key, _Held):  # relay: headers: release (or report lost) the receiver's held frame
+            a = key.announce
+            t_arrive = result.t_arrive if isinstance(result, Delivery) else math.nan
+            lost = not isinstance(result, Delivery)
+            self._queue_release(key.src, result.dst, a.kind, Release(a.msg_id, a.sha256, a.kind, a.index, a.size,
+                                                                    result.t_send, t_arrive, lost))  # fmt: skip
+            return
         if not isinstance(result, Delivery):
             return
-        frame = result.key
-        assert isinstance(frame, _Frame)
+        assert isinstance(key, _Frame)
         # restamp() without its second copy: paho takes a bytearray as it is (the prefix was checked).
-        payload = bytearray(frame.payload)
+        payload = bytearray(key.payload)
         STAMPS.pack_into(payload, STAMPS_OFFSET, result.t_send, result.t_arrive)
-        self.session.publish(self._rx_topic(result.dst, frame.parsed), payload)
+        topic = self._rx_topic(result.dst, key.parsed)
+        link = self._release_links.get((key.parsed.src, result.dst))
+        if link is not None and link.busy:  # not before the releases the model delivered ahead of it
+            link.pending.append((topic, payload))
+        else:
+            self.session.publish(topic, payload)
+
+    def _queue_release(self, src: str, dst: str, kind: Kind, release: Release) -> None:
+        link = self._release_links.get((src, dst))
+        if link is None:
+            link = self._release_links[(src, dst)] = _ReleaseLink(self.topics.rx(dst, src, kind))
+        link.pending.append(release)
+        if not link.busy:  # batch what falls due in this loop step; later ones wait for its PUBACK
+            link.busy = True
+            try:
+                asyncio.get_running_loop().call_soon(self._send_releases, link)
+            except RuntimeError:  # driven outside a loop (tests of the model): publish at once
+                self._send_releases(link)
+
+    def _send_releases(self, link: _ReleaseLink) -> None:
+        """Publish the link's next pending item, in order; the one after it when it is acknowledged."""
+        if not link.pending:
+            link.busy = False
+            return
+        link.busy = True
+        topic, payload = self._next_publish(link)
+        self.session.publish(topic, payload, on_done=lambda: self._send_releases(link))
+
+    def _next_publish(self, link: _ReleaseLink) -> tuple[str, bytes | bytearray]:
+        """Take the link's next publish: a relayed frame, or one frame of the releases ahead of it."""
+        head = link.pending[0]
+        if isinstance(head, tuple):
+            link.pending.pop(0)
+            return head
+        n = 0
+        while n < len(link.pending) and n < MAX_ENTRIES and isinstance(link.pending[n], Release):
+            n += 1
+        batch = [r for r in link.pending[:n] if isinstance(r, Release)]
+        del link.pending[:n]
+        self._counts["releases"] += len(batch)
+        self._counts["releases_lost"] += sum(r.lost for r in batch)
+        self._counts["release_frames"] += 1
+        return link.topic, pack_releases(batch)
+
+    def _releases_waiting(self) -> bool:
+        return any(link.pending for link in self._release_links.values())
 
     # -- reporting -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -241,8 +367,13 @@ class ChannelEmulator:
 
         ``links["src->dst"]``: delivered, dropped (by reason), retransmissions (packets resent),
         bytes (delivered), latency_p50_s/p95_s/p99_s (modeled seconds, None before a delivery).
-        ``totals``: the same summed, plus frames_in/bytes_in (taken off the air), published/
-        bytes_out (acknowledged by the broker), publish_failed, backlog_peak, reconnects.
+        ``totals``: the same summed, plus frames_in/bytes_in (taken off the air; a held frame counts
+        when its announce is read, with its own size), published/
+        bytes_out (acknowledged by the broker), publish_failed, backlog_peak, reconnects, and for
+        held bodies (``relay: headers``) announces (MQTT publishes read), announced (the frames
+        they listed, submitted by size), releases (sent to
+        receivers, one per frame and destination), releases_lost (of them, reporting a drop) and
+        release_frames (the MQTT publishes they were batched into).
         ``rejected``: malformed input by reason (bad_topic, bad_magic, truncated, bad_chunk, ...).
         """
         links: dict[str, dict[str, Any]] = {}
@@ -257,7 +388,8 @@ class ChannelEmulator:
             dropped.update(s.dropped)
             summed.update(delivered=s.delivered, retransmissions=s.retransmissions, bytes=s.bytes_delivered)
         counts = self._counts + self.session.counts
-        names = ("frames_in", "bytes_in", "published", "bytes_out", "publish_failed", "backlog_peak", "reconnects")
+        names = ("frames_in", "bytes_in", "published", "bytes_out", "publish_failed", "backlog_peak", "reconnects",
+                 "announces", "announced", "releases", "releases_lost", "release_frames")
         totals: dict[str, Any] = {
             "delivered": summed["delivered"], "dropped": dict(dropped), "retransmissions": summed["retransmissions"],
             "bytes": summed["bytes"], **{k: counts[k] for k in names},

@@ -33,6 +33,7 @@ from broker.topics import Topics
 from nmoe.errors import ChannelError
 
 log = logging.getLogger(__name__)
+_Done = Callable[[], None] | None
 
 
 
@@ -83,7 +84,7 @@ class Outbox:
         self.options = options
         self.counts = counts
         """published, bytes_out, publish_failed, backlog_peak (added to ``counts``)."""
-        self._backlog: deque[tuple[str, bytes | bytearray]] = deque()
+        self._backlog: deque[tuple[str, bytes | bytearray, _Done]] = deque()
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -94,15 +95,20 @@ class Outbox:
         """Payloads put and not yet acknowledged (in flight or waiting)."""
         return self._inflight + len(self._backlog)
 
-    def put(self, topic: str, payload: bytes | bytearray) -> None:
-        """Publish ``payload`` on ``topic`` after everything put before it (never blocks)."""
+    def put(self, topic: str, payload: bytes | bytearray, on_done: _Done = None) -> None:
+        """Publish ``payload`` on ``topic`` after everything put before it (never blocks).
+
+        ``on_done`` is called once the broker acknowledged it, or it was given up or cancelled.
+        """
         if self._closed:
+            if on_done is not None:
+                on_done()
             return
         if self._backlog or self._inflight >= self.options.max_inflight:
-            self._backlog.append((topic, payload))
+            self._backlog.append((topic, payload, on_done))
             self.counts["backlog_peak"] = max(self.counts["backlog_peak"], len(self._backlog))
         else:
-            self._start(topic, payload)
+            self._start(topic, payload, on_done)
 
     async def wait_idle(self) -> None:
         """Return once every payload put so far is acknowledged or given up."""
@@ -113,19 +119,22 @@ class Outbox:
     async def close(self) -> None:
         """Give up what is pending (cancelled publishes are not counted as failed)."""
         self._closed = True
-        self._backlog.clear()
+        backlog, self._backlog = self._backlog, deque()
+        for _topic, _payload, on_done in backlog:
+            if on_done is not None:
+                on_done()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _start(self, topic: str, payload: bytes | bytearray) -> None:
+    def _start(self, topic: str, payload: bytes | bytearray, on_done: _Done) -> None:
         self._inflight += 1
-        task = asyncio.get_running_loop().create_task(self._publish(topic, payload))
+        task = asyncio.get_running_loop().create_task(self._publish(topic, payload, on_done))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _publish(self, topic: str, payload: bytes | bytearray) -> None:
+    async def _publish(self, topic: str, payload: bytes | bytearray, on_done: _Done) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.publish_timeout_s
         try:
@@ -149,6 +158,8 @@ class Outbox:
                         self.options.publish_timeout_s)  # fmt: skip
         finally:
             self._inflight -= 1
+            if on_done is not None:
+                on_done()
             while self._backlog and self._inflight < self.options.max_inflight and not self._closed:
                 self._start(*self._backlog.popleft())
             if not self.pending:
@@ -197,11 +208,11 @@ class RelaySession:
     def connected(self) -> bool:
         return self._conn.connected
 
-    def publish(self, topic: str, payload: bytes | bytearray) -> None:
+    def publish(self, topic: str, payload: bytes | bytearray, on_done: Callable[[], None] | None = None) -> None:
         """Publish after everything published before (never blocks; see :class:`Outbox`)."""
         if self._outbox is None:
             raise ChannelError("the relay session is not open")
-        self._outbox.put(topic, payload)
+        self._outbox.put(topic, payload, on_done)
 
     async def wait_published(self) -> None:
         """Return once everything published so far is acknowledged or given up."""

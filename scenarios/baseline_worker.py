@@ -1,0 +1,195 @@
+"""The baselines of a networked run, trained in a process of their own beside the federated stages.
+
+A networked run's federated stages leave this machine's cores idle much of the time (agents
+waiting on the modeled channel, on each other, on the coordinator), while its baselines (local
+classifiers, the FedAvg classifier, the centralized MoE) are pure computation that needs nothing
+from the bus. So the run forks a worker for them before it starts anything else, at a lower
+priority (``nice`` + :data:`NICE`) so that they take only what the federated stages leave; when
+the federated stages are done the run gives the worker its own priority back (where allowed: root,
+or RLIMIT_NICE) and waits for their scores.
+
+The worker is a ``fork()`` of the run made while the run is still single-threaded (as the agent
+host is), so it imports nothing and shares the run's pages. It loads its own copy of each
+client's data (memory-mapped), trains with the run's stage cache (what it stores is there for
+later runs, as before) and sends one JSON line back over a pipe: the scores per baseline and
+client, the cache's report, its compute seconds, or the error that stopped it. It dies with the
+run (``PR_SET_PDEATHSIG``) and is reaped by PID. ``NMOE_PARALLEL_BASELINES=0`` trains the
+baselines after the federated stages in the run's own process, as before (for side-by-side
+measurement: ``bench/quickstart.py``).
+
+Results are unchanged: the same code trains the same models from the same seeds with the same
+number of torch threads, whichever process it runs in (``tests/test_baseline_worker.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import select
+import signal
+import sys
+import time
+from typing import Any
+
+from rich.progress import Progress
+
+from broker.lifetime import die_with_parent
+from nmoe.errors import NmoeError
+from nmoe_models.config import Baseline
+
+from .agent_host import can_fork_host
+from .cache import StageCache
+from .scenario import Scenario
+
+NICE = 10
+"""How much lower the worker's priority is than the run's (and its agents')."""
+MAX_ANSWER = 16 << 20
+"""The worker's answer: scores per client and baseline; anything near this is a bug."""
+ENV = "NMOE_PARALLEL_BASELINES"
+
+PerClient = dict[int, dict[str, float]]
+
+
+class BaselineError(NmoeError):
+    """The baseline worker failed; its message says why."""
+
+
+def wanted(scn: Scenario) -> tuple[Baseline, ...]:
+    """The baselines to train beside the federated stages: the FedAvg baseline is left out when
+    FedCE shares the whole model (its Stage 1 classifier *is* the FedAvg baseline, scored in
+    Stage 2), as ``runner.stage1_classifier`` decides after the run."""
+    fedce_all = scn.stage1.method == "fedce" and scn.stage1.fedce.share == "all"
+    return tuple(b for b in scn.baselines if b in ("local", "centralized") or (b == "fedavg" and not fedce_all))
+
+
+def enabled(scn: Scenario) -> bool:
+    return bool(wanted(scn)) and os.environ.get(ENV) != "0" and can_fork_host()
+
+
+def _train(scn: Scenario, cache: StageCache | None) -> dict[str, Any]:
+    from nmoe_models.partition import load_client_data
+
+    from .runner import run_baselines, set_threads
+
+    set_threads(scn.threads)
+    started = time.process_time()
+    datas = {i: load_client_data(scn, i) for i in range(scn.clients)}
+    sub = dataclasses.replace(scn, baselines=wanted(scn))
+    with Progress(disable=True) as progress:
+        scores = run_baselines(sub, datas, progress, None, cache)
+    return {"scores": {name: {str(i): s for i, s in per.items()} for name, per in scores.items()},
+            "cache": dict(cache.report) if cache is not None else {},
+            "cpu_s": time.process_time() - started}
+
+
+@dataclasses.dataclass
+class BaselineWorker:
+    """The run's side: the worker's PID and the read end of its answer pipe."""
+
+    pid: int
+    answers: int
+    started: float
+    baselines: tuple[Baseline, ...]
+    cache: StageCache | None = None
+    exit_status: int | None = None
+    _done: bool = False
+
+    @classmethod
+    def fork(cls, scn: Scenario, cache: StageCache | None) -> BaselineWorker:
+        """Start the worker; call while the run is single-threaded (``can_fork_host()``)."""
+        if not can_fork_host():
+            raise RuntimeError("the baseline worker must be forked before the run starts any thread")
+        read, write = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            code = 0
+            try:
+                die_with_parent(signal.SIGTERM)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)  # die quietly with the run
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's; it stops us by PID
+                os.nice(NICE)
+                try:
+                    answer: dict[str, Any] = {"ok": _train(scn, cache)}
+                except Exception as err:  # noqa: BLE001 - sent to the run, which raises it there
+                    answer = {"error": f"{type(err).__name__}: {err}"}
+                with os.fdopen(write, "wb") as out:
+                    out.write(json.dumps(answer).encode() + b"\n")
+            except BaseException:  # noqa: BLE001 - the worker's last word goes to stderr; nothing else can hear it
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(write)
+        return cls(pid, read, time.perf_counter(), wanted(scn), cache)
+
+    def result(self, progress: Progress | None = None) -> tuple[dict[str, PerClient], float]:
+        """Wait for the worker's scores (a spinner on ``progress`` meanwhile); returns them and the
+        seconds this run waited for them after the federated stages. Raises :class:`BaselineError`
+        with the worker's own message when it failed."""
+        waited = time.perf_counter()
+        self.unnice()
+        task = progress.add_task("baselines (trained beside the federated stages)", total=None, info="")\
+            if progress is not None else None
+        buffer = b""
+        try:
+            while True:
+                ready, _, _ = select.select([self.answers], [], [], 0.2)
+                if not ready:
+                    continue
+                chunk = os.read(self.answers, 1 << 16)
+                if not chunk:
+                    break
+                buffer += chunk
+                if len(buffer) > MAX_ANSWER:
+                    raise BaselineError(f"baseline worker: answer over {MAX_ANSWER} bytes")
+        finally:
+            self.close(stop=not buffer.endswith(b"\n"))
+            if progress is not None and task is not None:
+                progress.update(task, total=1, completed=1)
+        status = self.exit_status
+        if not buffer:
+            raise BaselineError(f"the baseline worker (PID {self.pid}) ended without an answer (exit status "
+                                f"{status}); its traceback, if any, is above")
+        answer = json.loads(buffer)
+        if "error" in answer:
+            raise BaselineError(f"training the baselines failed: {answer['error']}")
+        ok = answer["ok"]
+        if self.cache is not None:
+            self.cache.report.update(ok["cache"])
+        scores = {name: {int(i): s for i, s in per.items()} for name, per in ok["scores"].items()}
+        return scores, time.perf_counter() - waited
+
+    def unnice(self) -> None:
+        """The federated stages are done: the worker, if still training, gets this run's priority
+        back (allowed to root, or up to RLIMIT_NICE; otherwise it finishes at its lower one)."""
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        try:  # Linux's nice is per thread: torch's pool threads too
+            threads = [int(t) for t in os.listdir(f"/proc/{self.pid}/task")]
+        except OSError:
+            threads = [self.pid]
+        for tid in threads:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.setpriority(os.PRIO_PROCESS, tid, ours)
+
+    def close(self, stop: bool = True) -> None:
+        """Reap the worker; with ``stop``, first end it if it still runs (the run failed or was
+        interrupted). Without, wait for it: it has answered and is exiting."""
+        if self._done:
+            return
+        self._done = True
+        with contextlib.suppress(OSError):
+            os.close(self.answers)
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            if stop:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGTERM)
+            _, status = os.waitpid(self.pid, 0)
+        self.exit_status = os.waitstatus_to_exitcode(status)
