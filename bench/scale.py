@@ -111,6 +111,7 @@ class Sampler(threading.Thread):
     """Polls the PSS of the run process and of every agent (the agent host's descendants)."""
 
     def __init__(self, pid: int, agents: int, period_s: float = 0.3) -> None:
+        """``agents``: the agent processes to expect (1 for in-process agents: their one process)."""
         super().__init__(daemon=True)
         self.pid, self.agents, self.period_s = pid, agents, period_s
         self.seen = 0
@@ -163,7 +164,7 @@ def one_run(mode: str, n: int, tmp: Path) -> Point:
     launched = time.time()
     with open(tmp / "run.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        sampler = Sampler(proc.pid, n)
+        sampler = Sampler(proc.pid, n if mode == "subprocess" else 1)
         sampler.start()
         code = proc.wait()
         sampler.stop.set()
