@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -53,7 +53,7 @@ from .config import NetworkConfig
 from .devices import Device
 from .energy import RadioModel
 from .messages import BYE_COUNTERS, BYE_TOTALS, Bye, Hello, Op, Refusal, Shutdown, Usage
-from .protocol import ExpertAnswer, execute
+from .protocol import Blocking, ExpertAnswer, execute
 from .routing import LatencyPredictor
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class CoordinatorGone(BusError):
 class ClientAgent:
     def __init__(self, exp: ExperimentConfig, net: NetworkConfig, index: int, bus_cfg: BusConfig,
                  time_scale: float = 1.0, device: Device | None = None, radio: RadioModel | None = None,
-                 predictor: LatencyPredictor | None = None) -> None:
+                 predictor: LatencyPredictor | None = None, blocking: Blocking[Any] | None = None) -> None:
         self.exp = exp
         self.net = net
         self.index = index
@@ -167,6 +167,9 @@ class ClientAgent:
         self.meter = ComputeMeter(device, time_scale, radio) if device is not None else None
         """The modeled device (None: compute at this host's speed, report no usage)."""
         self.predictor = predictor
+        self.blocking: Blocking[Any] = blocking or in_thread
+        """Where heavy work runs when no device is modeled: a worker thread (one agent per process), or
+        a queue shared by every agent of a process, one at a time (``scenarios.agent_tasks``)."""
         self._moved = (0, 0)  # bus bytes (sent, received) at the previous report of usage
         self._serving: set[asyncio.Task[None]] = set()
 
@@ -180,10 +183,11 @@ class ClientAgent:
 
     async def run(self) -> None:
         """Load the partition, join, serve until the coordinator says shutdown."""
-        clock = time.perf_counter()
-        data = await asyncio.to_thread(load_client_data, self.exp, self.index)
-        self.learner = await asyncio.to_thread(ClientLearner, self.exp, data)
-        self.data_s = time.perf_counter() - clock
+        def prepare() -> tuple[ClientLearner, float]:
+            clock = time.perf_counter()  # the work itself, not the wait for a shared worker
+            return ClientLearner(self.exp, load_client_data(self.exp, self.index)), time.perf_counter() - clock
+
+        self.learner, self.data_s = await self.blocking(prepare)
         queue: asyncio.Queue[tuple[Message, float] | None] = asyncio.Queue()
         async with BusSession(self.bus_cfg, self.schemas(), watch_agents=(COORDINATOR,)) as bus:
             worker = asyncio.create_task(self._work(bus, queue), name=f"{self.bus_cfg.agent_id}-worker")
@@ -384,7 +388,7 @@ class ClientAgent:
             if self.meter is not None:
                 self.meter.begin(task.op, self._deadline_at(msg, task.op, received_at))
             reply = await execute(self.learner, task, prepare if task.op in (Op.STAGE3_PREPARE, Op.SYNC) else pool,
-                                  self.meter or in_thread)
+                                  self.meter or self.blocking)
             wire = encode_reply(reply, task_id, task.op, task.round)
             if (usage := self._usage(bus, wire_bytes(wire))) is not None:  # the reply's size is part of it
                 wire = replace(wire, meta={**wire.meta, **encode_usage(usage)})

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import pwd
+import resource
 import shutil
 import string
 import subprocess
@@ -37,7 +38,7 @@ from broker.lifetime import dying_with, make_run_dir
 from broker.ports import free_port, port_open
 from broker.tls import TlsFiles, make_tls_files, server_names
 from broker.topics import Topics
-from nmoe.errors import BrokerError
+from nmoe.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,22 @@ Prefer = Literal["auto", "mosquitto", "amqtt"]
 TEMPLATE = Path(__file__).resolve().parent.parent / "mosquitto.conf"
 _SEARCH_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin", "/snap/bin")
 _fallback_logged = False
+
+
+def ensure_open_files(needed: int, what: str) -> int:
+    """Raise this process' soft limit of open files to ``needed`` (its children inherit it: mosquitto,
+    the agents); a ConfigError naming ``clients`` when the hard limit is lower. Returns the soft
+    limit now in force. A common soft limit is 1024: mosquitto with 1000 agents' connections, or
+    one process holding 1000 agents' sessions, would run out of descriptors mid-join."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return int(soft)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise ConfigError(f"clients: {what} need about {needed} open files, but the hard limit is {hard} "
+                          "(ulimit -Hn): raise it (LimitNOFILE= in systemd, nofile in /etc/security/limits.conf) "
+                          "or use fewer clients")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    return needed
 
 
 def find_mosquitto() -> str | None:
@@ -329,6 +346,7 @@ async def launch_broker(
         yield RunningBroker("external", external.host, external.port, tuple(accounts), external.tls,
                             ca_file=external.ca_file)  # fmt: skip
         return
+    ensure_open_files(len(accounts) + 256, f"a broker for {len(accounts)} accounts")  # a connection each
     binary = find_mosquitto() if prefer != "amqtt" else None
     if (prefer == "mosquitto" or tls) and binary is None:
         need = "network.tls needs mosquitto (amqtt has no TLS here)" if tls else "mosquitto was asked for"

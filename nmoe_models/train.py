@@ -115,7 +115,10 @@ def train_classifier(
         optimizer_step(opt, loss, params, optim.grad_clip)
         return loss
 
-    return run_epochs(len(x), epochs=epochs, batch_size=batch_size, gen=gen, step=step)
+    try:
+        return run_epochs(len(x), epochs=epochs, batch_size=batch_size, gen=gen, step=step)
+    finally:
+        opt.zero_grad(set_to_none=True)  # a model's gradients are as big as the model: not kept between tasks
 
 
 def train_fedsc(
@@ -136,7 +139,10 @@ def train_fedsc(
         optimizer_step(opt, loss, params, optim.grad_clip)
         return loss
 
-    return run_epochs(len(x), epochs=epochs, batch_size=batch_size, gen=gen, step=step)
+    try:
+        return run_epochs(len(x), epochs=epochs, batch_size=batch_size, gen=gen, step=step)
+    finally:
+        opt.zero_grad(set_to_none=True)  # a model's gradients are as big as the model: not kept between tasks
 
 
 @contextmanager

@@ -1,6 +1,8 @@
-"""Client agents of a networked run, three ways behind one ``AgentGroup`` protocol: child processes
-forked from a preloaded fork server (the default), asyncio tasks in this process (tests), or agents
-started by hand on edge boards (``external``: nothing to start, their command lines in a file)."""
+"""Client agents of a networked run, three ways behind one ``AgentGroup`` protocol: one child process
+each, forked from the agent host or a preloaded fork server (the default); asyncio tasks of one
+process (``inprocess``: a process of their own forked by the agent host, else the run's own loop;
+``agent_tasks``); or agents started by hand on edge boards (``external``: nothing to start, their
+command lines in a file)."""
 
 from __future__ import annotations
 
@@ -15,13 +17,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal, Protocol
 
-from agents.client import ClientAgent
 from agents.codec import client_name
 from broker.server import RunningBroker
 
 from .agent_host import AgentHost, agent_process
-from .bus_sizing import bus_config
-from .devices import agent_extras
+from .agent_tasks import GROUP, AgentTasks, group_spec
 from .scenario import Scenario
 
 AgentsMode = Literal["subprocess", "inprocess", "external"]
@@ -115,8 +115,12 @@ class AgentProcesses:
         return {a: p.exitcode for a, p in self.procs.items() if p.exitcode not in (None, 0)}
 
     def log_tail(self, agent: str, lines: int = 8) -> str:
+        return self.log_tail_of(self.log_dir / f"{agent}.log", lines)
+
+    @staticmethod
+    def log_tail_of(path: Path, lines: int) -> str:
         try:
-            text = (self.log_dir / f"{agent}.log").read_text(errors="replace")
+            text = path.read_text(errors="replace")
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
@@ -154,40 +158,49 @@ class AgentProcesses:
             p.close()
 
 
-class AgentTasks:
-    """Client agents as asyncio tasks in this process (tests, debugging)."""
+class AgentTaskProcess:
+    """Client agents as asyncio tasks of one process of their own (``agent_tasks``), forked by the
+    run's agent host; its log (every agent's) in <out>/logs/agents.log; stopped by its PID."""
 
-    def __init__(self, scn: Scenario, run_id: str, broker: RunningBroker) -> None:
-        self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.scn, self.run_id, self.broker = scn, run_id, broker
+    def __init__(self, host: AgentHost, scn: Scenario, run_id: str, broker: RunningBroker, scenario_file: Path,
+                 log_dir: Path) -> None:
+        self.host, self.log_dir = host, log_dir
+        self.ids = [client_name(i) for i in range(scn.clients)]
+        self.spec = group_spec(scenario_file, run_id, {a: broker.address_for(a) for a in self.ids},
+                               log_dir / f"{GROUP}.log")
 
     async def start(self) -> None:
-        for i in range(self.scn.clients):
-            name = client_name(i)
-            cfg = bus_config(self.scn, self.run_id, name, self.broker.address_for(name))
-            x = agent_extras(self.scn, i)
-            agent = ClientAgent(self.scn, self.scn.network, i, cfg, self.scn.channel.time_scale, x.device, x.radio,
-                                x.predictor)
-            self.tasks[name] = asyncio.create_task(agent.run(), name=name)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.host.spawn_group(self.spec)
+        while not self.host.started([GROUP]):  # JOIN's clock starts once the process exists
+            await asyncio.sleep(0.02)
 
     def kill(self, agent: str) -> None:
-        self.tasks[agent].cancel()
+        """Fault injection: the agent's task is cancelled (its session closes; no goodbye)."""
+        if self.host.alive(GROUP):
+            self.host.tell_group(f"kill {agent}")
 
     def failed(self) -> dict[str, int]:
-        return {a: 1 for a, t in self.tasks.items() if t.done() and not t.cancelled() and t.exception() is not None}
+        self.host.poll()
+        return {a: c for a, c in self.host.exits.items() if c not in (0, -signal.SIGKILL) or a == GROUP and c != 0}
 
     def log_tail(self, agent: str, lines: int = 8) -> str:
-        task = self.tasks[agent]
-        return repr(task.exception()) if task.done() and not task.cancelled() else ""
+        """The last lines of the multi-agent process' log (one log for all its agents)."""
+        return AgentProcesses.log_tail_of(self.log_dir / f"{GROUP}.log", lines)
 
     async def wait(self, timeout: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*self.tasks.values(), return_exceptions=True), timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.host.alive(GROUP) and loop.time() < deadline:
+            await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
-        for t in self.tasks.values():
-            t.cancel()
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        """SIGTERM, then SIGKILL after 5 s, by PID; then the host is closed."""
+        if self.host.alive(GROUP):
+            self.host.signal(GROUP, signal.SIGTERM)
+            await self.wait(5.0)
+            self.host.signal(GROUP, signal.SIGKILL)
+        await asyncio.to_thread(self.host.close)
 
 
 class ExternalAgents:
@@ -243,8 +256,11 @@ def make_group(mode: AgentsMode, scn: Scenario, run_id: str, broker: RunningBrok
     if mode == "subprocess":
         return AgentProcesses(scenario_file, run_id, broker, [client_name(i) for i in range(scn.clients)],
                               out_dir / "logs", host)
-    if mode == "inprocess":
-        return AgentTasks(scn, run_id, broker)
+    if mode == "inprocess" and host is not None:
+        return AgentTaskProcess(host, scn, run_id, broker, scenario_file, out_dir / "logs")
+    if mode == "inprocess":  # no host (a run inside a running event loop): tasks on the run's own loop
+        return AgentTasks(scn, run_id, {client_name(i): broker.address_for(client_name(i))
+                                        for i in range(scn.clients)})
     return ExternalAgents(scn, run_id, broker, scenario_file, out_dir)
 
 

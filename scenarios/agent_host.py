@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # What an agent imports that a run may not have yet; imported once here, shared by every agent.
 PRELOAD = ("torch._dynamo", "sklearn.metrics", "agents.client", "scenarios.edge",
            "logging.handlers", "torch._subclasses.schema_check_mode")
-MAX_LINE = 1 << 20  # a request or an answer; anything longer is a bug, not a longer agent list
+MAX_LINE = 1 << 20  # a request or an answer (1000 agents' group request: ~120 KB); anything longer is a bug
 
 
 def _leave_the_fork_server() -> None:
@@ -71,29 +71,107 @@ def agent_process(argv: list[str], password: str, log_path: str) -> None:
         _leave_the_fork_server()
     else:  # forked by the run's agent host
         die_with_parent(signal.SIGTERM)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    # a copy of the run (the agent host) inherits its Python-level streams and log handlers too
-    # (under pytest: capture buffers): point both at the log file again
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives as long as the process
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    for handler in list(logging.root.handlers):
-        logging.root.removeHandler(handler)
+    from .edge import main, redirect_output
+
+    redirect_output(log_path)
     os.environ[PASSWORD_ENV] = password  # this process only; never on a command line
-    from .edge import main
 
     sys.exit(main(argv))
 
 
-def _serve(requests: int, answers: int) -> None:
-    """The host's loop: fork an agent per request, report each start and exit, until the run
-    closes the request pipe and every agent has ended."""
+SPAWNERS = 4
+"""Processes that fork a batch of agents side by side (the host and three copies of it). A fork
+copies the page tables of the ~420 MB of anonymous memory torch and the agent code hold: 30-40 ms
+of kernel time each on an idle core, 0.1-0.2 s on a loaded one, and 100 of them in one process
+were the slow path of a join (issue 12). Split over processes they use both cores."""
+MIN_SPLIT = 8  # a batch smaller than this is forked by the host alone
+
+
+def _fork_agent(req: dict[str, Any], requests: int, control: int, out: Any) -> int:
+    """Fork one agent (or the multi-agent process); returns its PID (in the parent)."""
+    pid = os.fork()
+    if pid:
+        return pid
+    os.close(requests)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # `nmoe agent` installs its own
+    code = 1
+    try:
+        if req.get("group"):  # every agent as a task of this one process
+            die_with_parent(signal.SIGTERM)
+            from .agent_tasks import group_process
+
+            code = group_process(req, control, out.fileno())
+            raise SystemExit(code)
+        out.close()
+        os.close(control)
+        agent_process(req["argv"], req["password"], req["log"])
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        logging.shutdown()
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _reap(children: dict[int, str], say: Any, block: bool = False) -> None:
+    """Report the exit of every child that ended (all of them, waiting, with ``block``)."""
+    while children:
+        pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+        if pid == 0:
+            return
+        name, code = children.pop(pid), os.waitstatus_to_exitcode(status)
+        if name:
+            say(exited=name, code=code)
+        elif code:  # a spawner ("") reports its own agents; its failure is on stderr
+            print(f"agent host: a spawner exited with status {code}", file=sys.stderr)
+
+
+def _spawn_batch(batch: list[dict[str, Any]], requests: int, control: int, out: Any, say: Any,
+                 children: dict[int, str]) -> None:
+    """Fork ``batch``'s agents, split over up to SPAWNERS processes (copies of the host, each the
+    parent of its share: the agents die with it, and it with the host); each says ``started`` and
+    ``exited`` for its own agents on the shared answer pipe (a line is one write below PIPE_BUF, so
+    lines never interleave)."""
+    parts = SPAWNERS if len(batch) >= MIN_SPLIT else 1
+    shares = [batch[k::parts] for k in range(parts)]
+    for share in shares[1:]:
+        pid = os.fork()
+        if pid == 0:  # a spawner
+            die_with_parent(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            code = 0
+            try:
+                mine: dict[int, str] = {}
+                for req in share:
+                    agent = _fork_agent(req, requests, control, out)
+                    mine[agent] = req["id"]
+                    say(started=req["id"], pid=agent)
+                _reap(mine, say, block=True)
+            except BaseException:  # noqa: BLE001 - its last word goes to stderr; nothing else can hear it
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        children[pid] = ""
+    for req in shares[0]:
+        pid = _fork_agent(req, requests, control, out)
+        children[pid] = req["id"]
+        say(started=req["id"], pid=pid)
+
+
+def _serve(requests: int, answers: int, control: int) -> None:
+    """The host's loop: fork the agents (or the multi-agent process) each batch of requests asks
+    for, report each start and exit, until the run closes the request pipe and every agent has
+    ended."""
     die_with_parent(signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # die quietly with the run (not the run's KeyboardInterrupt)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's to handle; it stops us by PID
-    children: dict[int, str] = {}
+    children: dict[int, str] = {}  # pid -> agent id ("" for a spawner)
     buffer = b""
     open_ = True
     out = os.fdopen(answers, "wb", buffering=0)
@@ -110,33 +188,18 @@ def _serve(requests: int, answers: int) -> None:
             buffer += chunk
             if len(buffer) > MAX_LINE:
                 raise RuntimeError("agent host: request line over 1 MiB")
+            batch: list[dict[str, Any]] = []
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
                 req = json.loads(line)
-                pid = os.fork()
-                if pid == 0:  # the agent
-                    os.close(requests)
-                    out.close()
-                    signal.signal(signal.SIGINT, signal.default_int_handler)
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # `nmoe agent` installs its own
-                    code = 1
-                    try:
-                        agent_process(req["argv"], req["password"], req["log"])
-                    except SystemExit as stop:
-                        code = stop.code if isinstance(stop.code, int) else 1
-                    finally:
-                        logging.shutdown()
-                        with contextlib.suppress(OSError, ValueError):
-                            sys.stdout.flush()
-                            sys.stderr.flush()
-                        os._exit(code)
-                children[pid] = req["id"]
-                say(started=req["id"], pid=pid)
-        while children:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                break
-            say(exited=children.pop(pid), code=os.waitstatus_to_exitcode(status))
+                if not req.get("group"):  # what every agent of the run would do alike, once, here
+                    from .edge import warm
+
+                    warm(req["argv"])
+                batch.append(req)
+            if batch:
+                _spawn_batch(batch, requests, control, out, say, children)
+        _reap(children, say)
 
 
 def can_fork_host() -> bool:
@@ -153,6 +216,7 @@ class AgentHost:
     pid: int
     requests: Any
     answers: int
+    control: Any
     pids: dict[str, int] = field(default_factory=dict)
     exits: dict[str, int] = field(default_factory=dict)
     _buffer: bytes = b""
@@ -164,18 +228,20 @@ class AgentHost:
             raise RuntimeError("the agent host must be forked before the run starts any thread")
         req_r, req_w = os.pipe()
         ans_r, ans_w = os.pipe()
+        ctl_r, ctl_w = os.pipe()  # the run -> the multi-agent process (kill lines), through the host
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
             os.close(req_w)
             os.close(ans_r)
+            os.close(ctl_w)
             code = 0
             try:
                 for module in PRELOAD:  # what the run has not imported yet (torch imports dynamo lazily)
                     importlib.import_module(module)
                 gc.freeze()  # inherited objects out of the GC's reach: their pages stay shared
-                _serve(req_r, ans_w)
+                _serve(req_r, ans_w, ctl_r)
             except BaseException:  # noqa: BLE001 - the host's last word goes to stderr; nothing else can hear it
                 import traceback
 
@@ -185,12 +251,22 @@ class AgentHost:
                 os._exit(code)
         os.close(req_r)
         os.close(ans_w)
+        os.close(ctl_r)
         os.set_blocking(ans_r, False)
-        return cls(pid, os.fdopen(req_w, "wb", buffering=0), ans_r)
+        return cls(pid, os.fdopen(req_w, "wb", buffering=0), ans_r, os.fdopen(ctl_w, "wb", buffering=0))
 
     def spawn(self, agent: str, argv: list[str], password: str, log_path: str) -> None:
         self.requests.write(json.dumps({"id": agent, "argv": argv, "password": password, "log": log_path}).encode()
                             + b"\n")
+
+    def spawn_group(self, spec: dict[str, Any]) -> None:
+        """Fork the multi-agent process (``agent_tasks.group_process``); it is known as ``spec["id"]``,
+        and each of its agents' ends comes back as an ``exited`` answer of its own."""
+        self.requests.write(json.dumps(spec).encode() + b"\n")
+
+    def tell_group(self, line: str) -> None:
+        """One control line (``kill <agent>``) to the multi-agent process."""
+        self.control.write(line.encode() + b"\n")
 
     def poll(self) -> None:
         """Read what the host said so far (non-blocking)."""
@@ -236,6 +312,8 @@ class AgentHost:
         self.closed = True
         with contextlib.suppress(OSError):
             self.requests.close()
+        with contextlib.suppress(OSError):
+            self.control.close()
         deadline = _now() + timeout
         while _now() < deadline:
             pid, _ = os.waitpid(self.pid, os.WNOHANG)

@@ -251,7 +251,7 @@ def run_inprocess(scn: Scenario, out_dir: Path, console: Console, cache: StageCa
         # the curve's modeled clock: the devices' compute for the FLOPs run (counting them costs a little)
         fleet = InProcessFleet(learners, (devices_of(scn) or {}) if scn.eval.every_round else None)
         store = CachedStages(cache, fleet) if cache is not None and resume is None else None
-        summary = asyncio.run(strategy.run(fleet, store))
+        summary = asyncio.run(strategy.run(fleet, store, until=Stage(scn.until)))
         clock = time.perf_counter()
         baselines = run_baselines(scn, datas, progress, stage1_classifier(scn, summary), cache)
         summary.stage_seconds["baselines"] = time.perf_counter() - clock

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from agents.config import NetworkConfig
 from agents.devices import DevicesConfig
@@ -33,6 +33,11 @@ class Scenario(ExperimentConfig):
     channel: ChannelConfig = field(default_factory=lambda: ChannelConfig(model="direct"))
     """The wireless channel between the agents: direct (none), or an emulated model (presets ideal,
     wifi, lte, edge-poor; per-client overrides; time_scale)."""
+    until: Literal["stage2", "done"] = "done"
+    """Where the run stops: 'done' (every stage and the evaluation) or 'stage2' (Stage 1, then Stage 2:
+    the experts trained and the FedCE classifier scored, no Stage 3 and no NMoE evaluation). Stage 3
+    starts with an all-to-all exchange of latents, n(n-1) requests: scale tests of 1000 clients stop
+    before it (bench/scale.py)."""
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     """The clients' hardware (presets server, laptop, jetson-nano, phone, raspberry-pi-4; a mix drawn
     from the seed; per-client overrides): networked runs then model compute time from FLOPs and

@@ -69,3 +69,42 @@ def test_no_host_is_forked_once_a_thread_runs() -> None:
     finally:
         stop.set()
         worker.join()
+
+
+# Twelve agents in one batch: the host forks some, three spawners (copies of it) the others.
+BATCH = r"""
+import json, os, sys, time
+from scenarios.agent_host import AgentHost, can_fork_host
+host = AgentHost.fork()
+ids = [f"client-{i}" for i in range(12)]
+for agent in ids:
+    host.spawn(agent, ["--id", agent, "--scenario", sys.argv[2], "--broker", f"mqtt://{agent}@127.0.0.1:1"],
+               "secret", os.path.join(sys.argv[1], agent + ".log"))
+deadline = time.monotonic() + 90
+while len(host.exits) < len(ids) and time.monotonic() < deadline:
+    host.poll()
+    time.sleep(0.05)
+host.close()
+print(json.dumps({"pids": host.pids, "exits": host.exits, "host": host.pid}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the agent host is Linux's (fork, prctl)")
+def test_a_batch_of_agents_is_forked_side_by_side_and_every_start_and_exit_comes_back(tmp_path: Path) -> None:
+    # Prepare: agents whose scenario does not exist (each says so in its log and exits 2)
+    missing = tmp_path / "nowhere.yaml"
+    # Execute
+    proc = subprocess.run([sys.executable, "-c", BATCH, str(tmp_path), str(missing)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180)
+    # Assert
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    ids = [f"client-{i}" for i in range(12)]
+    assert report["exits"] == {a: 2 for a in ids}
+    assert sorted(report["pids"]) == sorted(ids) and len(set(report["pids"].values())) == 12
+    for agent in ids:
+        assert "nowhere.yaml" in (tmp_path / f"{agent}.log").read_text()
+    # the host tried the scenario once for all of them, not once per agent
+    assert proc.stderr.count("not warming") == 1
+    for pid in (*report["pids"].values(), report["host"]):  # every one reaped, spawners included
+        assert not Path(f"/proc/{pid}").exists()
