@@ -1,9 +1,9 @@
 """The baselines of a networked run, trained in a process of their own beside the federated stages.
 
-A networked run's federated stages leave this machine's cores idle much of the time (agents
-waiting on the modeled channel, on each other, on the coordinator), while its baselines (local
-classifiers, the FedAvg classifier, the centralized MoE) are pure computation that needs nothing
-from the bus. So the run forks a worker for them before it starts anything else, at a lower
+Where a networked run's agents leave this machine a core (agents on other machines, all agents in
+one process, fewer agent processes than cores: :func:`enabled`), its baselines (local classifiers,
+the FedAvg classifier, the centralized MoE), pure computation that needs nothing from the bus, can
+use it. So the run forks a worker for them before it starts anything else, at a lower
 priority (``nice`` + :data:`NICE`) so that they take only what the federated stages leave; when
 the federated stages are done the run gives the worker its own priority back (where allowed: root,
 or RLIMIT_NICE) and waits for their scores.
@@ -14,8 +14,8 @@ client's data (memory-mapped), trains with the run's stage cache (what it stores
 later runs, as before) and sends one JSON line back over a pipe: the scores per baseline and
 client, the cache's report, its compute seconds, or the error that stopped it. It dies with the
 run (``PR_SET_PDEATHSIG``) and is reaped by PID. ``NMOE_PARALLEL_BASELINES=0`` trains the
-baselines after the federated stages in the run's own process, as before (for side-by-side
-measurement: ``bench/quickstart.py``).
+baselines after the federated stages in the run's own process, ``=1`` always beside them (for
+side-by-side measurement: ``bench/quickstart.py``).
 
 The worker trains with one torch thread (:data:`THREADS`). Same code, seeds and thread count give
 the same scores in either process (``tests/test_baseline_worker.py``, at ``threads: 1``); a
@@ -70,8 +70,22 @@ def wanted(scn: Scenario) -> tuple[Baseline, ...]:
     return tuple(b for b in scn.baselines if b in ("local", "centralized") or (b == "fedavg" and not fedce_all))
 
 
-def enabled(scn: Scenario) -> bool:
-    return bool(wanted(scn)) and os.environ.get(ENV) != "0" and can_fork_host()
+def enabled(scn: Scenario, mode: str) -> bool:
+    """Whether to train the baselines beside the federated stages: where this machine has a core
+    the agents leave (agents on other machines, or all of them in one process, or fewer agent
+    processes than cores). Where the agents fill every core (the quickstart's 4 agent processes on
+    2 cores) the worker would only take turns with them and finish later than training afterwards
+    with every core (measured, bench/quickstart.py). ``NMOE_PARALLEL_BASELINES=1`` or ``0``
+    decides instead."""
+    from .runner import available_cpus
+
+    if not wanted(scn) or not can_fork_host():
+        return False
+    forced = os.environ.get(ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    local_agents = {"external": 0, "inprocess": 1}.get(mode, scn.clients)
+    return local_agents < available_cpus()
 
 
 def _train(scn: Scenario, cache: StageCache | None) -> dict[str, Any]:

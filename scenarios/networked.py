@@ -254,7 +254,7 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
     host = AgentHost.fork() if mode in ("subprocess", "inprocess") and can_fork_host() else None
     try:
         # the baselines need nothing from the bus: a copy of this process trains them meanwhile
-        worker = BaselineWorker.fork(scn, cache) if baseline_worker.enabled(scn) else None
+        worker = BaselineWorker.fork(scn, cache) if baseline_worker.enabled(scn, mode) else None
         # The coordinator's tensor work is many small operations (checking and screening each reply's
         # ~140 tensors, averaging): with torch's thread pool on two busy cores each costs ten times
         # more than in one thread (measured 40 vs 4.6 ms to check one ResNet20 update) and it runs on
