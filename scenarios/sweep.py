@@ -41,7 +41,9 @@ from .scenario import Scenario, read_yaml, resolve_path
 from .schema import apply_overrides, build, set_path, to_dict
 
 SWEEP_KEYS = ("base", "name", "description", "grid", "set", "seeds")
-UNCOMPARED = ("threads",)  # how a run was executed, not what it computed
+# how a run was executed or labelled, not what it computed: a sweep file renamed (or run under
+# another name, one seed at a time) still finds its finished runs
+UNCOMPARED = ("threads", "name", "description")
 
 
 @dataclass(frozen=True)

@@ -163,3 +163,14 @@ def test_a_run_made_before_a_new_setting_existed_still_counts_as_finished(tmp_pa
     config["network"]["rejected_grace_s"] = 99.0
     (run.folder / "results.json").write_text(json.dumps({"config": config}))
     assert not finished(run)
+
+
+def test_a_finished_run_still_counts_under_another_sweep_name(tmp_path):
+    # a run made by the sweep under one name (its scenario's name and description are the sweep's)
+    path = _files(tmp_path, "base: base.yaml\ngrid: {partition.tau: [0.5]}")
+    run = load_sweep(path, str(tmp_path / "out"), [], threads=1).runs[0]
+    config = to_dict(build(Scenario, run.data))
+    config["name"], config["description"] = "an-earlier-name", "said otherwise"
+    run.folder.mkdir(parents=True)
+    (run.folder / "results.json").write_text(json.dumps({"config": config}))
+    assert finished(run)
