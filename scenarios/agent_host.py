@@ -29,8 +29,9 @@ import select
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from broker.auth import PASSWORD_ENV
 from broker.lifetime import die_with_parent
@@ -202,6 +203,22 @@ def _serve(requests: int, answers: int, control: int) -> None:
         _reap(children, say)
 
 
+def child_main(body: Callable[[], None]) -> NoReturn:
+    """The whole life of a child forked from the run: ``body``, then ``os._exit`` (never the run's
+    own cleanup, which a forked copy must not run twice); exit status 1, with the traceback on
+    stderr, if it raised, since nothing else can hear a child's last word."""
+    code = 0
+    try:
+        body()
+    except BaseException:  # noqa: BLE001 - see the docstring
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
 def can_fork_host() -> bool:
     """Linux, no thread of ours yet (a fork copies only the calling thread; a lock another thread
     held would stay locked forever in the copy), and not switched off (``NMOE_AGENT_HOST=0``: the
@@ -236,19 +253,14 @@ class AgentHost:
             os.close(req_w)
             os.close(ans_r)
             os.close(ctl_w)
-            code = 0
-            try:
+
+            def serve() -> None:
                 for module in PRELOAD:  # what the run has not imported yet (torch imports dynamo lazily)
                     importlib.import_module(module)
                 gc.freeze()  # inherited objects out of the GC's reach: their pages stay shared
                 _serve(req_r, ans_w, ctl_r)
-            except BaseException:  # noqa: BLE001 - the host's last word goes to stderr; nothing else can hear it
-                import traceback
 
-                traceback.print_exc()
-                code = 1
-            finally:
-                os._exit(code)
+            child_main(serve)
         os.close(req_r)
         os.close(ans_w)
         os.close(ctl_r)

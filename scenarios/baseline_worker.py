@@ -41,7 +41,7 @@ from broker.lifetime import die_with_parent
 from nmoe.errors import NmoeError
 from nmoe_models.config import Baseline
 
-from .agent_host import can_fork_host
+from .agent_host import can_fork_host, child_main
 from .cache import StageCache
 from .scenario import Scenario
 
@@ -66,8 +66,10 @@ def wanted(scn: Scenario) -> tuple[Baseline, ...]:
     """The baselines to train beside the federated stages: the FedAvg baseline is left out when
     FedCE shares the whole model (its Stage 1 classifier *is* the FedAvg baseline, scored in
     Stage 2), as ``runner.stage1_classifier`` decides after the run."""
-    fedce_all = scn.stage1.method == "fedce" and scn.stage1.fedce.share == "all"
-    return tuple(b for b in scn.baselines if b in ("local", "centralized") or (b == "fedavg" and not fedce_all))
+    from .runner import stage1_is_fedavg
+
+    return tuple(b for b in scn.baselines
+                 if b in ("local", "centralized") or (b == "fedavg" and not stage1_is_fedavg(scn)))
 
 
 def enabled(scn: Scenario, mode: str) -> bool:
@@ -127,8 +129,8 @@ class BaselineWorker:
         pid = os.fork()
         if pid == 0:
             os.close(read)
-            code = 0
-            try:
+
+            def work() -> None:
                 die_with_parent(signal.SIGTERM)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)  # die quietly with the run
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's; it stops us by PID
@@ -139,13 +141,8 @@ class BaselineWorker:
                     answer = {"error": f"{type(err).__name__}: {err}"}
                 with os.fdopen(write, "wb") as out:
                     out.write(json.dumps(answer).encode() + b"\n")
-            except BaseException:  # noqa: BLE001 - the worker's last word goes to stderr; nothing else can hear it
-                import traceback
 
-                traceback.print_exc()
-                code = 1
-            finally:
-                os._exit(code)
+            child_main(work)
         os.close(write)
         return cls(pid, read, time.perf_counter(), wanted(scn), cache)
 

@@ -164,12 +164,18 @@ def run_baselines(scn: Scenario, datas: Mapping[int, ClientData], progress: Prog
     return out
 
 
+def stage1_is_fedavg(scn: Scenario) -> bool:
+    """Whether this run's Stage 1 classifier is the FedAvg baseline (FedCE sharing the whole model),
+    so that the baseline needs no training of its own."""
+    return scn.stage1.method == "fedce" and scn.stage1.fedce.share == "all"
+
+
 def stage1_classifier(scn: Scenario, summary: RunSummary) -> PerClient | None:
     """The Stage 1 classifier's scores when they are the FedAvg baseline's (FedCE sharing the
     whole model). FedCE with ``stage1.fedce.share: extractor`` ends with personal heads: its
     scores move to ``fedce_personal`` and the FedAvg baseline, when asked for, is trained apart."""
     scores = summary.methods.get("fedavg")
-    if scores is None or scn.stage1.fedce.share == "all":
+    if scores is None or stage1_is_fedavg(scn):
         return scores
     summary.methods["fedce_personal"] = summary.methods.pop("fedavg")
     return None
