@@ -59,7 +59,7 @@ class AgentProcesses:
     15 s just importing). Each agent runs exactly ``nmoe agent --id ... --scenario ...``.
     """
 
-    PRELOAD = ["torch", "torch._dynamo", "sklearn.metrics", "agents.client", "scenarios.edge", "scenarios.agent_host"]
+    PRELOAD = ["torch", "torch._dynamo", "agents.client", "scenarios.edge", "scenarios.agent_host"]
 
     def __init__(self, scenario_file: Path, run_id: str, broker: RunningBroker, ids: list[str], log_dir: Path,
                  host: AgentHost | None = None) -> None:

@@ -38,7 +38,7 @@ from broker.lifetime import die_with_parent
 
 log = logging.getLogger(__name__)
 # What an agent imports that a run may not have yet; imported once here, shared by every agent.
-PRELOAD = ("torch._dynamo", "sklearn.metrics", "agents.client", "scenarios.edge",
+PRELOAD = ("torch._dynamo", "agents.client", "scenarios.edge",
            "logging.handlers", "torch._subclasses.schema_check_mode")
 MAX_LINE = 1 << 20  # a request or an answer (1000 agents' group request: ~120 KB); anything longer is a bug
 
