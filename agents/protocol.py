@@ -77,9 +77,9 @@ async def execute(learner: ClientLearner, task: Task, pool: ExpertPool, blocking
     match task:
         case Sync(state=state, stage=stage):  # catch up: F, then the expert, then the experts' outputs
             learner.load_stage1(state)
-            if stage >= 2 and learner.train_latents is None:
+            if stage >= 2 and not learner.stage2_done:
                 await blocking(learner.stage2_fit)
-            if stage >= 3 and learner.expert_outputs is None:
+            if stage >= 3 and learner.exp.stage3.rounds > 0 and learner.expert_outputs is None:
                 await gather_expert_outputs(learner, pool)
             return Metrics()
         case Stage1Corr(round=r, state=state):

@@ -185,7 +185,8 @@ class Strategy:
         if until is Stage.STAGE2:
             return self.summary
         clock = time.perf_counter()
-        await self._step(fleet, Step(ReplySpec(Metrics), Stage3Prepare()))
+        if self.exp.stage3.rounds > 0:  # the experts' outputs on the training latents train the gate
+            await self._step(fleet, Step(ReplySpec(Metrics), Stage3Prepare()))
         self.summary.stage_seconds["stage3_prepare"] = time.perf_counter() - clock
         for variant in self.gate_variants():
             clock = time.perf_counter()

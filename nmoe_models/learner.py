@@ -186,17 +186,31 @@ class ClientLearner:
         return score(logits.argmax(1), self.data.test_y, self.classes)
 
     # -- Stage 2 ----------------------------------------------------------------------------------
+    @property
+    def stage2_done(self) -> bool:
+        """F's latents are cached (Stage 2 ran, or was restored, on the current F)."""
+        return self.test_latents is not None
+
+    def _cache_latents(self) -> None:
+        """F(test), and F(train) only where something trains on it: the expert (Stage 2 epochs) or
+        the gate (Stage 3 rounds). A job that runs neither (e.g. FedCE alone, then evaluation)
+        skips ten times the forward passes it would never use."""
+        uses_train = self.exp.stage2.epochs > 0 or self.exp.stage3.rounds > 0
+        self.train_latents = apply_batched(self.features, self.data.train_x, self.inputs.prep) if uses_train else None
+        self.test_latents = apply_batched(self.features, self.data.test_x, self.inputs.prep)
+
     def stage2_fit(self) -> float:
         """Cache F's latents (F frozen from now on) and train the personal expert on them."""
         s2 = self.exp.stage2
-        self.train_latents = apply_batched(self.features, self.data.train_x, self.inputs.prep)
-        self.test_latents = apply_batched(self.features, self.data.test_x, self.inputs.prep)
+        self._cache_latents()
         if isinstance(self.stage1, Classifier) and s2.init == "head":
             self.expert.load_state_dict(self.stage1.head.state_dict())
         gen = generator(self.exp.seed, "stage2", self.id)
         self.expert_ready = False
-        loss = train_head(self.expert, self.train_latents, self.data.train_y, epochs=s2.epochs,
-                          batch_size=s2.batch_size, optim=s2.optim, gen=gen)
+        loss = 0.0  # what no epoch reports
+        if self.train_latents is not None:
+            loss = train_head(self.expert, self.train_latents, self.data.train_y, epochs=s2.epochs,
+                              batch_size=s2.batch_size, optim=s2.optim, gen=gen)
         self.expert_ready = True
         return loss
 
@@ -208,8 +222,7 @@ class ClientLearner:
 
     def restore_stage2(self, expert_state: Mapping[str, torch.Tensor]) -> None:
         """Stage 2 from a saved expert (the stage cache): F's latents again, the expert as it was."""
-        self.train_latents = apply_batched(self.features, self.data.train_x, self.inputs.prep)
-        self.test_latents = apply_batched(self.features, self.data.test_x, self.inputs.prep)
+        self._cache_latents()
         self.expert.load_state_dict(expert_state)
         self.expert_ready = True
 

@@ -223,3 +223,23 @@ def test_the_fedavg_baseline_is_cached_as_whole_model_fedce_whatever_the_run_sha
     assert cache_key(key_fields("stage1", fedavg_scenario(shared_f))) == cache_key(
         key_fields("stage1", fedavg_scenario(everything)))
     assert cache_key(key_fields("stage1", shared_f)) != cache_key(key_fields("stage1", everything))
+
+
+def test_a_job_that_trains_neither_expert_nor_gate_computes_no_training_latents(tmp_path):
+    """FedCE alone then evaluation (stage2.epochs 0, stage3.rounds 0): F(train) and the experts'
+    outputs on it train nothing, so they are not computed; F(test) is, and evaluation runs."""
+    scn = toy_scenario(tmp_path, ["stage1.method=fedce", "stage1.rounds=1", "stage2.epochs=0", "stage3.rounds=0",
+                                  "baselines=[]"])
+    learners = {i: ClientLearner(scn, load_client_data(scn, i)) for i in range(scn.clients)}
+    summary = asyncio.run(Strategy(scn).run(InProcessFleet(learners)))
+    assert all(lr.train_latents is None and lr.test_latents is not None and lr.expert_outputs is None
+               for lr in learners.values())
+    assert "stage3_prepare" not in {r.op.value for r in summary.rounds}
+    assert sorted(summary.methods["nmoe"]) == list(range(scn.clients))
+    assert all(0.0 <= m["accuracy"] <= 1.0 for m in summary.methods["nmoe"].values())
+    # as soon as either trains, F(train) is there again
+    for extra in ("stage2.epochs=1", "stage3.rounds=1"):
+        again = toy_scenario(tmp_path, ["stage1.rounds=0", "stage2.epochs=0", "stage3.rounds=0", extra])
+        lr = ClientLearner(again, load_client_data(again, 0))
+        lr.stage2_fit()
+        assert lr.train_latents is not None and lr.stage2_done, extra
