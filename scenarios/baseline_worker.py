@@ -1,21 +1,22 @@
-"""The baselines of a networked run, trained in a process of their own beside the federated stages.
+"""The baselines of a networked run, trained in processes of their own beside the federated stages.
 
-Where a networked run's agents leave this machine a core (agents on other machines, all agents in
-one process, fewer agent processes than cores: :func:`enabled`), its baselines (local classifiers,
-the FedAvg classifier, the centralized MoE), pure computation that needs nothing from the bus, can
-use it. So the run forks a worker for them before it starts anything else, at a lower
-priority (``nice`` + :data:`NICE`) so that they take only what the federated stages leave; when
-the federated stages are done the run gives the worker its own priority back (where allowed: root,
-or RLIMIT_NICE) and waits for their scores.
+A networked run's baselines (local classifiers, the FedAvg classifier, the centralized MoE) are
+pure computation that needs nothing from the bus. So the run forks one worker per baseline
+(:func:`groups`) before it starts anything else, at a lower priority (``nice`` + :data:`NICE`), so
+that they take only what the federated stages leave: a core where the agents run elsewhere or in
+one process, the gaps between rounds where agent processes fill the cores. When the federated
+stages are done the run gives the workers its own priority back (where allowed: root, or
+RLIMIT_NICE) and waits for their scores (:func:`collect`); they finish side by side, one torch
+thread each.
 
-The worker is a ``fork()`` of the run made while the run is still single-threaded (as the agent
+Each worker is a ``fork()`` of the run made while the run is still single-threaded (as the agent
 host is), so it imports nothing and shares the run's pages. It loads its own copy of each
 client's data (memory-mapped), trains with the run's stage cache (what it stores is there for
 later runs, as before) and sends one JSON line back over a pipe: the scores per baseline and
 client, the cache's report, its compute seconds, or the error that stopped it. It dies with the
 run (``PR_SET_PDEATHSIG``) and is reaped by PID. ``NMOE_PARALLEL_BASELINES=0`` trains the
-baselines after the federated stages in the run's own process, ``=1`` always beside them (for
-side-by-side measurement: ``bench/quickstart.py``).
+baselines after the federated stages in the run's own process instead (for side-by-side
+measurement: ``bench/quickstart.py``).
 
 The worker trains with one torch thread (:data:`THREADS`). Same code, seeds and thread count give
 the same scores in either process (``tests/test_baseline_worker.py``, at ``threads: 1``); a
@@ -73,24 +74,45 @@ def wanted(scn: Scenario) -> tuple[Baseline, ...]:
 
 
 def enabled(scn: Scenario, mode: str) -> bool:
-    """Whether to train the baselines beside the federated stages: where this machine has a core
-    the agents leave (agents on other machines, or all of them in one process, or fewer agent
-    processes than cores). Where the agents fill every core (the quickstart's 4 agent processes on
-    2 cores) the worker would only take turns with them and finish later than training afterwards
-    with every core (measured, bench/quickstart.py). ``NMOE_PARALLEL_BASELINES=1`` or ``0``
-    decides instead."""
-    from .runner import available_cpus
-
+    """Whether to train the baselines in workers beside the federated stages: yes wherever a run
+    can fork them (``NMOE_PARALLEL_BASELINES=1`` or ``0`` decides instead). Niced, the workers take
+    what the agents leave (a core, where the agents run elsewhere or in one process; the gaps
+    between rounds, where agent processes fill the cores); afterwards they train side by side with
+    one thread each, which beats the run training them one after another with every thread
+    (measured, bench/quickstart.py: a single worker did not, as it left the other core idle)."""
+    del mode  # where the agents run changes how much the workers overlap, not whether they pay
     if not wanted(scn) or not can_fork_host():
         return False
     forced = os.environ.get(ENV)
-    if forced in ("0", "1"):
-        return forced == "1"
-    local_agents = {"external": 0, "inprocess": 1}.get(mode, scn.clients)
-    return local_agents < available_cpus()
+    return forced != "0"
 
 
-def _train(scn: Scenario, cache: StageCache | None) -> dict[str, Any]:
+def groups(scn: Scenario) -> list[tuple[Baseline, ...]]:
+    """One worker per baseline. Niced, they share what the federated stages leave; once those are
+    done, they train side by side on every core, one torch thread each, where a single worker
+    would leave all but one core idle and the run alone would train them one after another."""
+    return [(b,) for b in wanted(scn)]
+
+
+def collect(workers: list[BaselineWorker], progress: Progress | None = None) -> tuple[dict[str, PerClient], float]:
+    """Every worker's scores, merged, and the seconds this run waited for the last of them after
+    the federated stages. They all get the run's priority back first. The first failure stops the
+    others and is raised (:class:`BaselineError`, with that worker's message)."""
+    started = time.perf_counter()
+    for w in workers:
+        w.unnice()
+    scores: dict[str, PerClient] = {}
+    try:
+        for w in workers:
+            got, _ = w.result(progress)
+            scores |= got
+    finally:
+        for w in workers:
+            w.close()
+    return scores, time.perf_counter() - started
+
+
+def _train(scn: Scenario, cache: StageCache | None, baselines: tuple[Baseline, ...]) -> dict[str, Any]:
     from nmoe_models.partition import load_client_data
 
     from .runner import run_baselines, set_threads
@@ -98,7 +120,7 @@ def _train(scn: Scenario, cache: StageCache | None) -> dict[str, Any]:
     set_threads(THREADS)
     started = time.process_time()
     datas = {i: load_client_data(scn, i) for i in range(scn.clients)}
-    sub = dataclasses.replace(scn, baselines=wanted(scn))
+    sub = dataclasses.replace(scn, baselines=baselines)
     with Progress(disable=True) as progress:
         scores = run_baselines(sub, datas, progress, None, cache)
     return {"scores": {name: {str(i): s for i, s in per.items()} for name, per in scores.items()},
@@ -119,8 +141,11 @@ class BaselineWorker:
     _done: bool = False
 
     @classmethod
-    def fork(cls, scn: Scenario, cache: StageCache | None) -> BaselineWorker:
-        """Start the worker; call while the run is single-threaded (``can_fork_host()``)."""
+    def fork(cls, scn: Scenario, cache: StageCache | None,
+             baselines: tuple[Baseline, ...] | None = None) -> BaselineWorker:
+        """Start a worker for ``baselines`` (default: every one :func:`wanted`); call while the run
+        is single-threaded (``can_fork_host()``)."""
+        baselines = wanted(scn) if baselines is None else baselines
         if not can_fork_host():
             raise RuntimeError("the baseline worker must be forked before the run starts any thread")
         read, write = os.pipe()
@@ -136,7 +161,7 @@ class BaselineWorker:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's; it stops us by PID
                 os.nice(NICE)
                 try:
-                    answer: dict[str, Any] = {"ok": _train(scn, cache)}
+                    answer: dict[str, Any] = {"ok": _train(scn, cache, baselines)}
                 except Exception as err:  # noqa: BLE001 - sent to the run, which raises it there
                     answer = {"error": f"{type(err).__name__}: {err}"}
                 with os.fdopen(write, "wb") as out:
@@ -144,7 +169,7 @@ class BaselineWorker:
 
             child_main(work)
         os.close(write)
-        return cls(pid, read, time.perf_counter(), wanted(scn), cache)
+        return cls(pid, read, time.perf_counter(), baselines, cache)
 
     def result(self, progress: Progress | None = None) -> tuple[dict[str, PerClient], float]:
         """Wait for the worker's scores (a spinner on ``progress`` meanwhile); returns them and the
@@ -152,7 +177,7 @@ class BaselineWorker:
         with the worker's own message when it failed."""
         waited = time.perf_counter()
         self.unnice()
-        task = progress.add_task("baselines (trained beside the federated stages)", total=None, info="")\
+        task = progress.add_task(f"baseline: {', '.join(self.baselines)} (trained beside)", total=None, info="")\
             if progress is not None else None
         buffer = b""
         try:

@@ -249,12 +249,13 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
     from .report import build_results, print_summary, write_outputs
 
     started = time.perf_counter()
-    worker: BaselineWorker | None = None
+    workers: list[BaselineWorker] = []
     # first, while this process is still single-threaded: agents are then forked from a copy of it
     host = AgentHost.fork() if mode in ("subprocess", "inprocess") and can_fork_host() else None
     try:
         # the baselines need nothing from the bus: a copy of this process trains them meanwhile
-        worker = BaselineWorker.fork(scn, cache) if baseline_worker.enabled(scn, mode) else None
+        if baseline_worker.enabled(scn, mode):
+            workers = [BaselineWorker.fork(scn, cache, group) for group in baseline_worker.groups(scn)]
         # The coordinator's tensor work is many small operations (checking and screening each reply's
         # ~140 tensors, averaging): with torch's thread pool on two busy cores each costs ten times
         # more than in one thread (measured 40 vs 4.6 ms to check one ResNet20 update) and it runs on
@@ -269,7 +270,7 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
                                                      broker_accounts, resume, dashboard,
                                                      dashboard_token=dashboard_token, host=host))
     except BaseException:
-        if worker is not None:
+        for worker in workers:
             worker.close()
         raise
     finally:
@@ -281,9 +282,10 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
         clock = time.perf_counter()
         classifier = stage1_classifier(scn, summary)
         baselines: dict[str, Any] = {}
-        if worker is not None:
-            baselines, waited = worker.result(progress)
-            extra["baseline_worker"] = {"baselines": list(worker.baselines), "waited_s": waited}
+        if workers:
+            baselines, waited = baseline_worker.collect(workers, progress)
+            extra["baseline_worker"] = {"baselines": [b for w in workers for b in w.baselines], "waited_s": waited,
+                                        "workers": len(workers)}
         rest = tuple(b for b in scn.baselines if b not in baselines)
         if rest:  # no worker, or the FedAvg baseline the run turned out to need after all
             baselines |= run_baselines(dataclasses.replace(scn, baselines=rest), datas, progress, classifier, cache)
