@@ -32,7 +32,8 @@ from typing import Literal
 import numpy as np
 
 from broker.header import MAX_HEADER_BYTES, PROTOCOL_VERSION, Header, MetaValue
-from broker.tensors import Schema, check_finite, decode_body, encode_body
+from broker.stlayout import Segment
+from broker.tensors import Schema, check_finite, decode_body, encode_body_parts
 from broker.topics import BROADCAST, Kind, ParsedTopic, parse_kind
 from nmoe.errors import WireError
 
@@ -108,7 +109,7 @@ def pack_prefix(frame_type: int, msg_id: str, t_model_send: float | None = None,
                        _stamp(t_model_send), _stamp(t_model_arrive))  # fmt: skip
 
 
-def unpack_prefix(payload: bytes | memoryview) -> tuple[int, str, float | None, float | None]:
+def unpack_prefix(payload: bytes | bytearray | memoryview) -> tuple[int, str, float | None, float | None]:
     """(frame type, message id, t_model_send, t_model_arrive), checking magic and version."""
     if len(payload) < PREFIX.size:
         if bytes(payload[: len(MAGIC)]) != MAGIC[: len(payload)]:
@@ -163,12 +164,12 @@ def draft(
     finite: bool = True,
 ) -> Draft:
     """Serialize a message except for its body hash (see :class:`Draft`); WireError if invalid."""
-    body, saved = encode_body(tensors or {}, compression, finite=finite)
+    body, saved = encode_body_parts(tensors or {}, compression, finite=finite)
     header = Header(
         kind=parse_kind(kind),
         run=run, src=src, dst=dst, id=msg_id or new_message_id(),
         t_send=time.time() if t_send is None else t_send, sha256=_UNHASHED,
-        body_len=len(body), round=round, stage=stage, reply_to=reply_to, meta=meta or {},
+        body_len=sum(len(part) for part in body), round=round, stage=stage, reply_to=reply_to, meta=meta or {},
         compression=compression,
     )  # fmt: skip
     head = header.to_json()
@@ -177,7 +178,7 @@ def draft(
     template = b"".join((pack_prefix(FRAME_MESSAGE, header.id), HEADER_LEN.pack(len(head)), head))
     # "sha256" is the first JSON key that could hold that text (the ones before it are validated ids)
     sha_at = template.index(b'"sha256":"') + len(b'"sha256":"')
-    return Draft(header, body, saved, len(template), template, sha_at)
+    return Draft(header, tuple(body), saved, len(template), template, sha_at)
 
 
 def encode(
@@ -213,18 +214,36 @@ class Draft:
 
     The hash sits in the JSON header, whose length does not depend on it, so every byte from
     ``body_offset`` on is final: a sender may publish the chunks that hold only body bytes while
-    the hash is computed (off the event loop), and the header's chunks after it.
+    the hash is computed (off the event loop), and the header's chunks after it
+    (:func:`broker.chunks.frames`).
+
+    The body is kept as segments (broker/stlayout.py): its header, then views of the tensors' own
+    bytes, which are copied only into the frames. Those views see later changes to the arrays, so
+    a sender builds its frames before it yields to anything that might change them, and hashes
+    the frames, not the views.
     """
 
     header: Header
-    body: bytes
+    body_parts: tuple[Segment, ...]
     saved_bytes: int
     body_offset: int
     template: bytes = field(repr=False)  # the bytes before the body, with a placeholder hash
     sha_at: int = field(repr=False)  # where the hash's 64 hex digits go in ``template``
 
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.body_parts)
+
+    @property
+    def size(self) -> int:
+        """Bytes of the whole-message frame."""
+        return self.body_offset + self.header.body_len
+
     def digest(self) -> str:
-        return hashlib.sha256(self.body).hexdigest()
+        h = hashlib.sha256()
+        for part in self.body_parts:
+            h.update(part)
+        return h.hexdigest()
 
     def head(self, sha256: str = _UNHASHED) -> bytes:
         """The frame's bytes before the body: prefix, header length and JSON header."""
@@ -233,7 +252,7 @@ class Draft:
         return b"".join((self.template[: self.sha_at], sha256.encode(), self.template[self.sha_at + 64 :]))
 
     def payload(self, sha256: str = _UNHASHED) -> bytes:
-        return self.head(sha256) + self.body
+        return b"".join((self.head(sha256), *self.body_parts))
 
     def finish(self, sha256: str) -> Encoded:
         return Encoded(replace(self.header, sha256=sha256), self.payload(sha256), self.saved_bytes)
@@ -266,7 +285,7 @@ def decode(
     wire_bytes: int | None = None,
     received_at: float | None = None,
     stamps: tuple[float | None, float | None] | None = None,
-    body: bytes | None = None,
+    body: bytes | bytearray | None = None,
 ) -> Message:
     """Validate and decode a whole-message frame; every rejection is a WireError with a reason.
 
@@ -308,7 +327,7 @@ def decode(
         raise WireError("bad_header", f"body has {len(view)} bytes, header says {header.body_len}")
     if hashlib.sha256(view).hexdigest() != header.sha256:
         raise WireError("hash_mismatch", header.id)
-    tensors = decode_body(bytes(view) if body is None else body)
+    tensors = decode_body(view)  # views of a reassembled (writable) body, else of one copy
     check_finite(tensors)
     if schema is not None:
         schema.check(tensors)

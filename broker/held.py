@@ -424,7 +424,7 @@ def _key_of(src: str, kind: Kind, rel: Release) -> _Key:
     return (src, kind, rel.msg_id, rel.index)
 
 
-def announce_frames(frames: Iterable[bytes]) -> list[tuple[int, int]]:
+def announce_frames(frames: Iterable[bytes | bytearray]) -> list[tuple[int, int]]:
     """(chunk index, size) of each frame a sender publishes, for its announce."""
     out = []
     for frame in frames:

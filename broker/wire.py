@@ -31,6 +31,7 @@ from broker.chunks import (
     MIN_CHUNK_SIZE,
     Assembled,
     ChunkInfo,
+    Framed,
     Reassembler,
     ReassemblyLimits,
     chunk_count,
@@ -62,7 +63,7 @@ from nmoe.errors import WireError
 __all__ = [
     "ANY", "CHUNK_OVERHEAD", "COMPRESSIONS", "MAX_META_BYTES", "MIN_CHUNK_SIZE", "PROTOCOL_VERSION",
     "REASONS", "Assembled", "ChunkInfo", "DecodeJob", "DecodePipeline", "Decoder", "Draft",
-    "Encoded", "FrameInfo", "Header", "Message", "MetaValue", "Reassembler", "ReassemblyLimits",
+    "Encoded", "FrameInfo", "Framed", "Header", "Message", "MetaValue", "Reassembler", "ReassemblyLimits",
     "Schema", "TensorSpec", "WireError", "check_finite", "check_topic", "chunk_count", "covering",
     "decode", "draft", "encode", "new_message_id", "peek", "read_chunk", "restamp", "split",
 ]  # fmt: skip
@@ -92,7 +93,7 @@ class DecodeJob:
     wire_bytes: int | None
     received_at: float | None
     stamps: tuple[float | None, float | None] | None
-    body: bytes | None = None  # the body apart from ``frame`` (reassembled messages)
+    body: bytearray | None = None  # the body apart from ``frame`` (reassembled messages)
 
     @property
     def size(self) -> int:
@@ -195,7 +196,7 @@ class Decoder:
         if parsed.direction != self.direction:
             raise WireError("bad_topic", f"expected a {self.direction} topic")
         frame: bytes = payload
-        body: bytes | None = None
+        body: bytearray | None = None
         wire_bytes: int | None = None
         stamps: tuple[float | None, float | None] | None = given
         if unpack_prefix(payload)[0] == FRAME_CHUNK:
