@@ -84,8 +84,13 @@ def test_write_every_dtype_and_layout_like_safetensors() -> None:
     # (it writes [0, 1, 2, ...] for arange(20)[::3]); we write the array's values
     contiguous = {k: v.copy(order="C") for k, v in tensors.items()}
     assert b"".join(stlayout.write(tensors)) == st_save(contiguous)
+    one = {"nmoe.codec.a": "fp16"}
+    assert b"".join(stlayout.write(tensors, one)) == st_save(contiguous, metadata=one)
+    # safetensors keeps metadata in a hash map (any order); we sort it: same bytes but that order
     meta = {"nmoe.codec.a": "fp16", "zeta": "1", "alpha": "int8:0.5"}
-    assert b"".join(stlayout.write(tensors, meta)) == st_save(contiguous, metadata=meta)
+    ours, theirs = b"".join(stlayout.write(tensors, meta)), st_save(contiguous, metadata=meta)
+    assert len(ours) == len(theirs) and stlayout.read_header(ours) == stlayout.read_header(theirs)
+    assert ours[stlayout.read_header(ours)[1] :] == theirs[stlayout.read_header(theirs)[1] :]
     decoded = decode_body(b"".join(stlayout.write(tensors)))
     assert all(np.array_equal(decoded[k], v) for k, v in tensors.items())
 
