@@ -25,6 +25,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from broker.envelope import (
     FRAME_CHUNK,
     HEADER_LEN,
@@ -221,20 +223,35 @@ class _Pending:
 
 @dataclass(frozen=True)
 class Assembled:
-    """A whole-message frame rebuilt from chunks: ``payload`` and, when found, ``body`` apart.
+    """A whole-message frame rebuilt from chunks: ``payload`` and, when found, the body apart, as
+    the slices of the chunks that hold it (``body_parts``).
 
-    The body is its own bytearray, copied once from the chunks: the decoder reads the tensors in
-    place from it (broker/stlayout.py), and they are writable.
+    :meth:`body` copies those into one writable buffer, with the GIL released (numpy), so that a
+    decoder thread can do it off the event loop; the decoder reads the tensors in place from it
+    (broker/stlayout.py), and they are writable.
     """
 
     payload: bytes
-    body: bytearray | None
+    body_parts: tuple[memoryview, ...] | None
     wire_bytes: int
     stamps: tuple[float | None, float | None]
 
+    def body(self) -> memoryview | None:
+        return None if self.body_parts is None else join_parts(self.body_parts)
 
-def _join_split(parts: list[memoryview], total_len: int) -> tuple[bytes, bytearray | None]:
-    """Join chunk data into (head, body) at the frame's body offset, or (whole, None)."""
+
+def join_parts(parts: Sequence[memoryview]) -> memoryview:
+    """One writable buffer holding ``parts`` one after the other (numpy copies without the GIL)."""
+    out = np.empty(sum(len(p) for p in parts), np.uint8)
+    at = 0
+    for part in parts:
+        out[at : at + len(part)] = np.frombuffer(part, np.uint8)
+        at += len(part)
+    return out.data
+
+
+def _join_split(parts: list[memoryview], total_len: int) -> tuple[bytes, tuple[memoryview, ...] | None]:
+    """Split chunk data into (head, body parts) at the frame's body offset, or (whole, None)."""
     first = parts[0]
     if len(first) < MESSAGE_OVERHEAD:
         return b"".join(parts), None
@@ -253,7 +270,7 @@ def _join_split(parts: list[memoryview], total_len: int) -> tuple[bytes, bytearr
             head.append(part[: cut - at])
             body.append(part[cut - at :])
         at += len(part)
-    return b"".join(head), bytearray().join(body)
+    return b"".join(head), tuple(body)
 
 
 def _min(a: float | None, b: float | None) -> float | None:

@@ -285,7 +285,7 @@ def decode(
     wire_bytes: int | None = None,
     received_at: float | None = None,
     stamps: tuple[float | None, float | None] | None = None,
-    body: bytes | bytearray | None = None,
+    body: bytes | bytearray | memoryview | None = None,
 ) -> Message:
     """Validate and decode a whole-message frame; every rejection is a WireError with a reason.
 

@@ -36,6 +36,7 @@ from broker.chunks import (
     ReassemblyLimits,
     chunk_count,
     covering,
+    join_parts,
     read_chunk,
     split,
 )
@@ -93,18 +94,19 @@ class DecodeJob:
     wire_bytes: int | None
     received_at: float | None
     stamps: tuple[float | None, float | None] | None
-    body: bytearray | None = None  # the body apart from ``frame`` (reassembled messages)
+    body_parts: tuple[memoryview, ...] | None = None  # the body apart from ``frame`` (reassembled messages)
 
     @property
     def size(self) -> int:
-        return len(self.frame) + (0 if self.body is None else len(self.body))
+        return len(self.frame) + (0 if self.body_parts is None else sum(len(p) for p in self.body_parts))
 
     def run(self) -> Message:
         with _contained(self.topic):
+            body = None if self.body_parts is None else join_parts(self.body_parts)  # here: off the loop
             return decode(
                 self.frame, topic=self.topic, expect=self.expect, run_id=self.run_id, schema=self.schema,
                 max_bytes=self.max_bytes, wire_bytes=self.wire_bytes, received_at=self.received_at,
-                stamps=self.stamps, body=self.body,
+                stamps=self.stamps, body=body,
             )  # fmt: skip
 
 
@@ -196,14 +198,14 @@ class Decoder:
         if parsed.direction != self.direction:
             raise WireError("bad_topic", f"expected a {self.direction} topic")
         frame: bytes = payload
-        body: bytearray | None = None
+        body: tuple[memoryview, ...] | None = None
         wire_bytes: int | None = None
         stamps: tuple[float | None, float | None] | None = given
         if unpack_prefix(payload)[0] == FRAME_CHUNK:
             done = self.reassembler.add(topic, parsed.src, payload, given)
             if done is None:
                 return None
-            frame, body, wire_bytes, stamps = done.payload, done.body, done.wire_bytes, done.stamps
+            frame, body, wire_bytes, stamps = done.payload, done.body_parts, done.wire_bytes, done.stamps
         elif len(payload) > self.limits.max_message_bytes:
             raise WireError("oversized", f"{len(payload)} bytes > {self.limits.max_message_bytes}")
         return DecodeJob(

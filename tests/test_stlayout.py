@@ -255,7 +255,7 @@ def test_framed_digest_and_seal_match_the_draft(nbytes: int, chunk_size: int) ->
     else:
         done = [reassembler.add("t", "client-0", bytes(f)) for f in frames]
         assert done[:-1] == [None] * (len(frames) - 1) and done[-1] is not None
-        whole, body = done[-1].payload, done[-1].body
+        whole, body = done[-1].payload, done[-1].body()
     msg = decode(whole, body=body)
     assert msg.header.sha256 == sha and np.array_equal(msg.tensors["x"], x - 1)
     assert msg.tensors["x"].flags.writeable
