@@ -302,7 +302,7 @@ class BusSession:
 
     def _dispatch(self, msg: Message) -> None:
         """A decoded message: drop duplicates, wake its request, or queue it for messages()."""
-        if not self._holder.verify(msg.src, msg.id, msg.header.sha256):
+        if not self._holder.verify(msg.src, msg.id, msg.header.blake3):
             self._decoder.reject(WireError("release_mismatch", "not the message the channel released"), msg.topic)
             return
         if msg.id in self._seen:
@@ -435,25 +435,25 @@ class BusSession:
 
         if framed.head == total:  # nothing to overlap with the hash
             check_finite(tensors or {})
-            sha256 = framed.digest()
-            framed.seal(sha256)
+            blake3 = framed.digest()
+            framed.seal(blake3)
             await self._publish(topic, frames, deadline)
         else:
             # Publish the body-only chunks while the body is checked and hashed off the loop (numpy
-            # and hashlib release the GIL), then the chunks holding the header. Should the tensors
+            # and BLAKE3 release the GIL), then the chunks holding the header. Should the tensors
             # not be finite after all, the receiver drops the incomplete (or never released)
             # message when it expires.
             digest = loop.run_in_executor(None, _checked_digest, framed, tensors or {})
             tail_sent = asyncio.ensure_future(self._publish(topic, frames[framed.head :], deadline))
             try:
-                sha256 = await digest
-                framed.seal(sha256)
+                blake3 = await digest
+                framed.seal(blake3)
                 await self._publish(topic, frames[: framed.head], deadline)
             finally:
                 await tail_sent
         if held:  # all with the broker: the channel may now put them on the air
             order = frames[framed.head :] + frames[: framed.head]
-            self._announce([Announce(d.header.id, sha256, dst, kind, i, n) for i, n in announce_frames(order)], started)
+            self._announce([Announce(d.header.id, blake3, dst, kind, i, n) for i, n in announce_frames(order)], started)
         self.stats.sent_messages[kind.value] += 1
         self.stats.sent_bytes[kind.value] += nbytes
         self.stats.compression_saved_bytes += d.saved_bytes
@@ -481,7 +481,7 @@ class BusSession:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        batch = [Announce(h.msg_id, h.sha256, h.dst, h.kind, h.index, h.size, now - since)
+        batch = [Announce(h.msg_id, h.blake3, h.dst, h.kind, h.index, h.size, now - since)
                  for h, since in self._announces]  # fmt: skip
         self._announces = []
         frames = pack_announces(batch)

@@ -1,6 +1,6 @@
 """Bus throughput and request/reply latency through a project-started mosquitto on loopback.
 
-One agent sends 1 MiB float32 tensor messages to another through the full bus (envelope, sha256,
+One agent sends 1 MiB float32 tensor messages to another through the full bus (envelope, blake3,
 chunking at the default 256 KiB, reassembly, schema and finiteness validation, dedup), and, in the
 same run and broker, raw aiomqtt publishes of the same number of bytes per message at the same QoS.
 Each side awaits every send before the next (as agents do) and the clock stops when the receiver

@@ -16,7 +16,6 @@ modeled stamps are the earliest chunk send and the latest chunk arrival.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import itertools
 import math
 import struct
@@ -33,6 +32,7 @@ from broker.envelope import (
     MESSAGE_OVERHEAD,
     PREFIX,
     Draft,
+    body_hasher,
     pack_prefix,
     unpack_prefix,
 )
@@ -114,8 +114,8 @@ def place(offset: int, size: int, chunk_size: int) -> tuple[int, int, int]:
 @dataclass
 class Framed:
     """A drafted message (broker/envelope.py ``Draft``) cut into the frames it travels as, every
-    byte final but the body's sha256 in the header: publish ``frames[head:]`` while :meth:`digest`
-    hashes the body as it stands in the frames (off the event loop: hashlib releases the GIL), then
+    byte final but the body's blake3 in the header: publish ``frames[head:]`` while :meth:`digest`
+    hashes the body as it stands in the frames (off the event loop: BLAKE3 releases the GIL), then
     :meth:`seal` writes the hash into ``frames[:head]`` (bytearrays) and those go out.
 
     The body is copied once, from the draft's segments into the frames, before anything can yield,
@@ -147,16 +147,16 @@ class Framed:
             at += n
 
     def digest(self) -> str:
-        h = hashlib.sha256()
+        h = body_hasher()
         for view in self._views(self.body_offset, self.size):
             with view:
                 h.update(view)
         return h.hexdigest()
 
-    def seal(self, sha256: str) -> None:
-        digits = sha256.encode()
+    def seal(self, blake3: str) -> None:
+        digits = blake3.encode()
         if len(digits) != 64:
-            raise ValueError("a sha256 is 64 hex digits")
+            raise ValueError("a BLAKE3 digest is 64 hex digits")
         done = 0
         for view in self._views(self.sha_at, self.sha_at + 64):
             with view:

@@ -8,7 +8,6 @@ with a WireError of a known reason.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any
@@ -24,7 +23,7 @@ from safetensors.numpy import save as st_save
 
 from broker import stlayout
 from broker.chunks import CHUNK_OVERHEAD, Framed, Reassembler
-from broker.envelope import decode, draft
+from broker.envelope import body_digest, decode, draft
 from broker.tensors import ALLOWED_DTYPES, decode_body, encode_body
 from broker.topics import Kind
 from broker.wire import REASONS, WireError
@@ -246,7 +245,7 @@ def test_framed_digest_and_seal_match_the_draft(nbytes: int, chunk_size: int) ->
     assert all(isinstance(f, bytearray) for f in framed.frames[: framed.head])
     sha = d.digest()
     x += 1  # the sender's arrays change after the frames are built: what is sent does not
-    assert framed.digest() == sha == hashlib.sha256(st_save({"x": x - 1})).hexdigest()
+    assert framed.digest() == sha == body_digest(st_save({"x": x - 1}))
     framed.seal(sha)
     reassembler = Reassembler()
     frames = framed.frames
@@ -257,6 +256,6 @@ def test_framed_digest_and_seal_match_the_draft(nbytes: int, chunk_size: int) ->
         assert done[:-1] == [None] * (len(frames) - 1) and done[-1] is not None
         whole, body = done[-1].payload, done[-1].body()
     msg = decode(whole, body=body)
-    assert msg.header.sha256 == sha and np.array_equal(msg.tensors["x"], x - 1)
+    assert msg.header.blake3 == sha and np.array_equal(msg.tensors["x"], x - 1)
     assert msg.tensors["x"].flags.writeable
     assert sum(len(f) for f in frames) == (d.size if len(frames) == 1 else d.size + len(frames) * CHUNK_OVERHEAD)
