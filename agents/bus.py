@@ -435,8 +435,8 @@ class BusSession:
 
         if framed.head == total:  # nothing to overlap with the hash
             check_finite(tensors or {})
-            blake3 = framed.digest()
-            framed.seal(blake3)
+            body_hash = framed.digest()
+            framed.seal(body_hash)
             await self._publish(topic, frames, deadline)
         else:
             # Publish the body-only chunks while the body is checked and hashed off the loop (numpy
@@ -446,14 +446,14 @@ class BusSession:
             digest = loop.run_in_executor(None, _checked_digest, framed, tensors or {})
             tail_sent = asyncio.ensure_future(self._publish(topic, frames[framed.head :], deadline))
             try:
-                blake3 = await digest
-                framed.seal(blake3)
+                body_hash = await digest
+                framed.seal(body_hash)
                 await self._publish(topic, frames[: framed.head], deadline)
             finally:
                 await tail_sent
         if held:  # all with the broker: the channel may now put them on the air
-            order = frames[framed.head :] + frames[: framed.head]
-            self._announce([Announce(d.header.id, blake3, dst, kind, i, n) for i, n in announce_frames(order)], started)
+            order = announce_frames(frames[framed.head :] + frames[: framed.head])
+            self._announce([Announce(d.header.id, body_hash, dst, kind, i, n) for i, n in order], started)
         self.stats.sent_messages[kind.value] += 1
         self.stats.sent_bytes[kind.value] += nbytes
         self.stats.compression_saved_bytes += d.saved_bytes

@@ -388,7 +388,7 @@ class HoldBuffer:
             ok = self._settle_digest(src, rel)
             if len(body.payload) != rel.size or not ok:
                 self._settle(key, False)
-                what = "size" if ok else "blake3"
+                what = "size" if ok else "digest"
                 self._reject(WireError("release_mismatch", f"frame {rel.index} of {rel.msg_id}: {what} differs"),
                              self.topics.rx(body.dst, src, kind))  # fmt: skip
                 continue
