@@ -148,11 +148,14 @@ def read(
     tensors: dict[str, np.ndarray] = {}
     for begin, _end, name, code, dims, count in entries:
         dtype = _DTYPES[code]
-        if count == 0:
-            a = np.zeros(dims, dtype)
-        else:
-            a = np.frombuffer(body, dtype, count, start + begin).reshape(dims)
-            if not a.flags.aligned:  # only a hand-made body puts a tensor off its alignment
-                a = a.copy()
+        try:
+            if count == 0:  # e.g. (0, 2**62): numpy refuses a dimension it cannot address
+                a = np.zeros(dims, dtype)
+            else:
+                a = np.frombuffer(body, dtype, count, start + begin).reshape(dims)
+                if not a.flags.aligned:  # only a hand-made body puts a tensor off its alignment
+                    a = a.copy()
+        except ValueError as err:
+            raise _bad(f"{name}: shape {list(dims[:8])}: {err}") from None
         tensors[name] = a
     return tensors, meta

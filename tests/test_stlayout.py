@@ -166,6 +166,8 @@ F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
         ({"w": {**F32, "shape": "2"}}, b"\0" * 8, "bad_body"),
         ({"w": {**F32, "shape": [1] * 65}}, b"\0" * 4, "bad_body"),
         ({"w": {**F32, "shape": [2**40] * 9}}, b"\0" * 8, "bad_body"),  # product past the data, stops early
+        ({"w": {**F32, "shape": [0, 2**62], "data_offsets": [0, 0]}}, b"", "bad_body"),  # numpy cannot hold it
+        ({"w": {**F32, "shape": [0, 2**70], "data_offsets": [0, 0]}}, b"", "bad_body"),
         ({"w": {"shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "bad_body"),  # no dtype
         ({"w": {**F32, "dtype": 32}}, b"\0" * 8, "bad_body"),
         ({"w": {**F32, "dtype": "BF16", "shape": [4]}}, b"\0" * 8, "bad_dtype"),
@@ -183,6 +185,21 @@ F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 )
 def test_malformed_bodies_are_refused(header: Any, data: bytes, reason: str) -> None:
     assert _reason(_body(header, data)) == reason
+
+
+@given(
+    shape=st.lists(st.sampled_from([0, 1, 2, 3, 7, 2**31, 2**62, 2**63, 2**64, 2**70]), max_size=6),
+    code=st.sampled_from([*sorted(stlayout.CODES), "BF16"]),
+    nbytes=st.integers(0, 64),
+)
+def test_any_shape_gives_tensors_or_a_wire_error(shape: list[int], code: str, nbytes: int) -> None:
+    header = {"w": {"dtype": code, "shape": shape, "data_offsets": [0, nbytes]}}
+    try:
+        tensors = decode_body(_body(header, bytes(nbytes)))
+    except WireError as err:
+        assert err.reason in REASONS and err.reason != "decode_error"
+    else:
+        assert tensors["w"].shape == tuple(shape) and tensors["w"].nbytes == nbytes
 
 
 def test_malformed_lengths_are_refused() -> None:
