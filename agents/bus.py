@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,22 +49,18 @@ from broker.held import (
 from broker.mqtt import Connection, ConnectionOptions
 from broker.topics import BROADCAST, Kind, ParsedTopic, Status, Topics, check_agent_id, is_destination, parse_kind
 from broker.wire import (
-    CHUNK_OVERHEAD,
     COMPRESSIONS,
     MIN_CHUNK_SIZE,
     DecodePipeline,
     Decoder,
-    Draft,
+    Framed,
     Message,
     MetaValue,
     ReassemblyLimits,
     Schema,
     check_finite,
-    chunk_count,
-    covering,
     draft,
     new_message_id,
-    split,
 )
 from nmoe.errors import BusError, WireError
 
@@ -306,7 +302,7 @@ class BusSession:
 
     def _dispatch(self, msg: Message) -> None:
         """A decoded message: drop duplicates, wake its request, or queue it for messages()."""
-        if not self._holder.verify(msg.src, msg.id, msg.header.sha256):
+        if not self._holder.verify(msg.src, msg.id, msg.header.blake3):
             self._decoder.reject(WireError("release_mismatch", "not the message the channel released"), msg.topic)
             return
         if msg.id in self._seen:
@@ -420,9 +416,10 @@ class BusSession:
             stage=stage, meta=meta, reply_to=reply_to, msg_id=msg_id, finite=False,
             compression=self.cfg.compression if compression is None else compression,
         )  # fmt: skip
-        size, chunk = d.body_offset + len(d.body), self.cfg.chunk_size
-        total = chunk_count(size, chunk)
-        nbytes = size + (total * CHUNK_OVERHEAD if total > 1 else 0)
+        # Every frame is built here, before the first await: the body's one copy (from the arrays).
+        framed = Framed.of(d, self.cfg.chunk_size)
+        frames, total = framed.frames, len(framed.frames)
+        nbytes = sum(len(f) for f in frames)
         held = self.cfg.channel_mode == "emulated" and self.cfg.relay == "headers" and nbytes >= self.cfg.held_min_bytes
         if self.cfg.channel_mode == "direct":
             topic = self.topics.rx(dst, self.agent_id, kind)
@@ -434,37 +431,29 @@ class BusSession:
                 await self._announced.wait()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.publish_timeout(nbytes)
-        head = covering(d.body_offset, size, chunk)
-
         started = loop.time()
 
-        def announce(sha256: str, *groups: list[bytes]) -> None:
-            """A held send's frames are all with the broker: the channel may now put them on the air."""
-            if held:
-                frames = announce_frames(f for group in groups for f in group)
-                self._announce([Announce(d.header.id, sha256, dst, kind, i, n) for i, n in frames], started)
-
-        if len(head) == total:  # nothing to overlap with the hash
+        if framed.head == total:  # nothing to overlap with the hash
             check_finite(tensors or {})
-            sha256 = d.digest()
-            frames = split(d.head(sha256), d.header.id, chunk, tail=d.body)
-            await self._publish([(topic, f) for f in frames], deadline)
-            announce(sha256, frames)
+            body_hash = framed.digest()
+            framed.seal(body_hash)
+            await self._publish(topic, frames, deadline)
         else:
             # Publish the body-only chunks while the body is checked and hashed off the loop (numpy
-            # and hashlib release the GIL), then the chunks holding the header. Should the tensors
+            # and BLAKE3 release the GIL), then the chunks holding the header. Should the tensors
             # not be finite after all, the receiver drops the incomplete (or never released)
             # message when it expires.
-            digest = loop.run_in_executor(None, _checked_digest, d, tensors or {})
-            tail = split(d.head(), d.header.id, chunk, only=range(len(head), total), tail=d.body)
-            tail_sent = asyncio.ensure_future(self._publish([(topic, f) for f in tail], deadline))
+            digest = loop.run_in_executor(None, _checked_digest, framed, tensors or {})
+            tail_sent = asyncio.ensure_future(self._publish(topic, frames[framed.head :], deadline))
             try:
-                sha256 = await digest
-                first = split(d.head(sha256), d.header.id, chunk, only=head, tail=d.body)
-                await self._publish([(topic, f) for f in first], deadline)
+                body_hash = await digest
+                framed.seal(body_hash)
+                await self._publish(topic, frames[: framed.head], deadline)
             finally:
                 await tail_sent
-            announce(sha256, tail, first)
+        if held:  # all with the broker: the channel may now put them on the air
+            order = announce_frames(frames[framed.head :] + frames[: framed.head])
+            self._announce([Announce(d.header.id, body_hash, dst, kind, i, n) for i, n in order], started)
         self.stats.sent_messages[kind.value] += 1
         self.stats.sent_bytes[kind.value] += nbytes
         self.stats.compression_saved_bytes += d.saved_bytes
@@ -492,13 +481,13 @@ class BusSession:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        batch = [Announce(h.msg_id, h.sha256, h.dst, h.kind, h.index, h.size, now - since)
+        batch = [Announce(h.msg_id, h.blake3, h.dst, h.kind, h.index, h.size, now - since)
                  for h, since in self._announces]  # fmt: skip
         self._announces = []
         frames = pack_announces(batch)
         topic = self.topics.tx(self.agent_id, batch[0].dst, batch[0].kind)
         deadline = now + self.cfg.publish_timeout(sum(len(f) for f in frames))
-        task = loop.create_task(self._publish([(topic, f) for f in frames], deadline))
+        task = loop.create_task(self._publish(topic, frames, deadline))
         self._announcing = task
 
         def done(task: asyncio.Task[None]) -> None:
@@ -511,11 +500,11 @@ class BusSession:
 
         task.add_done_callback(done)
 
-    async def _publish(self, items: list[tuple[str, bytes]], deadline: float) -> None:
-        """Publish (topic, frame) pairs until the broker acknowledged all, across reconnections, or time out."""
+    async def _publish(self, topic: str, frames: Sequence[bytes | bytearray], deadline: float) -> None:
+        """Publish frames on a topic until the broker acknowledged all, across reconnections, or time out."""
         client = self._conn.client
         loop = asyncio.get_running_loop()
-        pending = items
+        pending = list(frames)
         while pending:
             try:
                 if deadline <= loop.time():
@@ -524,17 +513,17 @@ class BusSession:
                     await asyncio.wait_for(self._conn.connected_event.wait(), deadline - loop.time())
                 results = await asyncio.wait_for(
                     asyncio.gather(
-                        *(client.publish(t, f, qos=self.cfg.qos, timeout=math.inf) for t, f in pending),
+                        *(client.publish(topic, f, qos=self.cfg.qos, timeout=math.inf) for f in pending),
                         return_exceptions=True,
                     ),
                     deadline - loop.time(),
                 )
             except asyncio.TimeoutError:
-                raise PublishTimeout(f"publish on {pending[0][0]} not acknowledged in time") from None
+                raise PublishTimeout(f"publish on {topic} not acknowledged in time") from None
             for result in results:
                 if isinstance(result, BaseException) and not isinstance(result, aiomqtt.MqttError):
                     raise result
-            pending = [item for item, r in zip(pending, results, strict=True) if isinstance(r, BaseException)]
+            pending = [f for f, r in zip(pending, results, strict=True) if isinstance(r, BaseException)]
             if pending:  # the connection dropped: let the runner notice before trying again
                 await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
             if self._closing:
@@ -593,7 +582,7 @@ class BusSession:
         )  # fmt: skip
 
 
-def _checked_digest(d: Draft, tensors: Mapping[str, np.ndarray]) -> str:
+def _checked_digest(framed: Framed, tensors: Mapping[str, np.ndarray]) -> str:
     check_finite(tensors)
-    return d.digest()
+    return framed.digest()
 

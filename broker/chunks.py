@@ -15,20 +15,34 @@ modeled stamps are the earliest chunk send and the latest chunk arrival.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import struct
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-from broker.envelope import FRAME_CHUNK, HEADER_LEN, MESSAGE_OVERHEAD, PREFIX, pack_prefix, unpack_prefix
+import numpy as np
+
+from broker.envelope import (
+    FRAME_CHUNK,
+    HEADER_LEN,
+    MESSAGE_OVERHEAD,
+    PREFIX,
+    Draft,
+    body_hasher,
+    pack_prefix,
+    unpack_prefix,
+)
 from nmoe.errors import WireError
 
 CHUNK = struct.Struct("<IIQ")  # index, total, total_len
 CHUNK_OVERHEAD = PREFIX.size + CHUNK.size
 MIN_CHUNK_SIZE = 1024
 MAX_CHUNKS = 1 << 20
+Buffer = bytes | bytearray | memoryview
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -47,26 +61,107 @@ def covering(offset: int, size: int, chunk_size: int) -> range:
 
 
 def split(
-    payload: bytes, msg_id: str, chunk_size: int, only: Iterable[int] | None = None, *, tail: bytes = b""
-) -> list[bytes]:
+    payload: Buffer,
+    msg_id: str,
+    chunk_size: int,
+    only: Iterable[int] | None = None,
+    *,
+    tail: Buffer | Sequence[Buffer] = b"",
+    writable: Container[int] = (),
+) -> list[bytes | bytearray]:
     """The frames to publish for one whole-message frame: itself, or chunks of <= chunk_size bytes.
 
-    The frame is ``payload + tail`` (a sender passes header and body apart to save a copy);
-    ``only`` selects some chunk indices (in that order); by default all are returned.
+    The frame is ``payload`` followed by ``tail``, one buffer or several (a sender passes its header
+    and the body's segments apart: each byte is copied once, into its frame); ``only`` selects some
+    chunk indices (in that order), by default all; the frames whose index is in ``writable`` are
+    bytearrays (to be sealed: :class:`Framed`), the others bytes.
     """
-    size = len(payload) + len(tail)
+    parts = [memoryview(payload).cast("B")]
+    parts += [memoryview(p).cast("B") for p in ((tail,) if isinstance(tail, bytes | bytearray | memoryview) else tail)]
+    parts = [p for p in parts if len(p)]
+    ends = list(itertools.accumulate(len(p) for p in parts))
+    size = ends[-1] if ends else 0
     total = chunk_count(size, chunk_size)
     if total == 1:
-        return [payload + tail if tail else payload]
+        if 0 not in writable and isinstance(payload, bytes) and size == len(payload):
+            return [payload]
+        return [(bytearray() if 0 in writable else b"").join(parts)]
     step = chunk_size - CHUNK_OVERHEAD
     prefix = pack_prefix(FRAME_CHUNK, msg_id)
-    head, rest, cut = memoryview(payload), memoryview(tail), len(payload)
-    frames = []
+    frames: list[bytes | bytearray] = []
     for i in range(total) if only is None else only:
         a, b = i * step, min((i + 1) * step, size)
-        pieces = (head[a:b], rest[max(0, a - cut) : max(0, b - cut)])
-        frames.append(b"".join((prefix, CHUNK.pack(i, total, size), *pieces)))
+        pieces: list[Buffer] = [prefix, CHUNK.pack(i, total, size)]
+        k = bisect.bisect_right(ends, a)  # the first part ending after a
+        while k < len(parts) and ends[k] - len(parts[k]) < b:
+            start = ends[k] - len(parts[k])
+            pieces.append(parts[k][max(0, a - start) : min(len(parts[k]), b - start)])
+            k += 1
+        frames.append((bytearray() if i in writable else b"").join(pieces))
     return frames
+
+
+def place(offset: int, size: int, chunk_size: int) -> tuple[int, int, int]:
+    """Where byte ``offset`` of a whole-message frame of ``size`` bytes travels: (frame index,
+    position in that frame, bytes of the message that frame holds from there on)."""
+    if chunk_count(size, chunk_size) == 1:
+        return 0, offset, size - offset
+    step = chunk_size - CHUNK_OVERHEAD
+    index, within = divmod(offset, step)
+    return index, CHUNK_OVERHEAD + within, min(step, size - index * step) - within
+
+
+@dataclass
+class Framed:
+    """A drafted message (broker/envelope.py ``Draft``) cut into the frames it travels as, every
+    byte final but the body's blake3 in the header: publish ``frames[head:]`` while :meth:`digest`
+    hashes the body as it stands in the frames (off the event loop: BLAKE3 releases the GIL), then
+    :meth:`seal` writes the hash into ``frames[:head]`` (bytearrays) and those go out.
+
+    The body is copied once, from the draft's segments into the frames, before anything can yield,
+    and the hash is taken over those copies: what it covers is exactly what is sent, even should
+    the sender's arrays change meanwhile.
+    """
+
+    frames: list[bytes | bytearray]
+    head: int  # frames[:head] hold header bytes, the hash's included
+    size: int  # bytes of the whole-message frame
+    body_offset: int
+    sha_at: int  # where the hash's 64 hex digits go in the whole-message frame
+    chunk_size: int
+
+    @classmethod
+    def of(cls, draft: Draft, chunk_size: int) -> Framed:
+        size = draft.size
+        head = len(covering(draft.body_offset, size, chunk_size))
+        frames = split(draft.template, draft.header.id, chunk_size, tail=draft.body_parts, writable=range(head))
+        return cls(frames, head, size, draft.body_offset, draft.sha_at, chunk_size)
+
+    def _views(self, start: int, end: int) -> Iterator[memoryview]:
+        """The bytes [start, end) of the whole-message frame, as views of the frames holding them."""
+        at = start
+        while at < end:
+            index, pos, left = place(at, self.size, self.chunk_size)
+            n = min(left, end - at)
+            yield memoryview(self.frames[index])[pos : pos + n]
+            at += n
+
+    def digest(self) -> str:
+        h = body_hasher()
+        for view in self._views(self.body_offset, self.size):
+            with view:
+                h.update(view)
+        return h.hexdigest()
+
+    def seal(self, blake3: str) -> None:
+        digits = blake3.encode()
+        if len(digits) != 64:
+            raise ValueError("a BLAKE3 digest is 64 hex digits")
+        done = 0
+        for view in self._views(self.sha_at, self.sha_at + 64):
+            with view:
+                view[:] = digits[done : done + len(view)]
+                done += len(view)
 
 
 @dataclass(frozen=True)
@@ -79,7 +174,7 @@ class ChunkInfo:
     t_model_arrive: float | None
 
 
-def read_chunk(payload: bytes | memoryview) -> ChunkInfo:
+def read_chunk(payload: bytes | bytearray | memoryview) -> ChunkInfo:
     """Parse a chunk frame's fixed fields (WireError if it is not a well-formed chunk)."""
     ftype, msg_id, t_send, t_arrive = unpack_prefix(payload)
     if ftype != FRAME_CHUNK:
@@ -128,19 +223,35 @@ class _Pending:
 
 @dataclass(frozen=True)
 class Assembled:
-    """A whole-message frame rebuilt from chunks: ``payload`` and, when found, ``body`` apart.
+    """A whole-message frame rebuilt from chunks: ``payload`` and, when found, the body apart, as
+    the slices of the chunks that hold it (``body_parts``).
 
-    Handing the body over as its own bytes saves the decoder a copy of it.
+    :meth:`body` copies those into one writable buffer, with the GIL released (numpy), so that a
+    decoder thread can do it off the event loop; the decoder reads the tensors in place from it
+    (broker/stlayout.py), and they are writable.
     """
 
     payload: bytes
-    body: bytes | None
+    body_parts: tuple[memoryview, ...] | None
     wire_bytes: int
     stamps: tuple[float | None, float | None]
 
+    def body(self) -> memoryview | None:
+        return None if self.body_parts is None else join_parts(self.body_parts)
 
-def _join_split(parts: list[memoryview], total_len: int) -> tuple[bytes, bytes | None]:
-    """Join chunk data into (head, body) at the frame's body offset, or (whole, None)."""
+
+def join_parts(parts: Sequence[memoryview]) -> memoryview:
+    """One writable buffer holding ``parts`` one after the other (numpy copies without the GIL)."""
+    out = np.empty(sum(len(p) for p in parts), np.uint8)
+    at = 0
+    for part in parts:
+        out[at : at + len(part)] = np.frombuffer(part, np.uint8)
+        at += len(part)
+    return out.data
+
+
+def _join_split(parts: list[memoryview], total_len: int) -> tuple[bytes, tuple[memoryview, ...] | None]:
+    """Split chunk data into (head, body parts) at the frame's body offset, or (whole, None)."""
     first = parts[0]
     if len(first) < MESSAGE_OVERHEAD:
         return b"".join(parts), None
@@ -159,7 +270,7 @@ def _join_split(parts: list[memoryview], total_len: int) -> tuple[bytes, bytes |
             head.append(part[: cut - at])
             body.append(part[cut - at :])
         at += len(part)
-    return b"".join(head), b"".join(body)
+    return b"".join(head), tuple(body)
 
 
 def _min(a: float | None, b: float | None) -> float | None:

@@ -13,12 +13,11 @@ Frame layout (little-endian), shared by whole messages and chunks (broker/chunks
 
 The modeled timestamps live in the fixed prefix, not in the JSON, so that the channel emulator
 can rewrite them with :func:`restamp` in O(1) work on whole messages and on chunks alike, without
-touching the header or the body (the sha256 covers the body only). Nothing is ever unpickled.
+touching the header or the body (the BLAKE3 digest covers the body only). Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import secrets
@@ -30,9 +29,11 @@ from types import MappingProxyType
 from typing import Literal
 
 import numpy as np
+from blake3 import blake3 as _Blake3
 
 from broker.header import MAX_HEADER_BYTES, PROTOCOL_VERSION, Header, MetaValue
-from broker.tensors import Schema, check_finite, decode_body, encode_body
+from broker.stlayout import Segment
+from broker.tensors import Schema, check_finite, decode_body, encode_body_parts
 from broker.topics import BROADCAST, Kind, ParsedTopic, parse_kind
 from nmoe.errors import WireError
 
@@ -45,6 +46,20 @@ STAMPS_OFFSET = 24
 HEADER_LEN = struct.Struct("<I")
 MESSAGE_OVERHEAD = PREFIX.size + HEADER_LEN.size
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def body_hasher() -> _Blake3:
+    """A fresh hasher of message bodies: BLAKE3 (256 bits), a cryptographic hash; the header's
+    ``blake3`` field is its hex digest. It hashes about 4x faster than SHA-256 with SHA-NI (6 GB/s on
+    one core with AVX-512, against 1.7), and releases the GIL on large inputs, as hashlib does."""
+    return _Blake3(max_threads=1)
+
+
+def body_digest(data: bytes | bytearray | memoryview) -> str:
+    """The hex digest a header carries for this body (see :func:`body_hasher`)."""
+    h = body_hasher()
+    h.update(data)
+    return h.hexdigest()
 
 
 def new_message_id() -> str:
@@ -108,7 +123,7 @@ def pack_prefix(frame_type: int, msg_id: str, t_model_send: float | None = None,
                        _stamp(t_model_send), _stamp(t_model_arrive))  # fmt: skip
 
 
-def unpack_prefix(payload: bytes | memoryview) -> tuple[int, str, float | None, float | None]:
+def unpack_prefix(payload: bytes | bytearray | memoryview) -> tuple[int, str, float | None, float | None]:
     """(frame type, message id, t_model_send, t_model_arrive), checking magic and version."""
     if len(payload) < PREFIX.size:
         if bytes(payload[: len(MAGIC)]) != MAGIC[: len(payload)]:
@@ -163,21 +178,21 @@ def draft(
     finite: bool = True,
 ) -> Draft:
     """Serialize a message except for its body hash (see :class:`Draft`); WireError if invalid."""
-    body, saved = encode_body(tensors or {}, compression, finite=finite)
+    body, saved = encode_body_parts(tensors or {}, compression, finite=finite)
     header = Header(
         kind=parse_kind(kind),
         run=run, src=src, dst=dst, id=msg_id or new_message_id(),
-        t_send=time.time() if t_send is None else t_send, sha256=_UNHASHED,
-        body_len=len(body), round=round, stage=stage, reply_to=reply_to, meta=meta or {},
+        t_send=time.time() if t_send is None else t_send, blake3=_UNHASHED,
+        body_len=sum(len(part) for part in body), round=round, stage=stage, reply_to=reply_to, meta=meta or {},
         compression=compression,
     )  # fmt: skip
     head = header.to_json()
     if len(head) > MAX_HEADER_BYTES:
         raise WireError("oversized", f"header is {len(head)} bytes")
     template = b"".join((pack_prefix(FRAME_MESSAGE, header.id), HEADER_LEN.pack(len(head)), head))
-    # "sha256" is the first JSON key that could hold that text (the ones before it are validated ids)
-    sha_at = template.index(b'"sha256":"') + len(b'"sha256":"')
-    return Draft(header, body, saved, len(template), template, sha_at)
+    # "blake3" is the first JSON key that could hold that text (the ones before it are validated ids)
+    sha_at = template.index(b'"blake3":"') + len(b'"blake3":"')
+    return Draft(header, tuple(body), saved, len(template), template, sha_at)
 
 
 def encode(
@@ -209,34 +224,52 @@ _UNHASHED = "0" * 64
 
 @dataclass(frozen=True)
 class Draft:
-    """A message serialized but for the sha256 of its body.
+    """A message serialized but for the blake3 of its body.
 
     The hash sits in the JSON header, whose length does not depend on it, so every byte from
     ``body_offset`` on is final: a sender may publish the chunks that hold only body bytes while
-    the hash is computed (off the event loop), and the header's chunks after it.
+    the hash is computed (off the event loop), and the header's chunks after it
+    (:func:`broker.chunks.frames`).
+
+    The body is kept as segments (broker/stlayout.py): its header, then views of the tensors' own
+    bytes, which are copied only into the frames. Those views see later changes to the arrays, so
+    a sender builds its frames before it yields to anything that might change them, and hashes
+    the frames, not the views.
     """
 
     header: Header
-    body: bytes
+    body_parts: tuple[Segment, ...]
     saved_bytes: int
     body_offset: int
     template: bytes = field(repr=False)  # the bytes before the body, with a placeholder hash
     sha_at: int = field(repr=False)  # where the hash's 64 hex digits go in ``template``
 
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.body_parts)
+
+    @property
+    def size(self) -> int:
+        """Bytes of the whole-message frame."""
+        return self.body_offset + self.header.body_len
+
     def digest(self) -> str:
-        return hashlib.sha256(self.body).hexdigest()
+        h = body_hasher()
+        for part in self.body_parts:
+            h.update(part)
+        return h.hexdigest()
 
-    def head(self, sha256: str = _UNHASHED) -> bytes:
+    def head(self, blake3: str = _UNHASHED) -> bytes:
         """The frame's bytes before the body: prefix, header length and JSON header."""
-        if not _HEX64.fullmatch(sha256):
-            raise WireError("bad_header", "sha256 must be 64 lowercase hex chars")
-        return b"".join((self.template[: self.sha_at], sha256.encode(), self.template[self.sha_at + 64 :]))
+        if not _HEX64.fullmatch(blake3):
+            raise WireError("bad_header", "blake3 must be 64 lowercase hex chars")
+        return b"".join((self.template[: self.sha_at], blake3.encode(), self.template[self.sha_at + 64 :]))
 
-    def payload(self, sha256: str = _UNHASHED) -> bytes:
-        return self.head(sha256) + self.body
+    def payload(self, blake3: str = _UNHASHED) -> bytes:
+        return b"".join((self.head(blake3), *self.body_parts))
 
-    def finish(self, sha256: str) -> Encoded:
-        return Encoded(replace(self.header, sha256=sha256), self.payload(sha256), self.saved_bytes)
+    def finish(self, blake3: str) -> Encoded:
+        return Encoded(replace(self.header, blake3=blake3), self.payload(blake3), self.saved_bytes)
 
 
 def check_topic(header: Header, expect: ParsedTopic) -> None:
@@ -266,7 +299,7 @@ def decode(
     wire_bytes: int | None = None,
     received_at: float | None = None,
     stamps: tuple[float | None, float | None] | None = None,
-    body: bytes | None = None,
+    body: bytes | bytearray | memoryview | None = None,
 ) -> Message:
     """Validate and decode a whole-message frame; every rejection is a WireError with a reason.
 
@@ -306,9 +339,9 @@ def decode(
         raise WireError("truncated", f"body has {len(view)} of {header.body_len} bytes")
     if len(view) > header.body_len:
         raise WireError("bad_header", f"body has {len(view)} bytes, header says {header.body_len}")
-    if hashlib.sha256(view).hexdigest() != header.sha256:
+    if body_digest(view) != header.blake3:
         raise WireError("hash_mismatch", header.id)
-    tensors = decode_body(bytes(view) if body is None else body)
+    tensors = decode_body(view)  # views of a reassembled (writable) body, else of one copy
     check_finite(tensors)
     if schema is not None:
         schema.check(tensors)

@@ -20,7 +20,7 @@ from broker.tensors import COMPRESSIONS
 from broker.topics import Kind, is_agent_id, is_destination, is_run_id
 from nmoe.errors import WireError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the body's digest is BLAKE3 (header key blake3), no longer SHA-256
 MAX_META_BYTES = 8 * 1024
 MAX_HEADER_BYTES = 16 * 1024  # the JSON header, meta included
 MAX_HEADER_DEPTH = 4  # the header object and its meta hold scalars only: depth 2 is all a valid one needs
@@ -77,7 +77,7 @@ class Header:
     dst: str
     id: str
     t_send: float
-    sha256: str
+    blake3: str
     body_len: int
     round: int = -1
     stage: str = ""
@@ -116,8 +116,8 @@ class Header:
         object.__setattr__(self, "t_send", t_send)
         object.__setattr__(self, "t_model_send", _opt_time(self.t_model_send, "t_model_send"))
         object.__setattr__(self, "t_model_arrive", _opt_time(self.t_model_arrive, "t_model_arrive"))
-        if not isinstance(self.sha256, str) or not _HEX64.fullmatch(self.sha256):
-            raise _bad("sha256 must be 64 lowercase hex chars")
+        if not isinstance(self.blake3, str) or not _HEX64.fullmatch(self.blake3):
+            raise _bad("blake3 must be 64 lowercase hex chars")
         if isinstance(self.body_len, bool) or not isinstance(self.body_len, int) or self.body_len < 0:
             raise _bad("body_len must be a non-negative int")
         if self.compression not in COMPRESSIONS:
@@ -134,14 +134,14 @@ class Header:
 
     _JSON_KEYS = (
         "v", "kind", "run", "src", "dst", "round", "stage", "id", "reply_to",
-        "t_send", "sha256", "body_len", "meta", "compression",
+        "t_send", "blake3", "body_len", "meta", "compression",
     )  # fmt: skip
 
     def to_json(self) -> bytes:
         obj = {
             "v": self.version, "kind": self.kind.value, "run": self.run, "src": self.src,
             "dst": self.dst, "round": self.round, "stage": self.stage, "id": self.id,
-            "reply_to": self.reply_to, "t_send": self.t_send, "sha256": self.sha256,
+            "reply_to": self.reply_to, "t_send": self.t_send, "blake3": self.blake3,
             "body_len": self.body_len, "meta": dict(self.meta), "compression": self.compression,
         }  # fmt: skip
         return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()

@@ -5,12 +5,12 @@ same bytes) straight to the receiver on ``held/<dst>/<src>/<kind>``, and one sma
 ``tx/<src>/<dst>/<kind>`` to the channel emulator, which submits every frame the announce lists to
 its link model as if the body were there (the model uses the size only). When the model delivers
 (or drops) a frame, the emulator publishes a *release* on ``rx/<dst>/<src>/<kind>``: the frame's
-message id, chunk index, size, the message's sha256, and the two modeled stamps (or "lost").
+message id, chunk index, size, the message's blake3, and the two modeled stamps (or "lost").
 The receiver's :class:`HoldBuffer` keeps a body until its release arrives (either may come first),
 checks the size, and hands the frame on to the ordinary decoder (chunk reassembly and all checks
 unchanged) with the release's stamps standing for those in its prefix, where the emulator of the
-full relay writes them (broker/envelope.py's ``STAMPS_OFFSET``; :meth:`Ready.stamped`). The sha256
-a release carries must be the same for every frame of a message and equal the sha256 in the
+full relay writes them (broker/envelope.py's ``STAMPS_OFFSET``; :meth:`Ready.stamped`). The blake3
+a release carries must be the same for every frame of a message and equal the blake3 in the
 decoded message's header, which the decoder checks against the body (:meth:`HoldBuffer.verify`):
 so what reaches the application is exactly the message the channel modeled, with no second hash
 of the bytes.
@@ -24,9 +24,9 @@ account publishes releases. A body without a release never reaches the applicati
 
 Frames (little-endian, after the 40-byte prefix of broker/envelope.py with frame type ``A`` or ``R``)::
 
-    announce  u32 n, n x (16s message id, 32s sha256, 32s dst (NUL-padded), B kind, u32 chunk index,
+    announce  u32 n, n x (16s message id, 32s blake3, 32s dst (NUL-padded), B kind, u32 chunk index,
               u32 frame size, d age: seconds the header waited at the sender)
-    release   u32 n, n x (16s message id, 32s sha256, B kind, u32 index, u32 size, d t_send,
+    release   u32 n, n x (16s message id, 32s blake3, B kind, u32 index, u32 size, d t_send,
               d t_arrive, B lost)
 
 Both are batches. A sender's session announces the frames of a send as soon as the broker has
@@ -81,7 +81,7 @@ class Announce:
     """A sender's header for one frame it published on ``held/<dst>/<src>/<kind>``."""
 
     msg_id: str
-    sha256: str
+    blake3: str
     dst: str
     kind: Kind
     index: int
@@ -94,7 +94,7 @@ class Release:
     """The channel's verdict on one held frame, for one receiver."""
 
     msg_id: str
-    sha256: str
+    blake3: str
     kind: Kind
     index: int
     size: int
@@ -140,7 +140,7 @@ def pack_announces(entries: Sequence[Announce]) -> list[bytes]:
     out = []
     for start in range(0, len(entries), MAX_ENTRIES):
         part = entries[start : start + MAX_ENTRIES]
-        body = [_ANNOUNCE_ENTRY.pack(bytes.fromhex(a.msg_id), bytes.fromhex(a.sha256), a.dst.encode(),
+        body = [_ANNOUNCE_ENTRY.pack(bytes.fromhex(a.msg_id), bytes.fromhex(a.blake3), a.dst.encode(),
                                      _KIND_INDEX[a.kind], a.index, a.size, a.age_s) for a in part]  # fmt: skip
         out.append(b"".join((pack_prefix(FRAME_ANNOUNCE, part[0].msg_id), _COUNT.pack(len(part)), *body)))
     return out
@@ -167,7 +167,7 @@ def pack_releases(releases: Sequence[Release]) -> bytes:
         raise ValueError(f"1..{MAX_ENTRIES} releases per frame, got {len(releases)}")
     parts = [pack_prefix(FRAME_RELEASE, releases[0].msg_id), _COUNT.pack(len(releases))]
     for r in releases:
-        parts.append(_RELEASE_ENTRY.pack(bytes.fromhex(r.msg_id), bytes.fromhex(r.sha256), _KIND_INDEX[r.kind],
+        parts.append(_RELEASE_ENTRY.pack(bytes.fromhex(r.msg_id), bytes.fromhex(r.blake3), _KIND_INDEX[r.kind],
                                          r.index, r.size, r.t_send, r.t_arrive, int(r.lost)))  # fmt: skip
     return b"".join(parts)
 
@@ -256,7 +256,7 @@ class HoldBuffer:
         self._queues: dict[str, deque[tuple[Release, Kind, float, str]]] = {}
         self._queued: set[_Key] = set()  # keys of the releases in _queues
         self._settled: OrderedDict[_Key, bool] = OrderedDict()  # True: delivered, False: lost or refused
-        self._expected: OrderedDict[tuple[str, str], str] = OrderedDict()  # (src, msg id) -> sha256
+        self._expected: OrderedDict[tuple[str, str], str] = OrderedDict()  # (src, msg id) -> blake3
         self.lost = 0
         """Frames the channel reported lost (the model's drops; not a rejection)."""
 
@@ -328,10 +328,10 @@ class HoldBuffer:
                 self._queued.add(key)
         return out + self._drain(src, now)
 
-    def verify(self, src: str, msg_id: str, sha256: str) -> bool:
+    def verify(self, src: str, msg_id: str, blake3: str) -> bool:
         """Whether a decoded message is the one the channel released (True when none was held)."""
         expected = self._expected.pop((src, msg_id), None)
-        return expected is None or expected == sha256
+        return expected is None or expected == blake3
 
     def expire(self, now: float | None = None) -> list[Ready]:
         """Drop what waited too long; frames a dropped release was blocking come back."""
@@ -388,7 +388,7 @@ class HoldBuffer:
             ok = self._settle_digest(src, rel)
             if len(body.payload) != rel.size or not ok:
                 self._settle(key, False)
-                what = "size" if ok else "sha256"
+                what = "size" if ok else "digest"
                 self._reject(WireError("release_mismatch", f"frame {rel.index} of {rel.msg_id}: {what} differs"),
                              self.topics.rx(body.dst, src, kind))  # fmt: skip
                 continue
@@ -402,11 +402,11 @@ class HoldBuffer:
         key = (src, rel.msg_id)
         known = self._expected.get(key)
         if known is None:
-            self._expected[key] = rel.sha256
+            self._expected[key] = rel.blake3
             if len(self._expected) > self.limits.settled_window:
                 self._expected.popitem(last=False)
             return True
-        return known == rel.sha256
+        return known == rel.blake3
 
     def _drop_body(self, key: _Key) -> None:
         body = self._bodies.pop(key)
@@ -424,7 +424,7 @@ def _key_of(src: str, kind: Kind, rel: Release) -> _Key:
     return (src, kind, rel.msg_id, rel.index)
 
 
-def announce_frames(frames: Iterable[bytes]) -> list[tuple[int, int]]:
+def announce_frames(frames: Iterable[bytes | bytearray]) -> list[tuple[int, int]]:
     """(chunk index, size) of each frame a sender publishes, for its announce."""
     out = []
     for frame in frames:

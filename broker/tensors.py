@@ -1,6 +1,7 @@
 """The tensor body of a message: safetensors bytes, optional compression, receiver-side schemas.
 
-The body is a plain safetensors file (``safetensors.numpy``), never a pickle. Compression applies to
+The body is a plain safetensors file, never a pickle, written and read without copying the tensors'
+bytes (broker/stlayout.py: the same bytes ``safetensors.numpy.save`` writes). Compression applies to
 float32 tensors only and is recorded per tensor in the safetensors metadata
 (``nmoe.codec.<name>`` = ``fp16`` or ``int8:<scale>``), so the receiver restores float32 without
 any out-of-band agreement. A float32 tensor that does not fit in fp16's range is sent uncompressed.
@@ -15,18 +16,13 @@ from types import MappingProxyType
 from typing import Literal
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
-from broker.jsonlimits import loads_bounded
+from broker import stlayout
 from nmoe.errors import WireError
 
 Compression = Literal["none", "fp16", "int8"]
 COMPRESSIONS: tuple[str, ...] = ("none", "fp16", "int8")
-ALLOWED_DTYPES = frozenset(
-    {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"}
-)
+ALLOWED_DTYPES = frozenset(stlayout.CODES.values())
 _CODEC_PREFIX = "nmoe.codec."
 _FP16_MAX = float(np.finfo(np.float16).max)
 MAX_TENSORS = 4096
@@ -34,8 +30,8 @@ MAX_NAME_LEN = 256
 # The safetensors header is JSON: per tensor a name (<= MAX_NAME_LEN), dtype, shape and offsets, and
 # for a compressed one a metadata entry of about the same size: under 4 MiB for MAX_TENSORS. Its
 # depth is 3 (root, tensor, shape); more is refused before anything parses it.
-MAX_ST_HEADER_BYTES = 4 * 1024 * 1024
-MAX_ST_HEADER_DEPTH = 4
+MAX_ST_HEADER_BYTES = stlayout.MAX_HEADER_BYTES
+MAX_ST_HEADER_DEPTH = stlayout.MAX_HEADER_DEPTH
 
 
 @dataclass(frozen=True)
@@ -119,10 +115,11 @@ def _check_inputs(tensors: Mapping[str, np.ndarray]) -> None:
             raise WireError("bad_dtype", f"{name}: {a.dtype.name} is not sendable")
 
 
-def encode_body(
+def encode_body_parts(
     tensors: Mapping[str, np.ndarray], compression: str = "none", *, finite: bool = True
-) -> tuple[bytes, int]:
-    """Serialize tensors to safetensors bytes; returns (body, bytes saved by compression)."""
+) -> tuple[list[stlayout.Segment], int]:
+    """Serialize tensors to safetensors segments (the header, then views of the tensors' bytes:
+    nothing copied but what compression makes anew); returns (segments, bytes saved by compression)."""
     if compression not in COMPRESSIONS:
         raise WireError("bad_header", f"unknown compression {compression!r}")
     _check_inputs(tensors)
@@ -147,26 +144,15 @@ def encode_body(
             out[name] = a
             continue
         saved += a.nbytes - out[name].nbytes
-    return st_save(out, metadata=meta or None), saved
+    return stlayout.write(out, meta or None), saved
 
 
-def _metadata(body: bytes | memoryview) -> dict[str, str]:
-    if len(body) < 8:
-        raise WireError("bad_body", "shorter than a safetensors header")
-    n = int.from_bytes(body[:8], "little")
-    if n > len(body) - 8:
-        raise WireError("bad_body", f"safetensors header length {n} is past the body's end")
-    # Checked here, before safetensors parses the header again in decode_body.
-    header = loads_bounded(
-        bytes(body[8 : 8 + n]), what="safetensors header", max_bytes=MAX_ST_HEADER_BYTES,
-        max_depth=MAX_ST_HEADER_DEPTH, invalid="bad_body",
-    )  # fmt: skip
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if meta is None:
-        return {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise WireError("bad_body", "safetensors metadata must map str to str")
-    return meta
+def encode_body(
+    tensors: Mapping[str, np.ndarray], compression: str = "none", *, finite: bool = True
+) -> tuple[bytes, int]:
+    """Serialize tensors to safetensors bytes; returns (body, bytes saved by compression)."""
+    parts, saved = encode_body_parts(tensors, compression, finite=finite)
+    return b"".join(parts), saved
 
 
 def _restore(name: str, a: np.ndarray, codec: str) -> np.ndarray:
@@ -185,15 +171,15 @@ def _restore(name: str, a: np.ndarray, codec: str) -> np.ndarray:
     raise WireError("bad_body", f"{name}: unknown codec {codec!r}")
 
 
-def decode_body(body: bytes) -> dict[str, np.ndarray]:
-    """Parse safetensors bytes back to float32-restored numpy arrays (no schema check here)."""
-    meta = _metadata(body)
-    try:
-        tensors = st_load(body)
-    except (SafetensorError, ValueError, TypeError) as err:
-        raise WireError("bad_body", str(err)[:200]) from err
-    if len(tensors) > MAX_TENSORS:
-        raise WireError("oversized", f"{len(tensors)} tensors > {MAX_TENSORS}")
+def decode_body(body: bytes | bytearray | memoryview) -> dict[str, np.ndarray]:
+    """Parse safetensors bytes back to float32-restored numpy arrays (no schema check here).
+
+    The arrays are writable: views of ``body`` when it is a writable buffer (a reassembled
+    message's ``bytearray``), else of one copy of it (broker/stlayout.py).
+    """
+    if memoryview(body).readonly:
+        body = bytearray(body)
+    tensors, meta = stlayout.read(body, max_tensors=MAX_TENSORS)
     for key, codec in meta.items():
         if not key.startswith(_CODEC_PREFIX):
             continue
@@ -201,7 +187,4 @@ def decode_body(body: bytes) -> dict[str, np.ndarray]:
         if name not in tensors:
             raise WireError("bad_body", f"codec for missing tensor {name!r}")
         tensors[name] = _restore(name, tensors[name], codec)
-    for name, a in tensors.items():
-        if a.dtype.name not in ALLOWED_DTYPES:
-            raise WireError("bad_dtype", f"{name}: {a.dtype.name} is not accepted")
     return tensors

@@ -31,10 +31,12 @@ from broker.chunks import (
     MIN_CHUNK_SIZE,
     Assembled,
     ChunkInfo,
+    Framed,
     Reassembler,
     ReassemblyLimits,
     chunk_count,
     covering,
+    join_parts,
     read_chunk,
     split,
 )
@@ -62,7 +64,7 @@ from nmoe.errors import WireError
 __all__ = [
     "ANY", "CHUNK_OVERHEAD", "COMPRESSIONS", "MAX_META_BYTES", "MIN_CHUNK_SIZE", "PROTOCOL_VERSION",
     "REASONS", "Assembled", "ChunkInfo", "DecodeJob", "DecodePipeline", "Decoder", "Draft",
-    "Encoded", "FrameInfo", "Header", "Message", "MetaValue", "Reassembler", "ReassemblyLimits",
+    "Encoded", "FrameInfo", "Framed", "Header", "Message", "MetaValue", "Reassembler", "ReassemblyLimits",
     "Schema", "TensorSpec", "WireError", "check_finite", "check_topic", "chunk_count", "covering",
     "decode", "draft", "encode", "new_message_id", "peek", "read_chunk", "restamp", "split",
 ]  # fmt: skip
@@ -92,18 +94,19 @@ class DecodeJob:
     wire_bytes: int | None
     received_at: float | None
     stamps: tuple[float | None, float | None] | None
-    body: bytes | None = None  # the body apart from ``frame`` (reassembled messages)
+    body_parts: tuple[memoryview, ...] | None = None  # the body apart from ``frame`` (reassembled messages)
 
     @property
     def size(self) -> int:
-        return len(self.frame) + (0 if self.body is None else len(self.body))
+        return len(self.frame) + (0 if self.body_parts is None else sum(len(p) for p in self.body_parts))
 
     def run(self) -> Message:
         with _contained(self.topic):
+            body = None if self.body_parts is None else join_parts(self.body_parts)  # here: off the loop
             return decode(
                 self.frame, topic=self.topic, expect=self.expect, run_id=self.run_id, schema=self.schema,
                 max_bytes=self.max_bytes, wire_bytes=self.wire_bytes, received_at=self.received_at,
-                stamps=self.stamps, body=self.body,
+                stamps=self.stamps, body=body,
             )  # fmt: skip
 
 
@@ -195,14 +198,14 @@ class Decoder:
         if parsed.direction != self.direction:
             raise WireError("bad_topic", f"expected a {self.direction} topic")
         frame: bytes = payload
-        body: bytes | None = None
+        body: tuple[memoryview, ...] | None = None
         wire_bytes: int | None = None
         stamps: tuple[float | None, float | None] | None = given
         if unpack_prefix(payload)[0] == FRAME_CHUNK:
             done = self.reassembler.add(topic, parsed.src, payload, given)
             if done is None:
                 return None
-            frame, body, wire_bytes, stamps = done.payload, done.body, done.wire_bytes, done.stamps
+            frame, body, wire_bytes, stamps = done.payload, done.body_parts, done.wire_bytes, done.stamps
         elif len(payload) > self.limits.max_message_bytes:
             raise WireError("oversized", f"{len(payload)} bytes > {self.limits.max_message_bytes}")
         return DecodeJob(

@@ -10,7 +10,6 @@ the default run to a few seconds; ``HYPOTHESIS_PROFILE=long`` runs 20x more.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import replace
@@ -21,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.envelope import FRAME_MESSAGE, HEADER_LEN, pack_prefix
+from broker.envelope import FRAME_MESSAGE, HEADER_LEN, body_digest, pack_prefix
 from broker.header import Header
 from broker.tensors import decode_body, encode_body
 from broker.topics import Kind, Topics
@@ -115,7 +114,7 @@ def _nest(depth: int, opener: int) -> bytes:
 def hostile_header(draw: st.DrawFn) -> bytes:
     """A frame with a correct hash whose JSON header keeps the protocol's keys but any values."""
     d = draft(kind=Kind.UPDATE, run=RUN, src="client-0", dst="coordinator", tensors={})
-    obj = json.loads(replace(d.header, sha256=d.digest()).to_json())
+    obj = json.loads(replace(d.header, blake3=d.digest()).to_json())
     for key in draw(st.lists(st.sampled_from(sorted(obj)), max_size=3, unique=True)):
         obj[key] = draw(JSON)
     if draw(st.booleans()):
@@ -149,7 +148,7 @@ def hostile_body(draw: st.DrawFn) -> bytes:
 
 def _framed(body: bytes) -> bytes:
     d = draft(kind=Kind.UPDATE, run=RUN, src="client-0", dst="coordinator", tensors={})
-    head = replace(d.header, sha256=hashlib.sha256(body).hexdigest(), body_len=len(body)).to_json()
+    head = replace(d.header, blake3=body_digest(body), body_len=len(body)).to_json()
     return pack_prefix(FRAME_MESSAGE, d.header.id) + HEADER_LEN.pack(len(head)) + head + body
 
 

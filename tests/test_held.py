@@ -70,15 +70,15 @@ def rx_topic(src: str = SRC) -> tuple[ParsedTopic, str]:
     return T.parse(topic), topic
 
 
-def release_for(frame: bytes, sha256: str, t: float = 1.0, *, lost: bool = False, size: int | None = None) -> bytes:
+def release_for(frame: bytes, blake3: str, t: float = 1.0, *, lost: bool = False, size: int | None = None) -> bytes:
     ((index, n),) = announce_frames([frame])
     msg_id = unpack_prefix(frame)[1]
-    return pack_releases([Release(msg_id, sha256, Kind.LATENT, index, size or n, t, t + 0.5, lost)])
+    return pack_releases([Release(msg_id, blake3, Kind.LATENT, index, size or n, t, t + 0.5, lost)])
 
 
 def released(m, size: int | None = None) -> Release:  # m: an Encoded whole message
     """The release of an unchunked message's one frame, delivered at modeled 1.0 -> 2.0."""
-    return Release(m.header.id, m.header.sha256, Kind.LATENT, 0, len(m.payload) if size is None else size, 1.0, 2.0)
+    return Release(m.header.id, m.header.blake3, Kind.LATENT, 0, len(m.payload) if size is None else size, 1.0, 2.0)
 
 
 def give_body(hold: HoldBuffer, frame: bytes, src: str = SRC) -> list:
@@ -92,15 +92,15 @@ def give_release(hold: HoldBuffer, payload: bytes, src: str = SRC) -> list:
 # -- frames ------------------------------------------------------------------------------------------
 def test_announce_and_release_frames_round_trip_and_refuse_anything_else() -> None:
     enc = message()
-    entries = [Announce(enc.header.id, enc.header.sha256, "client-1", Kind.LATENT, 0, 100, 0.25),
-               Announce(enc.header.id, enc.header.sha256, "all", Kind.MODEL, 3, 70_000)]  # fmt: skip
+    entries = [Announce(enc.header.id, enc.header.blake3, "client-1", Kind.LATENT, 0, 100, 0.25),
+               Announce(enc.header.id, enc.header.blake3, "all", Kind.MODEL, 3, 70_000)]  # fmt: skip
     (raw,) = pack_announces(entries)
     assert read_announce(raw) == entries
     assert len(pack_announces(entries[:1] * (MAX_ENTRIES + 1))) == 2
-    (late,) = pack_announces([Announce(enc.header.id, enc.header.sha256, "all", Kind.CTRL, 0, 100, 1e9)])
+    (late,) = pack_announces([Announce(enc.header.id, enc.header.blake3, "all", Kind.CTRL, 0, 100, 1e9)])
     assert read_announce(late)[0].age_s == MAX_AGE_S  # a sender cannot push a frame far into the past
-    rel = [Release(enc.header.id, enc.header.sha256, Kind.LATENT, 2, 999, 1.5, 2.25),
-           Release(enc.header.id, enc.header.sha256, Kind.LOGITS, 3, 5, math.nan, math.nan, True)]  # fmt: skip
+    rel = [Release(enc.header.id, enc.header.blake3, Kind.LATENT, 2, 999, 1.5, 2.25),
+           Release(enc.header.id, enc.header.blake3, Kind.LOGITS, 3, 5, math.nan, math.nan, True)]  # fmt: skip
     back = read_releases(pack_releases(rel))
     assert back[0] == rel[0] and back[1].lost and back[1].kind is Kind.LOGITS and math.isnan(back[1].t_arrive)
     bad_dst = raw.replace(b"client-1", b"Client-1")
@@ -113,7 +113,7 @@ def test_announce_and_release_frames_round_trip_and_refuse_anything_else() -> No
         with pytest.raises(WireError) as err:
             read_releases(bad)
         assert err.value.reason == "bad_release"
-    unstamped = pack_releases([Release(enc.header.id, enc.header.sha256, Kind.LATENT, 0, 5, math.inf, 1.0)])
+    unstamped = pack_releases([Release(enc.header.id, enc.header.blake3, Kind.LATENT, 0, 5, math.inf, 1.0)])
     with pytest.raises(WireError):
         read_releases(unstamped)  # a delivered frame needs finite stamps
 
@@ -123,7 +123,7 @@ def test_announce_and_release_frames_round_trip_and_refuse_anything_else() -> No
 def test_a_body_is_delivered_stamped_once_its_release_arrives_in_either_order(body_first: bool) -> None:
     hold, rejected = buffer()
     enc = message()
-    rel = release_for(enc.payload, enc.header.sha256, t=7.0)
+    rel = release_for(enc.payload, enc.header.blake3, t=7.0)
     first = give_body(hold, enc.payload) if body_first else give_release(hold, rel)
     assert first == []  # nothing reaches the application on one half
     (ready,) = give_release(hold, rel) if body_first else give_body(hold, enc.payload)
@@ -132,7 +132,7 @@ def test_a_body_is_delivered_stamped_once_its_release_arrives_in_either_order(bo
     assert ready.stamps == (7.0, 7.5) and STAMPS.unpack_from(stamped, STAMPS_OFFSET) == (7.0, 7.5)
     assert stamped[:STAMPS_OFFSET] == enc.payload[:STAMPS_OFFSET]
     assert stamped[STAMPS_OFFSET + STAMPS.size :] == enc.payload[STAMPS_OFFSET + STAMPS.size :]
-    assert hold.verify(SRC, enc.header.id, enc.header.sha256) and rejected == [] and hold.held == 0
+    assert hold.verify(SRC, enc.header.id, enc.header.blake3) and rejected == [] and hold.held == 0
 
 
 def test_a_body_without_a_release_never_comes_out_and_expires() -> None:
@@ -150,8 +150,8 @@ def test_a_lost_release_drops_the_body_whichever_came_first() -> None:
     hold, rejected = buffer()
     a, b = message(seed=1), message(seed=2)
     give_body(hold, a.payload)
-    assert give_release(hold, release_for(a.payload, a.header.sha256, lost=True)) == []
-    assert give_release(hold, release_for(b.payload, b.header.sha256, lost=True)) == []
+    assert give_release(hold, release_for(a.payload, a.header.blake3, lost=True)) == []
+    assert give_release(hold, release_for(b.payload, b.header.blake3, lost=True)) == []
     assert give_body(hold, b.payload) == []  # its release overtook it: dropped quietly
     assert (hold.lost, hold.held, rejected) == (2, 0, [])
 
@@ -160,14 +160,14 @@ def test_size_or_digest_that_differ_from_the_release_are_rejected() -> None:
     hold, rejected = buffer()
     enc = message()
     give_body(hold, enc.payload)
-    assert give_release(hold, release_for(enc.payload, enc.header.sha256, size=len(enc.payload) + 1)) == []
+    assert give_release(hold, release_for(enc.payload, enc.header.blake3, size=len(enc.payload) + 1)) == []
     assert rejected == ["release_mismatch"]
-    # chunks of one message must all carry the message's sha256; a message must match it when decoded
+    # chunks of one message must all carry the message's blake3; a message must match it when decoded
     hold, rejected = buffer()
     enc = message(n=3000)
     c0, c1 = split(enc.payload, enc.header.id, 4096)[:2]
     give_body(hold, c0), give_body(hold, c1)
-    assert len(give_release(hold, release_for(c0, enc.header.sha256))) == 1
+    assert len(give_release(hold, release_for(c0, enc.header.blake3))) == 1
     assert give_release(hold, release_for(c1, "ab" * 32)) == []
     assert rejected == ["release_mismatch"]
     assert not hold.verify(SRC, enc.header.id, "cd" * 32)
@@ -181,7 +181,7 @@ def test_releases_free_frames_in_release_order_per_sender() -> None:
     assert give_release(hold, rel) == []
     assert give_body(hold, b.payload) == []  # a's body is not here yet: b waits behind it (FIFO)
     give_body(hold, c.payload, src=OTHER)
-    assert len(give_release(hold, release_for(c.payload, c.header.sha256), src=OTHER)) == 1  # other link: free
+    assert len(give_release(hold, release_for(c.payload, c.header.blake3), src=OTHER)) == 1  # other link: free
     out = give_body(hold, a.payload)
     assert [unpack_prefix(r.frame)[1] for r in out] == [a.header.id, b.header.id]
 
@@ -202,7 +202,7 @@ def test_a_release_whose_body_never_comes_stops_blocking_its_link_at_the_timeout
 def test_duplicates_of_bodies_and_releases_are_counted_and_dropped() -> None:
     hold, rejected = buffer()
     enc = message()
-    rel = release_for(enc.payload, enc.header.sha256)
+    rel = release_for(enc.payload, enc.header.blake3)
     give_body(hold, enc.payload)
     give_body(hold, enc.payload)
     assert len(give_release(hold, rel)) == 1
@@ -218,7 +218,7 @@ def test_the_hold_buffer_is_bounded_per_sender_and_a_flood_costs_only_the_floode
     for m in flood:
         give_body(hold, m.payload)
     assert rejected == ["hold_overflow", "hold_overflow"] and hold.held == 4  # SRC keeps its newest 3
-    assert len(give_release(hold, release_for(mine.payload, mine.header.sha256), src=OTHER)) == 1
+    assert len(give_release(hold, release_for(mine.payload, mine.header.blake3), src=OTHER)) == 1
     rejected.clear()
     give_body(hold, message(n=20_000).payload)  # 80 kB: alone over SRC's byte budget
     assert rejected == ["oversized"]
@@ -232,7 +232,7 @@ def test_garbage_never_raises_and_every_reason_is_a_known_one() -> None:
     hold, rejected = buffer()
     rng = random.Random(0)
     enc = message()
-    rel = release_for(enc.payload, enc.header.sha256)
+    rel = release_for(enc.payload, enc.header.blake3)
     samples = [b"", b"NMOE", enc.payload[:50], rel[:-3], rel + b"x"]
     for _ in range(300):
         base = bytearray(rng.choice([enc.payload, rel]))
@@ -281,10 +281,10 @@ async def test_only_the_channel_account_can_release_a_held_body() -> None:
             with pytest.raises(asyncio.TimeoutError):
                 await rx.receive(timeout=0.5)
             assert rx.stats.rejected == {}  # it never even reached the receiver
-            # the same release from the channel account frees it (its size and sha256 must be right)
+            # the same release from the channel account frees it (its size and blake3 must be right)
             ((src, kind, held_id, index, size),) = rx.held_frames()
             assert (src, kind, held_id, index) == ("client-0", "latent", msg_id, 0)
-            sha = encode(kind=Kind.LATENT, run=RUN, src="client-0", dst="client-1", tensors={"h": x}).header.sha256
+            sha = encode(kind=Kind.LATENT, run=RUN, src="client-0", dst="client-1", tensors={"h": x}).header.blake3
             await channel.publish(T.rx("client-1", "client-0", Kind.LATENT),
                                   pack_releases([Release(msg_id, sha, Kind.LATENT, 0, size, 1.0, 2.0)]),
                                   qos=1)  # fmt: skip

@@ -7,7 +7,6 @@ the session must keep serving.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import replace
 
@@ -16,7 +15,7 @@ import pytest
 from conftest import RUN, needs_mosquitto, raw_client
 
 from agents.bus import BusConfig, BusSession
-from broker.envelope import FRAME_MESSAGE, HEADER_LEN, pack_prefix
+from broker.envelope import FRAME_MESSAGE, HEADER_LEN, body_digest, pack_prefix
 from broker.header import MAX_HEADER_BYTES, Header
 from broker.jsonlimits import json_depth, loads_bounded
 from broker.server import MosquittoBroker
@@ -30,7 +29,7 @@ T = Topics(RUN)
 def header_nesting(depth: int, kind: Kind = Kind.CTRL) -> bytes:
     """A whole frame, hash and all correct, whose header ``meta`` nests ``depth`` arrays."""
     d = draft(kind=kind, run=RUN, src="client-0", dst="client-1", meta={"op": "PLACEHOLDER"})
-    head = replace(d.header, sha256=d.digest()).to_json()
+    head = replace(d.header, blake3=d.digest()).to_json()
     head = head.replace(b'"PLACEHOLDER"', b"[" * depth + b"]" * depth)
     return pack_prefix(FRAME_MESSAGE, d.header.id) + HEADER_LEN.pack(len(head)) + head + d.body
 
@@ -40,7 +39,7 @@ def body_nesting(depth: int, kind: Kind = Kind.LATENT) -> bytes:
     st_header = b'{"__metadata__":{"x":' + b"[" * depth + b"]" * depth + b"}}"
     body = len(st_header).to_bytes(8, "little") + st_header
     d = draft(kind=kind, run=RUN, src="client-0", dst="client-1")
-    head = replace(d.header, sha256=hashlib.sha256(body).hexdigest(), body_len=len(body)).to_json()
+    head = replace(d.header, blake3=body_digest(body), body_len=len(body)).to_json()
     return pack_prefix(FRAME_MESSAGE, d.header.id) + HEADER_LEN.pack(len(head)) + head + body
 
 

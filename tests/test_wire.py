@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 import shutil
 import struct
@@ -24,7 +23,7 @@ from broker.auth import (
     topic_matches,
     verify_password,
 )
-from broker.envelope import FRAME_MESSAGE, HEADER_LEN, pack_prefix
+from broker.envelope import FRAME_MESSAGE, HEADER_LEN, body_digest, pack_prefix
 from broker.topics import Kind, ParsedTopic, Topics
 from broker.wire import (
     CHUNK_OVERHEAD,
@@ -150,7 +149,7 @@ def test_draft_publishes_body_before_hash():
     d = draft(kind=Kind.MODEL, run=RUN, src="coordinator", dst="all", tensors={"x": x})
     final = d.finish(d.digest())
     assert d.payload()[d.body_offset :] == final.payload[d.body_offset :]  # body bytes are final early
-    assert final.header.sha256 == d.digest() and len(d.payload()) == len(final.payload)
+    assert final.header.blake3 == d.digest() and len(d.payload()) == len(final.payload)
 
 
 # -- modeled stamps --------------------------------------------------------------------------------
@@ -210,7 +209,7 @@ def _reason(payload: bytes, topic: str = TO_COORD, **kw) -> str:
 def _forged(body: bytes) -> bytes:
     """A whole frame with a correct hash over an arbitrary body."""
     d = draft(kind=Kind.UPDATE, run=RUN, src="client-0", dst="coordinator", tensors={})
-    h = replace(d.header, sha256=hashlib.sha256(body).hexdigest(), body_len=len(body)).to_json()
+    h = replace(d.header, blake3=body_digest(body), body_len=len(body)).to_json()
     return pack_prefix(FRAME_MESSAGE, d.header.id) + HEADER_LEN.pack(len(h)) + h + body
 
 

@@ -15,7 +15,7 @@ both served at once (a session picks one with ``channel.relay``):
 
 - ``headers`` (the default, for messages of ``held_min_bytes`` or more; broker/held.py): the body
   went straight to the receiver, who holds it;
-  the emulator reads an *announce* on ``tx/<src>/...`` listing frames (message id, sha256,
+  the emulator reads an *announce* on ``tx/<src>/...`` listing frames (message id, blake3,
   destination, kind, chunk index, size, and how long ago each left), submits each as of when it
   left, and at its delivery (or drop) publishes a *release* with the modeled times (or "lost") on
   ``rx/<dst>/<src>/<kind>``; the releases of one link that fall due while its previous release frame
@@ -305,7 +305,7 @@ class ChannelEmulator:
             a = key.announce
             t_arrive = result.t_arrive if isinstance(result, Delivery) else math.nan
             lost = not isinstance(result, Delivery)
-            self._queue_release(key.src, result.dst, a.kind, Release(a.msg_id, a.sha256, a.kind, a.index, a.size,
+            self._queue_release(key.src, result.dst, a.kind, Release(a.msg_id, a.blake3, a.kind, a.index, a.size,
                                                                     result.t_send, t_arrive, lost))  # fmt: skip
             return
         if not isinstance(result, Delivery):
