@@ -1,20 +1,19 @@
 """The quickstart's wall time, with the baselines trained beside the federated stages or after them.
 
-``nmoe run scenarios/quickstart.yaml`` (``make demo``'s run: FedSC + FedGate over a modeled Wi-Fi,
+``nmoe run scenarios/quickstart.yaml`` (``make demo``'s run: FedCE + FedGate over a modeled Wi-Fi,
 against every baseline) as a user runs it, each time with an empty stage cache (a first run), in
-alternating order: ``beside`` (the default: a forked worker trains the baselines while the
+alternating order: ``beside`` (the default: forked workers, one per baseline, train them while the
 federated stages run, scenarios/baseline_worker.py) and ``after`` (``NMOE_PARALLEL_BASELINES=0``:
-the baselines train in the run's process once the federated stages are done). The worker trains with one torch
-thread, the run afterwards with the scenario's (two here), so their scores agree only up to that
-(printed); at equal thread counts they are identical (tests/test_baseline_worker.py).
+the baselines train in the run's process once the federated stages are done). The workers train
+with one torch thread, the run afterwards with the scenario's (two here), so their scores agree
+only up to that (printed); at equal thread counts they are identical (tests/test_baseline_worker.py).
 
-    python bench/quickstart.py [--quick] [--repeat R] [--agents subprocess|inprocess]
+    python bench/quickstart.py [--quick] [--repeat R] [--agents subprocess|inprocess] [--set K=V ...]
 
-``--quick`` shrinks the quickstart (2 FedSC rounds, 150 samples per client) to stay under 60 s.
-The last line printed is ``quickstart_s=<beside, median> after_s=<median> ratio=<beside/after>``
-(issue 12's goal: quickstart_s <= 45 on this 2-core machine). A run decides by itself whether to
-train the baselines beside the federated stages (only where its agents leave a core free); this
-benchmark forces each way.
+``--quick`` shrinks the quickstart (2 Stage 1 rounds, 150 samples per client) to stay under 60 s;
+``--set stage1.method=fedsc`` measures the FedSC quickstart. The last line printed is
+``quickstart_s=<beside, median> after_s=<median> ratio=<beside/after>`` (issue 12's goal:
+quickstart_s <= 45 on this 2-core machine).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ QUICK = ["stage1.rounds=2", "partition.train_per_client=150", "partition.test_pe
 
 def run(mode: str, args: argparse.Namespace, tmp: Path, k: int) -> tuple[float, dict]:
     out, cache = tmp / f"{mode}-{k}", tmp / f"cache-{mode}-{k}"
-    sets = [x for s in (QUICK if args.quick else []) for x in ("--set", s)]
+    sets = [x for s in [*(QUICK if args.quick else []), *args.set] for x in ("--set", s)]
     env = {**os.environ, "NMOE_CACHE": str(cache), "NMOE_PARALLEL_BASELINES": "1" if mode == "beside" else "0"}
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "scenarios.cli", "run", "quickstart", *sets, "--agents", args.agents,
@@ -84,6 +83,8 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=None, help="runs each way (default 1 quick, 3 full)")
     parser.add_argument("--agents", default="subprocess", choices=["subprocess", "inprocess"],
                         help="how the run starts its agents (default: a process each, as make demo does)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a quickstart field in every run, e.g. stage1.method=fedsc")
     ns = parser.parse_args()
     ns.repeat = ns.repeat or (1 if ns.quick else 3)
     main(ns)
