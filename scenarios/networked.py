@@ -242,16 +242,19 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
                            broker_kind: Prefer = "auto", broker_accounts: Path | None = None,
                            resume: Checkpoint | None = None, dashboard: int | None = None, *,
                            dashboard_token: bool | None = None,
-                           cache: StageCache | None = None) -> dict[str, Any]:
+                           cache: StageCache | None = None, host: AgentHost | None = None) -> dict[str, Any]:
     """A networked run, then the baselines in this process. The federated stages are always
     computed over the bus; the baselines' trained models (none of them networked) come from
-    ``cache`` when it holds them for these settings, as in an in-process run (results.json says)."""
+    ``cache`` when it holds them for these settings, as in an in-process run (results.json says).
+    ``host``: an agent host the caller forked earlier (``nmoe run`` does, so that the host's own
+    imports overlap the run's), else one is forked here; either way it is closed here."""
     from .report import build_results, print_summary, write_outputs
 
     started = time.perf_counter()
     workers: list[BaselineWorker] = []
     # first, while this process is still single-threaded: agents are then forked from a copy of it
-    host = AgentHost.fork() if mode in ("subprocess", "inprocess") and can_fork_host() else None
+    if host is None and mode in ("subprocess", "inprocess") and can_fork_host():
+        host = AgentHost.fork()
     try:
         # the baselines need nothing from the bus: a copy of this process trains them meanwhile
         if baseline_worker.enabled(scn, mode):
