@@ -1,7 +1,7 @@
 """A sweep's summary.csv as a Markdown table: one row per method, one column per value of a grid key.
 
     python tools/summary_table.py docs/reproduction/fig3_noniid/summary.csv --columns partition.tau \
-        --where stage1.method=fedsc --metrics accuracy,f1_macro
+        --where stage1.method=fedsc --metrics accuracy,f1_macro --methods nmoe,nmoe_fedavg_gate
 
 Each cell reads ``mean ± ci95 / mean ± ci95 (n)`` for the metrics asked (``± ci`` left out with one
 seed). Rows with the same method and column value from different cells (``--where`` not given for
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--columns", required=True, help="the grid key whose values are the columns")
     parser.add_argument("--where", action="append", default=[], help="KEY=VALUE: keep only these rows")
     parser.add_argument("--metrics", default="accuracy,f1_macro")
+    parser.add_argument("--methods", default="", help="keep only these methods (e.g. nmoe,nmoe_fedavg_gate)")
     args = parser.parse_args(argv)
     with open(args.summary) as fh:
         rows = list(csv.DictReader(fh))
@@ -49,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--where {cond}: {key} is not a grid key (keys: {', '.join(keys)})", file=sys.stderr)
             return 2
         rows = [r for r in rows if r[key] == value]
+    if args.methods:
+        wanted = set(args.methods.split(","))
+        rows = [r for r in rows if r["method"] in wanted]
+    if not rows:
+        print(f"{args.summary}: no rows left by --where/--methods", file=sys.stderr)
+        return 1
     metrics = args.metrics.split(",")
     columns = sorted({r[args.columns] for r in rows}, key=lambda v: (-float(v)) if _number(v) else v)
     others = [k for k in keys if k != args.columns and len({r[k] for r in rows}) > 1]
