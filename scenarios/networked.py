@@ -248,7 +248,7 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
     ``cache`` when it holds them for these settings, as in an in-process run (results.json says).
     ``host``: an agent host the caller forked earlier (``nmoe run`` does, so that the host's own
     imports overlap the run's), else one is forked here; either way it is closed here."""
-    from .report import build_results, print_summary, write_outputs
+    from .report import build_results, print_summary, warm_pyplot, write_outputs
 
     started = time.perf_counter()
     workers: list[BaselineWorker] = []
@@ -259,6 +259,7 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
         # the baselines need nothing from the bus: a copy of this process trains them meanwhile
         if baseline_worker.enabled(scn, mode):
             workers = [BaselineWorker.fork(scn, cache, group) for group in baseline_worker.groups(scn)]
+        warm_pyplot()  # the run's forks are done: the charts' import now overlaps the agents' work
         # The coordinator's tensor work is many small operations (checking and screening each reply's
         # ~140 tensors, averaging): with torch's thread pool on two busy cores each costs ten times
         # more than in one thread (measured 40 vs 4.6 ms to check one ResNet20 update) and it runs on
