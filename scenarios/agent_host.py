@@ -203,12 +203,23 @@ def _serve(requests: int, answers: int, control: int) -> None:
         _reap(children, say)
 
 
+_RUN_ENDS: set[int] = set()
+"""The run's ends of the pipes to the agent host. A child forked from the run later (a baseline
+worker) closes its copies first: holding the request pipe open, it kept the host waiting for an
+EOF that never came, and the run's ``close()`` waited its whole timeout (5 s) for the host."""
+
+
 def child_main(body: Callable[[], None]) -> NoReturn:
     """The whole life of a child forked from the run: ``body``, then ``os._exit`` (never the run's
     own cleanup, which a forked copy must not run twice); exit status 1, with the traceback on
-    stderr, if it raised, since nothing else can hear a child's last word."""
+    stderr, if it raised, since nothing else can hear a child's last word. First it closes its
+    copies of the run's ends of the host's pipes (:data:`_RUN_ENDS`), which are not its own."""
     code = 0
     try:
+        for fd in list(_RUN_ENDS):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        _RUN_ENDS.clear()
         body()
     except BaseException:  # noqa: BLE001 - see the docstring
         import traceback
@@ -265,6 +276,7 @@ class AgentHost:
         os.close(ans_w)
         os.close(ctl_r)
         os.set_blocking(ans_r, False)
+        _RUN_ENDS.update((req_w, ans_r, ctl_w))
         return cls(pid, os.fdopen(req_w, "wb", buffering=0), ans_r, os.fdopen(ctl_w, "wb", buffering=0))
 
     def spawn(self, agent: str, argv: list[str], password: str, log_path: str) -> None:
@@ -322,6 +334,10 @@ class AgentHost:
         if self.closed:
             return
         self.closed = True
+        _RUN_ENDS.discard(self.answers)
+        for pipe in (self.requests, self.control):
+            with contextlib.suppress(ValueError):  # already closed
+                _RUN_ENDS.discard(pipe.fileno())
         with contextlib.suppress(OSError):
             self.requests.close()
         with contextlib.suppress(OSError):

@@ -108,3 +108,40 @@ def test_a_batch_of_agents_is_forked_side_by_side_and_every_start_and_exit_comes
     assert proc.stderr.count("not warming") == 1
     for pid in (*report["pids"].values(), report["host"]):  # every one reaped, spawners included
         assert not Path(f"/proc/{pid}").exists()
+
+
+LATER_CHILD = r"""
+import json, os, sys
+from scenarios import agent_host
+from scenarios.agent_host import AgentHost, child_main
+host = AgentHost.fork()
+fds = sorted(agent_host._RUN_ENDS)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:  # a later child of the run, as a baseline worker is
+    def body():
+        still = []
+        for fd in fds:
+            try:
+                os.fstat(fd)
+                still.append(fd)
+            except OSError:
+                pass
+        os.write(w, json.dumps(still).encode())
+    child_main(body)
+os.close(w)
+held = json.loads(os.read(r, 4096))
+os.waitpid(pid, 0)
+host.close()
+print(json.dumps({"fds": fds, "held": held, "left": sorted(agent_host._RUN_ENDS)}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the agent host is Linux's (fork, prctl)")
+def test_a_later_child_of_the_run_lets_go_of_the_hosts_pipes() -> None:
+    # A baseline worker that kept the host's request pipe open kept the host from seeing its EOF,
+    # and the run's close() waited out its timeout for the host.
+    proc = subprocess.run([sys.executable, "-c", LATER_CHILD], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out["fds"]) == 3 and out["held"] == [] and out["left"] == []
