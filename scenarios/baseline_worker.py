@@ -73,14 +73,13 @@ def wanted(scn: Scenario) -> tuple[Baseline, ...]:
                  if b in ("local", "centralized") or (b == "fedavg" and not stage1_is_fedavg(scn)))
 
 
-def enabled(scn: Scenario, mode: str) -> bool:
+def enabled(scn: Scenario) -> bool:
     """Whether to train the baselines in workers beside the federated stages: yes wherever a run
     can fork them (``NMOE_PARALLEL_BASELINES=1`` or ``0`` decides instead). Niced, the workers take
     what the agents leave (a core, where the agents run elsewhere or in one process; the gaps
     between rounds, where agent processes fill the cores); afterwards they train side by side with
     one thread each, which beats the run training them one after another with every thread
     (measured, bench/quickstart.py: a single worker did not, as it left the other core idle)."""
-    del mode  # where the agents run changes how much the workers overlap, not whether they pay
     if not wanted(scn) or not can_fork_host():
         return False
     forced = os.environ.get(ENV)

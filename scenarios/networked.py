@@ -257,7 +257,7 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
         host = AgentHost.fork()
     try:
         # the baselines need nothing from the bus: a copy of this process trains them meanwhile
-        if baseline_worker.enabled(scn, mode):
+        if baseline_worker.enabled(scn):
             workers = [BaselineWorker.fork(scn, cache, group) for group in baseline_worker.groups(scn)]
         warm_pyplot()  # the run's forks are done: the charts' import now overlaps the agents' work
         # The coordinator's tensor work is many small operations (checking and screening each reply's

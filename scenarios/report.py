@@ -169,6 +169,14 @@ def warm_pyplot() -> threading.Thread:
     return thread
 
 
+def save_figure(fig: Any, path: Path, **layout: Any) -> Path:
+    """Lay out, write (PNG, 110 dpi) and close a figure; returns its path."""
+    fig.tight_layout(**layout)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def _pyplot() -> Any:
     """matplotlib, imported when a chart is drawn (it adds half a second to every start-up)."""
     import matplotlib
@@ -221,10 +229,7 @@ def plot_losses(path: Path, rounds: list[RoundRecord]) -> Path | None:
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_curve(path: Path, results: Mapping[str, Any]) -> Path:
@@ -250,10 +255,7 @@ def plot_curve(path: Path, results: Mapping[str, Any]) -> Path:
     ax.set_title(f"{results['scenario']}: accuracy after each Stage 3 round", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def print_curve(console: Console, curve: Mapping[str, Any]) -> None:

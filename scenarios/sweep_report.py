@@ -20,7 +20,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .report import ORDER, _pyplot
+from .report import ORDER, _pyplot, save_figure
 from .sweep import Run, Sweep, show
 
 METRICS = ("accuracy", "f1_macro")
@@ -217,11 +217,7 @@ def plot_curves(sweep: Sweep) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(f"sweep {sweep.name}: learning curves on the modeled clock", fontsize=10)
-    fig.tight_layout()
-    path = sweep.out / "chart_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, sweep.out / "chart_curves.png")
 
 
 def plot_energy(sweep: Sweep, records: Sequence[Mapping[str, str]]) -> Path:
@@ -246,11 +242,7 @@ def plot_energy(sweep: Sweep, records: Sequence[Mapping[str, str]]) -> Path:
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(f"sweep {sweep.name}: accuracy vs energy ({', '.join(k.rsplit('.', 1)[-1] for k in sweep.grid)})",
                  fontsize=10)
-    fig.tight_layout()
-    path = sweep.out / "chart_energy.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, sweep.out / "chart_energy.png")
 
 
 def print_table(console: Console, sweep: Sweep, records: Sequence[Mapping[str, str]]) -> None:
@@ -345,8 +337,5 @@ def plot_key(sweep: Sweep, key: str, records: Sequence[Mapping[str, str]]) -> Pa
     fig.legend(handles, labels, loc="lower center", ncol=min(2, max(1, len(labels))), fontsize=8, frameon=False)
     fig.suptitle(f"sweep {sweep.name}: mean over seeds, error bars 95% CI")
     legend_rows = -(-len(labels) // 2)
-    fig.tight_layout(rect=(0, min(0.4, 0.035 * legend_rows / nrows + 0.02), 1, 1))
-    path = sweep.out / f"chart_{key}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, sweep.out / f"chart_{key}.png",
+                       rect=(0, min(0.4, 0.035 * legend_rows / nrows + 0.02), 1, 1))
