@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import shutil
 import struct
@@ -27,6 +28,7 @@ from broker.envelope import FRAME_MESSAGE, HEADER_LEN, body_digest, pack_prefix
 from broker.topics import Kind, ParsedTopic, Topics
 from broker.wire import (
     CHUNK_OVERHEAD,
+    DecodePipeline,
     Decoder,
     Header,
     ReassemblyLimits,
@@ -111,6 +113,35 @@ def test_round_trip_sizes_through_chunks(nbytes):
     assert np.array_equal(msg.tensors["ids"], extra["ids"]) and msg.tensors["s"].shape == ()
     assert (msg.header.round, msg.header.stage, dict(msg.header.meta)) == (4, "s3", {"n": 3})
     assert msg.wire_bytes == sum(len(f) for f in frames)
+
+
+def test_decode_pipeline_keeps_arrival_order_across_inline_and_offloaded_frames():
+    """Frames at or above the threshold are decoded in the worker, smaller ones on the loop; a
+    small frame that arrives behind a big one still waits for it, and a bad big frame is counted
+    without holding up the frames behind it."""
+    sizes = [10, 5000, 20, 5000, 5000, 30, 10, 5000]  # float32 elements; the threshold is 8 KiB
+
+    async def run() -> tuple[list[float], Decoder]:
+        decoder = Decoder(T)
+        got: list[float] = []
+        pipeline = DecodePipeline(decoder, lambda m: got.append(float(m.tensors["x"][0])), offload_bytes=8 * 1024)
+        try:
+            for i, n in enumerate(sizes):
+                payload = enc({"x": np.full(n, float(i), np.float32)}).payload
+                if i == 3:  # a corrupt big frame: its body no longer matches the header's hash
+                    payload = payload[:-1] + bytes([payload[-1] ^ 1])
+                pipeline.feed(TO_COORD, payload)
+            for _ in range(200):
+                if len(got) == len(sizes) - 1:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            pipeline.close()
+        return got, decoder
+
+    got, decoder = asyncio.run(run())
+    assert got == [0.0, 1.0, 2.0, 4.0, 5.0, 6.0, 7.0]
+    assert sum(decoder.rejected.values()) == 1
 
 
 def test_small_chunks_out_of_order_with_duplicates():
