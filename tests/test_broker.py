@@ -10,11 +10,13 @@ import socket
 from pathlib import Path
 
 import aiomqtt
+import numpy as np
 import pytest
 from conftest import RUN, needs_mosquitto, raw_client
 
 import broker.server as server
 from broker.auth import Account, BrokerAddress, make_accounts
+from broker.mqtt import LoopClient
 from broker.ports import port_open
 from broker.server import MosquittoBroker, RunningBroker, launch_broker
 from nmoe.errors import BrokerError
@@ -262,3 +264,35 @@ def test_cli_refuses_an_accounts_file_readable_by_others(tmp_path: Path) -> None
     check_external_broker("mqtt://coordinator@localhost:1883", path, 1)
     with pytest.raises(BrokerError, match="no password for client-1"):
         check_external_broker("mqtt://coordinator@localhost:1883", path, 2)
+
+
+# -- the loop client's write path ------------------------------------------------------------------
+@needs_mosquitto
+async def test_loop_client_keeps_every_byte_in_order_when_the_socket_fills(mosquitto: MosquittoBroker) -> None:
+    """broker.mqtt.LoopClient writes on the loop's next turn and watches the socket only when its
+    buffer is full: a burst far bigger than the buffer still arrives whole and in order, and the
+    full-buffer path was taken (more writes than turns it scheduled)."""
+    calls = {"soon": 0, "write": 0}
+
+    class Counting(LoopClient):
+        def _write_soon(self, client, sock):  # type: ignore[no-untyped-def]
+            calls["soon"] += 1
+            super()._write_soon(client, sock)
+
+        def _write(self, client):  # type: ignore[no-untyped-def]
+            calls["write"] += 1
+            super()._write(client)
+
+    rng = np.random.default_rng(11)
+    payloads = [rng.bytes(256 * 1024) for _ in range(40)]  # 10 MiB at once
+    topic = f"nmoe/{RUN}/rx/client-1/client-0/latent"
+    tx_addr = mosquitto.address_for("client-0")
+    sender = Counting(tx_addr.host, tx_addr.port, username=tx_addr.username, password=tx_addr.password,
+                      identifier="client-0", max_inflight_messages=64)  # fmt: skip
+    async with raw_client(mosquitto.address_for("client-1")) as rx, sender:
+        await rx.subscribe(topic, qos=1)
+        await asyncio.gather(*(sender.publish(topic, p, qos=1) for p in payloads))
+        await sender.publish(topic, b"last", qos=1)  # and a publish after the burst, on a quiet socket
+        got = [payload for _topic, payload in await collect(rx, quiet_s=1.0)]
+    assert got == [*payloads, b"last"]
+    assert calls["write"] > calls["soon"] >= 2

@@ -240,8 +240,8 @@ async def test_compression_saves_bytes(mosquitto: MosquittoBroker) -> None:
 
 # -- emulated channel ------------------------------------------------------------------------------
 async def relay(channel, agents: list[str]) -> None:
-    """A stand-in channel emulator: stamps every frame and republishes it on the rx side."""
-    await channel.subscribe(T.tx_filter(), qos=1)
+    """A stand-in channel emulator: stamps every frame and republishes it on the rx side (subscribe
+    to tx/# first: what the broker takes before that reaches no one)."""
     async for message in channel.messages:
         parsed = T.parse(message.topic.value)
         payload = restamp(message.payload, t_model_send=100.0, t_model_arrive=100.25)
@@ -261,6 +261,7 @@ async def test_emulated_mode_goes_through_the_channel() -> None:
         BusSession(cfg(running, "client-0", channel_mode="emulated", relay="bodies", chunk_size=64 * 1024)) as c0,
         BusSession(cfg(running, "client-1", channel_mode="emulated")) as c1,
     ):
+        await channel.subscribe(T.tx_filter(), qos=1)
         relayer = asyncio.create_task(relay(channel, ["client-0", "client-1", "coordinator"]))
         await c0.send("client-1", Kind.LATENT, {"h": x})
         await c0.send("all", Kind.METRICS, meta={"acc": 0.5})
