@@ -296,3 +296,35 @@ async def test_loop_client_keeps_every_byte_in_order_when_the_socket_fills(mosqu
         got = [payload for _topic, payload in await collect(rx, quiet_s=1.0)]
     assert got == [*payloads, b"last"]
     assert calls["write"] > calls["soon"] >= 2
+
+
+@needs_mosquitto
+async def test_loop_client_delivers_in_order_and_a_raising_handler_costs_one_message(
+    mosquitto: MosquittoBroker, caplog
+) -> None:
+    """With ``deliver``, messages reach the handler as they are read, in order, and never wait in
+    aiomqtt's queue; a handler that raises loses that message (logged), not the connection."""
+    got: list[bytes] = []
+
+    def deliver(message: aiomqtt.Message) -> None:
+        if message.payload == b"bad":
+            raise ValueError("a bug in the handler")
+        got.append(bytes(message.payload))  # type: ignore[arg-type]
+
+    topic = f"nmoe/{RUN}/rx/client-1/client-0/latent"
+    rx_addr = mosquitto.address_for("client-1")
+    receiver = LoopClient(rx_addr.host, rx_addr.port, username=rx_addr.username, password=rx_addr.password,
+                          identifier="client-1", deliver=deliver)  # fmt: skip
+    sent = [b"1", b"bad", b"2", *(str(i).encode() for i in range(3, 200))]
+    async with receiver, raw_client(mosquitto.address_for("client-0")) as tx:
+        await receiver.subscribe(topic, qos=1)
+        for payload in sent:
+            await tx.publish(topic, payload, qos=1)
+        for _ in range(100):
+            if len(got) == len(sent) - 1:
+                break
+            await asyncio.sleep(0.02)
+        assert len(receiver.messages) == 0  # nothing went through aiomqtt's queue
+        await receiver.publish(f"nmoe/{RUN}/status/client-1", b"online", qos=1)  # the connection is alive
+    assert got == [p for p in sent if p != b"bad"]
+    assert "the message is dropped" in caplog.text and "a bug in the handler" in caplog.text
