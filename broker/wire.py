@@ -228,8 +228,9 @@ class DecodePipeline:
     The threshold is high (4 MiB: about 1.5 ms of decoding on the loop) because a hand-over is
     not free: the worker's wake-up, its completion through the loop's self-pipe and the GIL passed
     back and forth cost more than decoding a frame of a few MiB inline. Measured on a 2-core
-    machine with 1 MiB messages (bench/bus_throughput.py), offloading them took 20-25 % more CPU
-    and 10-20 % more wall time per message than decoding them on the loop.
+    machine with 1 MiB messages (bench/bus_throughput.py's trials, alternating, quiet machine),
+    offloading them took 18-22 % more CPU and 14-25 % more wall time per message than decoding
+    them on the loop (docs/SCALE.md, "Fourth pass").
     """
 
     def __init__(
