@@ -251,6 +251,13 @@ class AgentHost:
     closed: bool = False
 
     @classmethod
+    def fork_for(cls, mode: str) -> AgentHost | None:
+        """A host for agents run as ``mode`` (``subprocess``: one process each, ``inprocess``: one
+        process of tasks), forked now; None where agents are not forked from this run (``spawn``,
+        an external fleet) or no host can be forked here (:func:`can_fork_host`)."""
+        return cls.fork() if mode in ("subprocess", "inprocess") and can_fork_host() else None
+
+    @classmethod
     def fork(cls) -> AgentHost:
         if not can_fork_host():
             raise RuntimeError("the agent host must be forked before the run starts any thread")

@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from nmoe.errors import ConfigError, NmoeError
 
-from .agent_host import AgentHost, can_fork_host
+from .agent_host import AgentHost
 from .edge import agent_args, run_agent, stop_on_sigterm
 from .scenario import PACKAGED, Scenario, load_scenario
 
@@ -159,11 +159,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             raise ConfigError("--dashboard: networked runs only (an --inprocess run has no fleet to watch; "
                               "`nmoe report` draws its results)")
         check_port(args.dashboard, "--dashboard")
-    host = None
-    if not args.inprocess and args.agents in ("subprocess", "inprocess") and can_fork_host():
-        # the agent host now, before the rest of the run's imports: its own (torch's dynamo, 1 s)
-        # then overlap them instead of following them (start-up to round 0: ~0.3 s less)
-        host = AgentHost.fork()
+    # the agent host now, before the rest of the run's imports: its own (torch's dynamo, 1 s)
+    # then overlap them instead of following them (start-up to round 0: ~0.3 s less)
+    host = None if args.inprocess else AgentHost.fork_for(args.agents)
     try:
         return _run(args, console, scn, accounts_file, checkpoint, host)
     finally:

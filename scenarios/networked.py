@@ -37,7 +37,7 @@ from nmoe_models.partition import load_client_data
 
 from . import baseline_worker
 from .agent_groups import AgentGroup, AgentsMode, ExternalAgents, agents_running, make_group
-from .agent_host import AgentHost, can_fork_host
+from .agent_host import AgentHost
 from .baseline_worker import BaselineWorker
 from .bus_sizing import bus_config
 from .cache import StageCache
@@ -253,8 +253,8 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
     started = time.perf_counter()
     workers: list[BaselineWorker] = []
     # first, while this process is still single-threaded: agents are then forked from a copy of it
-    if host is None and mode in ("subprocess", "inprocess") and can_fork_host():
-        host = AgentHost.fork()
+    if host is None:
+        host = AgentHost.fork_for(mode)
     try:
         # the baselines need nothing from the bus: a copy of this process trains them meanwhile
         if baseline_worker.enabled(scn):

@@ -3,7 +3,8 @@ the embedded amqtt broker, and run accounts. Pure wire tests need none of them."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiomqtt
@@ -53,6 +54,16 @@ async def broker(request: pytest.FixtureRequest, accounts: list[Account]) -> Asy
         pytest.skip("mosquitto is not installed")
     async with launch_broker(RUN, accounts, prefer=request.param) as running:
         yield running
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Return once ``predicate()`` holds, checking every 20 ms; TimeoutError after ``timeout`` s."""
+
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), timeout)
 
 
 def raw_client(address: BrokerAddress, name: str = "raw") -> aiomqtt.Client:

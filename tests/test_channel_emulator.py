@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import RUN, raw_client
+from conftest import RUN, raw_client, until
 
 from agents.bus import BusConfig, BusSession
 from broker.auth import PASSWORD_ENV, make_accounts
@@ -329,14 +329,6 @@ async def test_refused_credentials_raise_a_channel_error(mosq: MosquittoBroker) 
     with pytest.raises(ChannelError, match="refused the credentials"):
         async with ChannelEmulator(channel(), RUN, wrong, AGENTS, 0):
             pass
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 async def test_emulator_survives_a_broker_restart() -> None:

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import until
 
 from broker.auth import (
     Account,
@@ -131,10 +132,7 @@ def test_decode_pipeline_keeps_arrival_order_across_inline_and_offloaded_frames(
                 if i == 3:  # a corrupt big frame: its body no longer matches the header's hash
                     payload = payload[:-1] + bytes([payload[-1] ^ 1])
                 pipeline.feed(TO_COORD, payload)
-            for _ in range(200):
-                if len(got) == len(sizes) - 1:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: len(got) >= len(sizes) - 1, timeout=2.0)
         finally:
             pipeline.close()
         return got, decoder
