@@ -360,9 +360,7 @@ class HoldBuffer:
 
     # -- internals -------------------------------------------------------------------------------
     def _body_key(self, parsed: ParsedTopic, payload: bytes) -> _Key:
-        ftype, msg_id, _s, _a = unpack_prefix(payload)
-        index = read_chunk(payload).index if ftype == FRAME_CHUNK else 0
-        return (parsed.src, parsed.kind, msg_id, index)
+        return (parsed.src, parsed.kind, *_frame_id(payload))
 
     def _drain(self, src: str, now: float) -> list[Ready]:
         """Hand on, in release order, every frame of ``src``'s link whose release and body are both here."""
@@ -395,7 +393,7 @@ class HoldBuffer:
             self._settle(key, True)
             # as the full relay delivers it: on the release's topic (a broadcast on each receiver's own)
             topic = self.topics.rx(dst, src, kind)
-            out.append(Ready(topic, ParsedTopic("rx", src, dst, kind), body.payload, (rel.t_send, rel.t_arrive)))
+            out.append(Ready(topic, self.topics.parse(topic), body.payload, (rel.t_send, rel.t_arrive)))
         return out
 
     def _settle_digest(self, src: str, rel: Release) -> bool:
@@ -426,11 +424,15 @@ def _key_of(src: str, kind: Kind, rel: Release) -> _Key:
 
 def announce_frames(frames: Iterable[bytes | bytearray]) -> list[tuple[int, int]]:
     """(chunk index, size) of each frame a sender publishes, for its announce."""
-    out = []
-    for frame in frames:
-        index = read_chunk(frame).index if unpack_prefix(frame)[0] == FRAME_CHUNK else 0
-        out.append((index, len(frame)))
-    return out
+    return [(_frame_id(frame)[1], len(frame)) for frame in frames]
+
+
+def _frame_id(frame: bytes | bytearray) -> tuple[str, int]:
+    """(message id, chunk index) of a frame, read once (WireError when it is not a frame)."""
+    if frame_type(frame) == FRAME_CHUNK:
+        info = read_chunk(frame)
+        return info.msg_id, info.index
+    return unpack_prefix(frame)[1], 0
 
 
 __all__ = [

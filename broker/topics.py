@@ -124,6 +124,21 @@ def _parse(run_id: str, topic: str) -> ParsedTopic:
     raise WireError("bad_topic", f"unknown direction in {topic!r}")
 
 
+def _build(run_id: str, direction: Direction, src: str, dst: str, kind: Kind | str) -> str:
+    """A tx, rx or held topic, its parts checked once per distinct topic (WireError('bad_topic'))."""
+    try:
+        return _build_checked(run_id, direction, src, dst, kind)
+    except TypeError:  # an unhashable part: not an id at all
+        raise WireError("bad_topic", f"invalid topic parts {src!r}, {dst!r}, {kind!r}"[:200]) from None
+
+
+@functools.lru_cache(maxsize=4096)  # built for every frame a session sends or a hold buffer frees
+def _build_checked(run_id: str, direction: Direction, src: str, dst: str, kind: Kind | str) -> str:
+    p = ParsedTopic(direction, src, dst, parse_kind(kind))
+    first, second = (p.src, p.dst) if direction == "tx" else (p.dst, p.src)
+    return f"{ROOT}/{run_id}/{direction}/{first}/{second}/{p.kind.value}"
+
+
 @dataclass(frozen=True)
 class Topics:
     """Builders and the parser for the topics of one run.
@@ -148,18 +163,15 @@ class Topics:
     # -- builders -------------------------------------------------------------------------------
     def tx(self, src: str, dst: str, kind: Kind | str) -> str:
         """What ``src`` puts on the air for ``dst`` (emulated channel)."""
-        p = ParsedTopic("tx", src, dst, parse_kind(kind))
-        return f"{self.prefix}/tx/{p.src}/{p.dst}/{p.kind.value}"
+        return _build(self.run_id, "tx", src, dst, kind)
 
     def rx(self, dst: str, src: str, kind: Kind | str) -> str:
         """What ``dst`` hears from ``src``."""
-        p = ParsedTopic("rx", src, dst, parse_kind(kind))
-        return f"{self.prefix}/rx/{p.dst}/{p.src}/{p.kind.value}"
+        return _build(self.run_id, "rx", src, dst, kind)
 
     def held(self, dst: str, src: str, kind: Kind | str) -> str:
         """Where ``src`` puts a body for ``dst`` that waits for the channel's release."""
-        p = ParsedTopic("held", src, dst, parse_kind(kind))
-        return f"{self.prefix}/held/{p.dst}/{p.src}/{p.kind.value}"
+        return _build(self.run_id, "held", src, dst, kind)
 
     def status(self, agent: str) -> str:
         return f"{self.prefix}/status/{check_agent_id(agent)}"

@@ -69,6 +69,21 @@ def test_topics_build_and_parse_round_trip():
     assert T.inbox_filters("client-1") == ("nmoe/t1/rx/client-1/#", "nmoe/t1/rx/all/#")
     assert T.parse_status(T.status("client-2")) == "client-2"
     assert T.relay(T.parse("nmoe/t1/tx/client-0/all/ctrl"), "client-3") == "nmoe/t1/rx/client-3/client-0/ctrl"
+    assert T.held("client-1", "client-0", "model") == "nmoe/t1/held/client-1/client-0/model"
+
+
+BAD_PARTS = [("all", "client-0", "update"), ("client-0", "x y", "update"), ("client-0", "client-1", "weights"),
+             (["client-0"], "client-1", "update")]  # fmt: skip
+
+
+@pytest.mark.parametrize("parts", BAD_PARTS)
+def test_topic_builders_refuse_bad_parts(parts):
+    """The builders cache what they built; a bad part (even an unhashable one) is still bad_topic."""
+    src, dst, kind = parts
+    for build in (lambda: T.tx(src, dst, kind), lambda: T.rx(dst, src, kind), lambda: T.held(dst, src, kind)):
+        with pytest.raises(WireError) as err:
+            build()
+        assert err.value.reason == "bad_topic"
 
 
 @pytest.mark.parametrize(
