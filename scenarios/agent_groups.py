@@ -20,6 +20,7 @@ from typing import Literal, Protocol
 from agents.codec import client_name
 from broker.server import RunningBroker
 
+from .agent_host import PRELOAD as HOST_PRELOAD
 from .agent_host import AgentHost, agent_process
 from .agent_tasks import GROUP, AgentTasks, group_spec
 from .scenario import Scenario
@@ -59,7 +60,7 @@ class AgentProcesses:
     15 s just importing). Each agent runs exactly ``nmoe agent --id ... --scenario ...``.
     """
 
-    PRELOAD = ["torch", "torch._dynamo", "agents.client", "scenarios.edge", "scenarios.agent_host"]
+    PRELOAD = ["torch", *HOST_PRELOAD, "scenarios.agent_host"]
 
     def __init__(self, scenario_file: Path, run_id: str, broker: RunningBroker, ids: list[str], log_dir: Path,
                  host: AgentHost | None = None) -> None:

@@ -38,8 +38,12 @@ from broker.lifetime import die_with_parent
 
 log = logging.getLogger(__name__)
 # What an agent imports that a run may not have yet; imported once here, shared by every agent.
-PRELOAD = ("torch._dynamo", "agents.client", "scenarios.edge",
-           "logging.handlers", "torch._subclasses.schema_check_mode")
+# An import left to the agents costs each of them (30-80 ms apiece for these at start-up, ten
+# agents on two cores); tests/test_agent_host.py checks that a forked agent imports nothing.
+PRELOAD = ("torch._dynamo", "agents.client", "scenarios.edge", "scenarios.devices",  # devices: rich.table
+           "logging.handlers", "torch._subclasses.schema_check_mode",
+           "encodings.idna",  # the first connect's host name
+           "numpy.ma")  # numpy's masked arrays, on an agent's first evaluation
 MAX_LINE = 1 << 20  # a request or an answer (1000 agents' group request: ~120 KB); anything longer is a bug
 
 

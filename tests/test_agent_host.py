@@ -4,11 +4,13 @@ back, their output in their own log file, and nothing left behind."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import TOY, needs_mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,3 +147,29 @@ def test_a_later_child_of_the_run_lets_go_of_the_hosts_pipes() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(out["fds"]) == 3 and out["held"] == [] and out["left"] == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the agent host is Linux's (fork, prctl)")
+@needs_mosquitto
+def test_an_agent_forked_by_the_host_imports_nothing_of_its_own(tmp_path: Path) -> None:
+    """Whatever an agent imports after its fork, every agent pays for (CPU at start-up, unshared
+    pages): the host's PRELOAD must hold it. A whole networked run (all three stages, evaluation)
+    with Python's import profiling on; an agent's log shows each module it imported itself."""
+    # Prepare
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text(TOY)
+    env = os.environ | {"PYTHONPROFILEIMPORTTIME": "1"}
+    # Execute
+    proc = subprocess.run([sys.executable, "-m", "scenarios.cli", "run", str(scenario), "--set", "baselines=[]",
+                           "--set", "stage1.rounds=1", "--set", "stage3.rounds=1", "--no-cache",
+                           "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    # Assert
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = sorted((tmp_path / "out" / "logs").glob("client-*.log"))
+    assert len(logs) == 3
+    for log in logs:
+        imported = [line.rsplit("|", 1)[1].strip() for line in log.read_text().splitlines()
+                    if line.startswith("import time:") and "|" in line]  # fmt: skip
+        imported = [name for name in imported if name != "imported package"]  # the profile's header
+        assert not imported, f"{log.name}: the agent imported {imported}; add them to the host's PRELOAD"
