@@ -128,7 +128,7 @@ def _kind(index: int, reason: str) -> Kind:
     return KINDS[index]
 
 
-def frame_type(payload: bytes | memoryview) -> int | None:
+def frame_type(payload: bytes | bytearray | memoryview) -> int | None:
     """The frame type byte of an nmoe frame (None when it is not one)."""
     if len(payload) < PREFIX.size or bytes(payload[:4]) != MAGIC:
         return None

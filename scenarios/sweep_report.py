@@ -184,7 +184,85 @@ def write_summary(sweep: Sweep, console: Console) -> list[Path]:
     if any(rec.get("energy_j_mean") for rec in records):
         charts.append(plot_energy(sweep, records))
     curves = plot_curves(sweep)
-    return [path, *charts, *([curves] if curves is not None else [])]
+    training = plot_training(sweep, console)
+    return [path, *charts, *(c for c in (curves, training) if c is not None)]
+
+
+TRAINED = {"stage1": "Stage 1", "stage3:fedgate": "Stage 3, FedGate", "stage3:fedavg": "Stage 3, FedAvg-gate"}
+"""The stages whose rounds a training-loss chart follows (Stage 2's experts train in one round)."""
+STAGE1 = {"fedce": "FedCE (cross-entropy)", "fedsc": "FedSC (spectral contrastive loss)"}
+
+
+def training_losses(run: Run) -> dict[str, list[tuple[int, float]]]:
+    """A finished run's training loss after each round of each stage, from its metrics.csv (the
+    mean over the clients that answered): {stage: [(round, loss), ...]}; {} for a run not finished.
+    A metrics.csv that cannot be read raises ValueError naming it."""
+    path = run.folder / "metrics.csv"
+    if not (run.folder / "results.json").is_file() or not path.is_file():
+        return {}
+    out: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as fh:
+        for line, row in enumerate(csv.DictReader(fh), start=2):
+            if row.get("stage") in TRAINED and (row.get("op") or "").endswith("_fit") and row.get("mean_loss"):
+                try:
+                    out.setdefault(row["stage"], []).append((int(row["round"]), float(row["mean_loss"])))
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"{path}, line {line}: not a round and a loss ({err})") from None
+    return out
+
+
+def plot_training(sweep: Sweep, console: Console) -> Path | None:
+    """chart_training.png: each stage's training loss against its round, one line per cell (the mean
+    over its seeds, the band their min-max), so a reader sees whether a method had converged at the
+    sweep's budget. Stage 1 gets a panel per loss (FedCE's cross-entropy and FedSC's spectral
+    contrastive loss are not on one scale). None when no finished run trained more than one round."""
+    stages = list(TRAINED)
+    panels: dict[tuple[int, str], dict[str, list[dict[int, float]]]] = {}  # (order, title) -> cell -> per seed
+    unreadable = []
+    for run in sweep.runs:
+        try:
+            losses = training_losses(run)
+        except (OSError, ValueError) as err:
+            unreadable.append(str(err))
+            continue
+        if not losses:
+            continue
+        results, _ = _read(run)
+        method = str(((results or {}).get("config") or {}).get("stage1", {}).get("method", ""))
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={tick_label(v, 24)}" for k, v in run.values.items()) or run.cell
+        for stage, points in losses.items():
+            title = TRAINED[stage]
+            if stage == "stage1" and method:
+                title += f", {STAGE1.get(method, method)}"
+            panels.setdefault((stages.index(stage), title), {}).setdefault(label, []).append(dict(points))
+    if unreadable:
+        console.print(f"[yellow]chart_training.png leaves out {len(unreadable)} run(s)[/yellow]: " + unreadable[0])
+    drawn = {title: lines for (_, title), lines in sorted(panels.items())
+             if any(len(seed) > 1 for seeds in lines.values() for seed in seeds)}  # fmt: skip
+    if not drawn:
+        return None
+    plt = _pyplot()
+    cells = list(dict.fromkeys(label for lines in drawn.values() for label in lines))
+    colors = {label: f"C{i % 10}" for i, label in enumerate(cells)}
+    fig, axes = plt.subplots(1, len(drawn), figsize=(5.2 * len(drawn), 4.2), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], drawn.items(), strict=True):
+        for label, seeds in lines.items():
+            rounds = sorted({r for seed in seeds for r in seed})
+            at = [[seed[r] for seed in seeds if r in seed] for r in rounds]
+            mean = [float(np.mean(v)) for v in at]
+            ax.plot(rounds, mean, marker="o", ms=3, lw=1.3, color=colors[label],
+                    label=f"{label} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+            if len(seeds) > 1:
+                ax.fill_between(rounds, [min(v) for v in at], [max(v) for v in at], color=colors[label], alpha=0.12,
+                                lw=0)  # fmt: skip
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("round")
+        ax.set_ylabel("training loss (mean over clients)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5)
+    fig.suptitle(f"sweep {sweep.name}: training loss per round (line: mean over seeds; band: min-max)", fontsize=10)
+    return save_figure(fig, sweep.out / "chart_training.png")
 
 
 def plot_curves(sweep: Sweep) -> Path | None:

@@ -13,7 +13,7 @@ from scenarios.cli import main
 from scenarios.scenario import PACKAGED, Scenario
 from scenarios.schema import build, to_dict
 from scenarios.sweep import finished, load_sweep
-from scenarios.sweep_report import ci95
+from scenarios.sweep_report import ci95, training_losses
 
 BASE = """
 name: toy
@@ -118,6 +118,44 @@ def test_a_tiny_sweep_runs_resumes_records_failures_and_reports(tmp_path, capsys
     assert main(["sweep", str(path), "--out", str(out), "--report"]) == 0
     assert (out / "summary.csv").is_file()
     assert (out / "partition.train_per_client=48" / "seed-0" / "results.json").stat().st_mtime_ns == kept
+
+
+def test_the_training_chart_follows_each_stage_round_by_round(tmp_path, capsys):
+    """chart_training.png: every stage's loss per round from the runs' metrics.csv (FedCE and FedSC in
+    panels of their own); a run whose metrics.csv cannot be read is left out and named, not hidden."""
+    # Prepare: FedCE and FedSC, two rounds of Stage 1 and of Stage 3
+    path = _files(tmp_path, "base: base.yaml\ngrid: {stage1.method: [fedce, fedsc]}\n"
+                            "set: {stage1: {rounds: 2}, stage3: {rounds: 2}, baselines: []}\nseeds: [0]")
+    out = tmp_path / "out"
+    # Execute
+    assert main(["sweep", str(path), "--out", str(out)]) == 0
+    # Assert
+    chart = out / "chart_training.png"
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sweep = load_sweep(path, str(out))
+    for run in sweep.runs:
+        with open(run.folder / "metrics.csv") as fh:
+            fits = [r for r in csv.DictReader(fh) if r["op"] in ("stage1_fit", "stage3_fit") and r["mean_loss"]]
+        losses = training_losses(run)
+        assert [len(losses[s]) for s in ("stage1", "stage3:fedgate")] == [2, 2]
+        assert sum(len(v) for v in losses.values()) == len(fits)
+        assert losses["stage1"][1] == (1, float(next(r for r in fits if r["op"] == "stage1_fit" and r["round"] == "1")
+                                                 ["mean_loss"]))  # fmt: skip
+    # Execute: one run's metrics.csv damaged, then --report
+    bad = sweep.runs[1].folder / "metrics.csv"
+    with open(bad) as fh:
+        rows = list(csv.DictReader(fh))
+    next(r for r in rows if r["op"] == "stage1_fit")["mean_loss"] = "n/a"
+    with open(bad, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    chart.unlink()
+    assert main(["sweep", str(path), "--out", str(out), "--report"]) == 0
+    # Assert: drawn from the other run, and the damaged file named
+    assert chart.is_file()
+    said = capsys.readouterr().out
+    assert "leaves out 1 run(s)" in said and "metrics.csv" in said
 
 
 @pytest.mark.parametrize("path", sorted((PACKAGED / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
