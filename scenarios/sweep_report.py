@@ -21,6 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .report import ORDER, _pyplot, save_figure
+from .scenario import Scenario
+from .schema import build
 from .sweep import Run, Sweep, show
 
 METRICS = ("accuracy", "f1_macro")
@@ -227,12 +229,11 @@ def plot_training(sweep: Sweep, console: Console) -> Path | None:
             continue
         if not losses:
             continue
-        results, _ = _read(run)
-        method = str(((results or {}).get("config") or {}).get("stage1", {}).get("method", ""))
+        method = build(Scenario, run.data).stage1.method  # the run's own settings, defaults filled in
         label = ", ".join(f"{k.rsplit('.', 1)[-1]}={tick_label(v, 24)}" for k, v in run.values.items()) or run.cell
         for stage, points in losses.items():
             title = TRAINED[stage]
-            if stage == "stage1" and method:
+            if stage == "stage1":
                 title += f", {STAGE1.get(method, method)}"
             panels.setdefault((stages.index(stage), title), {}).setdefault(label, []).append(dict(points))
     if unreadable:

@@ -166,6 +166,7 @@ def test_an_agent_forked_by_the_host_imports_nothing_of_its_own(tmp_path: Path) 
                           timeout=300)  # fmt: skip
     # Assert
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "import time:" in proc.stderr  # the profiling is on: the run's own imports are listed
     logs = sorted((tmp_path / "out" / "logs").glob("client-*.log"))
     assert len(logs) == 3
     for log in logs:
