@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import select
 import shutil
 import signal
 import sys
@@ -30,6 +31,29 @@ PR_SET_PDEATHSIG = 1
 OWNER_FILE = "owner"
 RUN_DIR_PREFIX = "nmoe-"
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # loaded before any fork
+
+
+def wait_exited(pid: int, timeout: float) -> None:
+    """Block until our child ``pid`` has exited (it is left to the caller to reap) or ``timeout``
+    seconds have passed, whichever is first.
+
+    ``Popen.wait`` with a timeout, and a ``waitpid(WNOHANG)`` loop, poll with sleeps (Popen's grow
+    to 50 ms), so they notice an exit up to 50 ms late (the end of a networked run: the broker's
+    stop took 0.114 s by Popen.wait, 0.102 s by this; the agent host's close polled every 50 ms).
+    A pidfd (Linux 5.3+) is readable the moment the process exits. Elsewhere, or where the kernel
+    has none, or once the child is reaped, this returns at once and the caller's own wait does
+    the rest.
+    """
+    if not hasattr(os, "pidfd_open"):
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # reaped already, or a kernel without pidfds
+        return
+    try:
+        select.select([fd], [], [], max(0.0, timeout))
+    finally:
+        os.close(fd)
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:

@@ -34,7 +34,7 @@ from broker.auth import (
     render_acl_file,
     render_password_file,
 )
-from broker.lifetime import dying_with, make_run_dir
+from broker.lifetime import dying_with, make_run_dir, wait_exited
 from broker.ports import free_port, port_open
 from broker.tls import TlsFiles, make_tls_files, server_names
 from broker.topics import Topics
@@ -82,8 +82,10 @@ def _terminate(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
     if proc.poll() is not None:
         return
     proc.terminate()
+    deadline = time.monotonic() + timeout
+    wait_exited(proc.pid, timeout)  # returns as it exits (Popen.wait alone polls)
     try:
-        proc.wait(timeout)
+        proc.wait(max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from broker.auth import PASSWORD_ENV
-from broker.lifetime import die_with_parent
+from broker.lifetime import die_with_parent, wait_exited
 
 log = logging.getLogger(__name__)
 # What an agent imports that a run may not have yet; imported once here, shared by every agent.
@@ -354,6 +354,7 @@ class AgentHost:
         with contextlib.suppress(OSError):
             self.control.close()
         deadline = _now() + timeout
+        wait_exited(self.pid, timeout)  # returns as the host exits; the loop below then reaps it at once
         while _now() < deadline:
             pid, _ = os.waitpid(self.pid, os.WNOHANG)
             if pid:

@@ -122,3 +122,23 @@ async def test_an_agent_gives_up_after_the_grace_period_when_the_coordinator_goe
     with pytest.raises(CoordinatorGone, match=r"coordinator has been offline for 1.5s"):
         await asyncio.wait_for(task, 20)
     assert 1.5 <= time.monotonic() - gone_at < 5
+
+
+def test_wait_exited_returns_once_the_child_has_exited_or_at_its_timeout() -> None:
+    """``wait_exited`` (what a broker's and the agent host's stop wait on) comes back when the child
+    has exited, leaving it to be reaped; at its timeout when it has not; at once for a reaped one."""
+    from broker.lifetime import wait_exited
+
+    quick = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    wait_exited(quick.pid, 60)
+    assert os.waitid(os.P_PID, quick.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None  # exited, unreaped
+    assert quick.wait(0) == 0
+    wait_exited(quick.pid, 60)  # reaped: nothing to wait for (no error, no hang)
+
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        wait_exited(slow.pid, 0.2)
+        assert slow.poll() is None  # the timeout, not an exit, ended the wait
+    finally:
+        slow.kill()
+        slow.wait(10)
