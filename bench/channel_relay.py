@@ -8,7 +8,10 @@ receiver's held/... topic and waits there while a small announce goes to the emu
 releases the body at its modeled delivery; a smaller message goes through the emulator whole);
 ``held`` (the same with ``held_min_bytes: 0``: every body held, whatever its size); and ``bodies``
 (``channel.relay: bodies``: every body goes to tx/... and the emulator republishes it on rx/...,
-crossing the broker twice). The emulator runs an ``ideal`` channel at time_scale 1:
+crossing the broker twice); and ``control``, the direct path again, an A/A comparison that shows
+what a path with no overhead at all scores under the same statistic on this machine at this
+moment (the ratios' noise and the small bias of taking the worse size of two medians). The
+emulator runs an ``ideal`` channel at time_scale 1:
 no airtime, no delay, no loss, only the relay itself. The sender awaits each send, as agents do;
 the clock stops when the receiver holds the last one. Each trial runs the four paths back to
 back (order rotating) and gives one direct/path ratio per emulated path; the ratio reported is the
@@ -23,9 +26,10 @@ with both agents, where the three share one core and one GIL (the worst case).
     python bench/channel_relay.py [--quick] [--emulator process|inprocess] [--trials T]
 
 relay_ratio is the default (headers) path's throughput over direct's, for the worse message size;
-held_ratio and bodies_ratio the same for the other two; added_p50_ms is the median one-way latency
-of the default path minus direct's (bodies_added_p50_ms: the full relay's). The last line printed
-is ``relay_ratio=<x> held_ratio=<h> bodies_ratio=<y> added_p50_ms=<z> bodies_added_p50_ms=<w>``.
+held_ratio, bodies_ratio and control_ratio the same for the other three; added_p50_ms is the
+median one-way latency of the default path minus direct's (bodies_added_p50_ms: the full relay's).
+The last line printed is ``relay_ratio=<x> held_ratio=<h> bodies_ratio=<y> control_ratio=<c>
+added_p50_ms=<z> bodies_added_p50_ms=<w>``.
 """
 
 from __future__ import annotations
@@ -59,8 +63,10 @@ from broker.wire import encode  # noqa: E402
 RUN = "bench"
 SENDER, RECEIVER = "client-0", "client-1"
 AGENTS = [SENDER, RECEIVER]
-MODES = ("direct", "headers", "held", "bodies")  # direct bus; emulated: the default, every body held, full relay
-EMULATED = MODES[1:]
+MODES = ("direct", "headers", "held", "bodies", "control")  # direct bus; emulated: the default, every body
+# held, full relay; the direct bus again (A/A)
+EMULATED = MODES[1:4]
+COMPARED = MODES[1:]  # each against direct, in the same trial
 RNG = np.random.default_rng(0)
 SIZES = {"64 KiB": RNG.standard_normal(16_384).astype(np.float32),
          "1 MiB": RNG.standard_normal(262_144).astype(np.float32)}  # fmt: skip
@@ -102,7 +108,7 @@ async def emulator(broker: MosquittoBroker, where: str) -> AsyncIterator[int | N
 
 
 def sessions(broker: MosquittoBroker, mode: str) -> tuple[BusSession, BusSession]:
-    if mode == "direct":
+    if mode in ("direct", "control"):
         tx = BusSession(BusConfig(RUN, SENDER, broker.address_for(SENDER)))
         rx = BusSession(BusConfig(RUN, RECEIVER, broker.address_for(RECEIVER)))
     else:
@@ -159,14 +165,14 @@ def median(xs: list[float]) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
-    console = Console(width=max(Console().width, 120))  # the tables are wide; never truncate figures
+    console = Console(width=max(Console().width, 160))  # the tables are wide; never truncate figures
     counts = {"64 KiB": args.messages * 8, "1 MiB": args.messages}
     wire = {k: len(encode(kind=Kind.MODEL, run=RUN, src=SENDER, dst=RECEIVER, tensors={"w": t}).payload)
             for k, t in SIZES.items()}  # fmt: skip
     times: dict[tuple[str, str], list[float]] = defaultdict(list)
     cpus: dict[tuple[str, str, str], list[float]] = defaultdict(list)  # (size, mode, process) -> s/msg
-    ratios: dict[tuple[str, str], list[float]] = defaultdict(list)  # (size, emulated path) -> direct/path
-    lat: dict[str, list[float]] = {m: [] for m in MODES}
+    ratios: dict[tuple[str, str], list[float]] = defaultdict(list)  # (size, compared path) -> direct/path
+    lat: dict[str, list[float]] = {m: [] for m in MODES[:4]}  # (the control's latency is direct's)
     with MosquittoBroker(RUN, make_accounts(AGENTS), channel_mode="direct") as broker:
         async with emulator(broker, args.emulator) as emu_pid:
             pids = {"bench": os.getpid(), "mosquitto": broker.pid}
@@ -183,21 +189,21 @@ async def main(args: argparse.Namespace) -> None:
                         times[(size, mode)].append(pair[mode])
                         for name, seconds in cpu.items():
                             cpus[(size, mode, name)].append(seconds / counts[size])
-                    for mode in EMULATED:
+                    for mode in COMPARED:
                         ratios[(size, mode)].append(pair["direct"] / pair[mode])
             for block in range(args.latency_blocks):
-                for mode in rotate(MODES, block):
+                for mode in rotate(MODES[:4], block):
                     lat[mode] += await one_way(broker, mode, args.latency // args.latency_blocks)
 
     title = f"direct bus vs channel emulator (ideal preset, emulator {args.emulator}), {args.trials} trials"
     table = Table(title=title)
-    for col in ("message", "count", *(f"MB/s {m}" for m in MODES), *(f"ratio {m} (median, min-max)" for m in EMULATED)):
+    for col in ("message", "count", *(f"MB/s {m}" for m in MODES), *(f"ratio {m} (median, min-max)" for m in COMPARED)):
         table.add_column(col, justify="left" if col == "message" else "right")
     for size in SIZES:
         n, mb = counts[size], counts[size] * wire[size] / 1e6
         rates = [f"{mb / median(times[(size, m)]):.0f}" for m in MODES]
         cells = []
-        for mode in EMULATED:
+        for mode in COMPARED:
             r = ratios[(size, mode)]
             cells.append(f"{median(r):.3f} ({min(r):.2f}-{max(r):.2f})")
         table.add_row(size, str(n), *rates, *cells)
@@ -218,10 +224,11 @@ async def main(args: argparse.Namespace) -> None:
     for mode, xs in lat.items():
         lt.add_row(mode, *(f"{float(np.percentile(xs, q)) * 1e3:.3f}" for q in (50, 90, 99)))
     console.print(lt)
-    worst = {mode: min(median(ratios[(size, mode)]) for size in SIZES) for mode in EMULATED}
+    worst = {mode: min(median(ratios[(size, mode)]) for size in SIZES) for mode in COMPARED}
     added = {mode: (median(lat[mode]) - median(lat["direct"])) * 1e3 for mode in EMULATED}
     print(f"relay_ratio={worst['headers']:.3f} held_ratio={worst['held']:.3f} bodies_ratio={worst['bodies']:.3f} "
-          f"added_p50_ms={added['headers']:.3f} bodies_added_p50_ms={added['bodies']:.3f}")
+          f"control_ratio={worst['control']:.3f} added_p50_ms={added['headers']:.3f} "
+          f"bodies_added_p50_ms={added['bodies']:.3f}")
 
 
 if __name__ == "__main__":
@@ -233,7 +240,7 @@ if __name__ == "__main__":
     parser.add_argument("--latency", type=int, default=None, help="one-way latency samples per path")
     ns = parser.parse_args()
     ns.messages = ns.messages or (60 if ns.quick else 150)
-    ns.trials = ns.trials or (4 if ns.quick else 12)
+    ns.trials = ns.trials or (8 if ns.quick else 12)  # quick: ~27 s; its medians were of 4 (12 s), too few
     ns.latency = ns.latency or (400 if ns.quick else 3000)
     ns.latency_blocks = 4 if ns.quick else 12
     asyncio.run(main(ns))
