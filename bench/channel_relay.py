@@ -63,8 +63,8 @@ from broker.wire import encode  # noqa: E402
 RUN = "bench"
 SENDER, RECEIVER = "client-0", "client-1"
 AGENTS = [SENDER, RECEIVER]
-MODES = ("direct", "headers", "held", "bodies", "control")  # direct bus; emulated: the default, every body
-# held, full relay; the direct bus again (A/A)
+# the direct bus; emulated: the default, every body held, the full relay; the direct bus again (A/A)
+MODES = ("direct", "headers", "held", "bodies", "control")
 EMULATED = MODES[1:4]
 COMPARED = MODES[1:]  # each against direct, in the same trial
 RNG = np.random.default_rng(0)
