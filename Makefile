@@ -13,7 +13,12 @@ TORCH_PINS = torch==2.14.1 torchvision==0.29.1
 endif
 
 .PHONY: setup system demo test test-all bench lint clean
+# The project's own bytecode, compiled ahead (as pip does for the packages it installs, but not for an
+# editable install): where Python writes none (PYTHONDONTWRITEBYTECODE=1, as in many containers and
+# on this project's machines) every run otherwise compiled ~90 modules again, in the run and in the
+# agent host (start-up to round 0: 2.76 against 2.92 s, mean of 4 pairs). 0.04 s when up to date.
 setup: system $(STAMP)
+	@$(PY) -m compileall -q nmoe broker agents nmoe_models scenarios
 
 system:
 	@bash .ci/system-deps.sh
