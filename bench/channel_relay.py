@@ -13,11 +13,12 @@ what a path with no overhead at all scores under the same statistic on this mach
 moment (the ratios' noise and the small bias of taking the worse size of two medians). The
 emulator runs an ``ideal`` channel at time_scale 1:
 no airtime, no delay, no loss, only the relay itself. The sender awaits each send, as agents do;
-the clock stops when the receiver holds the last one. Each trial runs the four paths back to
-back (order rotating) and gives one direct/path ratio per emulated path; the ratio reported is the
+the clock stops when the receiver holds the last one. Each trial runs the five paths back to
+back (order rotating) and gives one direct/path ratio per other path; the ratio reported is the
 median of those paired ratios, which cancels most of the noise of a shared machine. Then the
 one-way latency of small messages (a 16x64 float32 latent), sent one at a time, in rotating
-blocks. CPU seconds per message of each process come from /proc.
+blocks (direct and the emulated paths; the control's would be direct's again). CPU seconds per
+message of each process come from /proc.
 
 By default the emulator runs as ``python -m broker.channel.emulator``, a process of its own, as in
 a run (the agents are other processes); ``--emulator inprocess`` puts it on the bench's event loop
@@ -67,6 +68,7 @@ AGENTS = [SENDER, RECEIVER]
 MODES = ("direct", "headers", "held", "bodies", "control")
 EMULATED = MODES[1:4]
 COMPARED = MODES[1:]  # each against direct, in the same trial
+TIMED = ("direct", *EMULATED)  # paths whose one-way latency is measured
 RNG = np.random.default_rng(0)
 SIZES = {"64 KiB": RNG.standard_normal(16_384).astype(np.float32),
          "1 MiB": RNG.standard_normal(262_144).astype(np.float32)}  # fmt: skip
@@ -172,7 +174,7 @@ async def main(args: argparse.Namespace) -> None:
     times: dict[tuple[str, str], list[float]] = defaultdict(list)
     cpus: dict[tuple[str, str, str], list[float]] = defaultdict(list)  # (size, mode, process) -> s/msg
     ratios: dict[tuple[str, str], list[float]] = defaultdict(list)  # (size, compared path) -> direct/path
-    lat: dict[str, list[float]] = {m: [] for m in MODES[:4]}  # (the control's latency is direct's)
+    lat: dict[str, list[float]] = {m: [] for m in TIMED}
     with MosquittoBroker(RUN, make_accounts(AGENTS), channel_mode="direct") as broker:
         async with emulator(broker, args.emulator) as emu_pid:
             pids = {"bench": os.getpid(), "mosquitto": broker.pid}
@@ -192,7 +194,7 @@ async def main(args: argparse.Namespace) -> None:
                     for mode in COMPARED:
                         ratios[(size, mode)].append(pair["direct"] / pair[mode])
             for block in range(args.latency_blocks):
-                for mode in rotate(MODES[:4], block):
+                for mode in rotate(TIMED, block):
                     lat[mode] += await one_way(broker, mode, args.latency // args.latency_blocks)
 
     title = f"direct bus vs channel emulator (ideal preset, emulator {args.emulator}), {args.trials} trials"
