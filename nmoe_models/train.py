@@ -6,12 +6,14 @@ a client's computation is the same whichever process runs it and in whatever ord
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -61,13 +63,45 @@ def batches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool = Fal
             yield idx
 
 
+Opt = TypeVar("Opt", bound=torch.optim.Optimizer)
+
+
+@functools.cache
+def eager(cls: type[Opt]) -> type[Opt]:
+    """``cls`` without torch.compile's guards: the same update, bit for bit, without importing
+    ``torch._dynamo``.
+
+    torch.optim wraps ``step``, ``zero_grad``, ``add_param_group`` (which ``__init__`` calls) and
+    the state-dict methods in functions whose first call imports torch's compiler front end, only
+    to tell it where a graph breaks. Nothing here compiles, and that import costs every process
+    that trains 1.1 s of CPU on this 2-core machine (far more on a Raspberry Pi) and ~20 MB; in
+    the agent host it was the critical path of a run's start-up. This subclass calls the functions
+    inside those wrappers (``inspect.unwrap``: torch wraps them with ``functools.wraps``), with
+    gradients off as ``_use_grad_for_differentiable`` turns them off; ``Optimizer.__init__`` still
+    adds its step hooks and profiler range to the new ``step``. ``tests/test_train.py`` checks
+    both halves: no import, and the same parameters as torch's class after every step.
+    """
+    namespace: dict[str, Any] = {
+        name: inspect.unwrap(getattr(cls, name))
+        for name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict")
+    }
+    raw_step = inspect.unwrap(cls.step)
+
+    def step(self: torch.optim.Optimizer, closure: Callable[[], float] | None = None) -> float | None:
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+            return raw_step(self, closure)
+
+    namespace |= {"step": step, "__module__": __name__, "__qualname__": f"eager.{cls.__name__}"}
+    return type(cls.__name__, (cls,), namespace)
+
+
 def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
     lr = cfg.lr if lr is None else lr
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return eager(torch.optim.SGD)(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        return eager(torch.optim.Adam)(params, lr=lr, weight_decay=cfg.weight_decay)
+    return eager(torch.optim.AdamW)(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
 def cosine_lr(cfg: OptimConfig, round_index: int, rounds: int) -> float:
@@ -229,12 +263,12 @@ class GateOptimizer:
         others = [p for p in self.params if p.dim() != 2]
         self.opts: list[torch.optim.Optimizer] = []
         if cfg.optimizer == "muon" and matrices:
-            self.opts.append(torch.optim.Muon(matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
+            self.opts.append(eager(torch.optim.Muon)(matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
             rest = others
         else:
             rest = self.params
         if rest:
-            self.opts.append(torch.optim.AdamW(rest, lr=cfg.lr, weight_decay=cfg.weight_decay))
+            self.opts.append(eager(torch.optim.AdamW)(rest, lr=cfg.lr, weight_decay=cfg.weight_decay))
 
     def step(self, loss: torch.Tensor) -> None:
         for opt in self.opts:

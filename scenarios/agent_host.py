@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 # What an agent imports that a run may not have yet; imported once here, shared by every agent.
 # An import left to the agents costs each of them (30-80 ms apiece for these at start-up, ten
 # agents on two cores); tests/test_agent_host.py checks that a forked agent imports nothing.
-PRELOAD = ("torch._dynamo", "agents.client", "scenarios.edge", "scenarios.devices",  # devices: rich.table
+# Not torch._dynamo: training's optimizers never import it (nmoe_models.train.eager).
+PRELOAD = ("agents.client", "scenarios.edge", "scenarios.devices",  # devices: rich.table
            "logging.handlers", "torch._subclasses.schema_check_mode",
            "encodings.idna",  # the first connect's host name
            "numpy.ma")  # numpy's masked arrays, on an agent's first evaluation
@@ -277,7 +278,7 @@ class AgentHost:
             os.close(ctl_w)
 
             def serve() -> None:
-                for module in PRELOAD:  # what the run has not imported yet (torch imports dynamo lazily)
+                for module in PRELOAD:  # what the run has not imported yet
                     importlib.import_module(module)
                 gc.freeze()  # inherited objects out of the GC's reach: their pages stay shared
                 _serve(req_r, ans_w, ctl_r)

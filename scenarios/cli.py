@@ -176,8 +176,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             raise ConfigError("--dashboard: networked runs only (an --inprocess run has no fleet to watch; "
                               "`nmoe report` draws its results)")
         check_port(args.dashboard, "--dashboard")
-    # the agent host now, before the rest of the run's imports: its own (torch's dynamo, 1 s)
-    # then overlap them instead of following them (start-up to round 0: ~0.3 s less)
+    # the agent host now, before the rest of the run's imports: its own (the agent code, 0.1 s)
+    # then overlap them instead of following them
     host = None if args.inprocess else AgentHost.fork_for(args.agents)
     try:
         return _run(args, console, scn, accounts_file, checkpoint, host)
