@@ -113,11 +113,14 @@ async def _watch(fleet: BusFleet, group: AgentGroup, channel: ChannelProcess | N
         await asyncio.sleep(0.5)
 
 
-async def _coordinate(strategy: Strategy, fleet: BusFleet, watcher: asyncio.Task[None], until: Stage) -> None:
-    """JOIN, then every stage (up to ``until``), until done or the watcher fails; the fleet keeps
-    serving rejoins."""
+async def _coordinate(strategy: Strategy, fleet: BusFleet, watcher: asyncio.Task[None], until: Stage,
+                      joined: Callable[[], object] | None) -> None:
+    """JOIN, then ``joined()``, then every stage (up to ``until``), until done or the watcher
+    fails; the fleet keeps serving rejoins."""
     async def work() -> None:
         await fleet.join()
+        if joined is not None:
+            joined()
         await strategy.run(fleet, until=until)
 
     job = asyncio.create_task(work())
@@ -136,13 +139,14 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
                         broker_kind: Prefer = "auto", broker_accounts: Path | None = None,
                         resume: Checkpoint | None = None, dashboard: int | None = None,
                         live: LiveRun | None = None, dashboard_token: bool | None = None,
-                        host: AgentHost | None = None,
+                        host: AgentHost | None = None, joined: Callable[[], object] | None = None,
                         ) -> tuple[RunSummary, dict[str, Any]]:
     """Run the method over the bus; returns the Strategy's summary and the traffic report.
 
     ``live`` (made here when not given) follows the run for the dashboard and ``live.json``;
     ``dashboard`` is the port to serve the dashboard on (on ``listen``; 0: a free one; None: none);
-    it needs a token off loopback, or as ``dashboard_token`` says.
+    it needs a token off loopback, or as ``dashboard_token`` says. ``joined`` is called once the
+    fleet has joined, before round 0 (on the event loop: it must not block).
 
     With an external broker, every agent logs in as itself (username = agent id) with its password
     from ``broker_accounts`` (``--broker-accounts FILE``), or else all with the URL's one password."""
@@ -203,7 +207,7 @@ async def run_networked(scn: Scenario, out_dir: Path, console: Console, mode: Ag
         follower = asyncio.create_task(live.follow(fleet, strategy))
         ok = False
         try:
-            await _coordinate(strategy, fleet, watcher, Stage(scn.until))
+            await _coordinate(strategy, fleet, watcher, Stage(scn.until), joined)
             ok = True
         finally:
             faults.cancel()
@@ -259,7 +263,6 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
         # the baselines need nothing from the bus: a copy of this process trains them meanwhile
         if baseline_worker.enabled(scn):
             workers = [BaselineWorker.fork(scn, cache, group) for group in baseline_worker.groups(scn)]
-        warm_pyplot()  # the run's forks are done: the charts' import now overlaps the agents' work
         # The coordinator's tensor work is many small operations (checking and screening each reply's
         # ~140 tensors, averaging): with torch's thread pool on two busy cores each costs ten times
         # more than in one thread (measured 40 vs 4.6 ms to check one ResNet20 update) and it runs on
@@ -272,7 +275,11 @@ def run_networked_scenario(scn: Scenario, out_dir: Path, console: Console, mode:
             load_dataset(scn.data, scn.seed)
         summary, traffic = asyncio.run(run_networked(scn, out_dir, console, mode, broker_url, listen, broker_kind,
                                                      broker_accounts, resume, dashboard,
-                                                     dashboard_token=dashboard_token, host=host))
+                                                     dashboard_token=dashboard_token, host=host,
+                                                     # the charts' import, in a thread, once the agents
+                                                     # have joined: it overlaps their first round, not
+                                                     # the start-up, where it held the GIL for 0.5 s
+                                                     joined=warm_pyplot))
     except BaseException:
         for worker in workers:
             worker.close()
