@@ -163,7 +163,9 @@ def write_outputs(out_dir: Path, results: Mapping[str, Any], rounds: list[RoundR
 def warm_pyplot() -> threading.Thread:
     """Import pyplot in a thread of its own while a networked run waits on its agents, instead of
     after the last round (0.3-0.5 s of its fixed cost). Start it after the run's last ``fork()``
-    (a fork copies only the calling thread); a failed import is raised again where a chart needs it."""
+    (a fork copies only the calling thread) and after start-up (the import holds the GIL for most
+    of its 0.5 s: the networked run starts it once its agents have joined); a failed import is
+    raised again where a chart needs it."""
     thread = threading.Thread(target=_pyplot, name="warm-pyplot", daemon=True)
     thread.start()
     return thread
