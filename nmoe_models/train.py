@@ -74,12 +74,13 @@ def eager(cls: type[Opt]) -> type[Opt]:
     torch.optim wraps ``step``, ``zero_grad``, ``add_param_group`` (which ``__init__`` calls) and
     the state-dict methods in functions whose first call imports torch's compiler front end, only
     to tell it where a graph breaks. Nothing here compiles, and that import costs every process
-    that trains 1.1 s of CPU on this 2-core machine (far more on a Raspberry Pi) and ~20 MB; in
-    the agent host it was the critical path of a run's start-up. This subclass calls the functions
-    inside those wrappers (``inspect.unwrap``: torch wraps them with ``functools.wraps``), with
-    gradients off as ``_use_grad_for_differentiable`` turns them off; ``Optimizer.__init__`` still
-    adds its step hooks and profiler range to the new ``step``. ``tests/test_train.py`` checks
-    both halves: no import, and the same parameters as torch's class after every step.
+    that trains 1.1 s of CPU on this 2-core machine (far more on a Raspberry Pi), ~80 MB of heap
+    and ~70 MB of mapped files; in the agent host it was the critical path of a run's start-up.
+    This subclass calls the functions inside those wrappers (``inspect.unwrap``: torch wraps them
+    with ``functools.wraps``), with gradients off as ``_use_grad_for_differentiable`` turns them
+    off; ``Optimizer.__init__`` still adds its step hooks and profiler range to the new ``step``.
+    ``tests/test_train.py`` checks both halves: no import, and the same parameters as torch's class
+    after every step.
     """
     namespace: dict[str, Any] = {
         name: inspect.unwrap(getattr(cls, name))
