@@ -87,4 +87,5 @@ def test_make_optimizer_builds_the_configured_rule():
     assert isinstance(make_optimizer(params, OptimConfig(name="adam")), torch.optim.Adam)
     assert isinstance(make_optimizer(params, OptimConfig(name="adamw")), torch.optim.AdamW)
     gate = GateOptimizer(nn.Linear(2, 2), Stage3Config(optimizer="muon"))
-    assert [type(o).__mro__[1] for o in gate.opts] == [torch.optim.Muon, torch.optim.AdamW]
+    assert len(gate.opts) == 2
+    assert isinstance(gate.opts[0], torch.optim.Muon) and isinstance(gate.opts[1], torch.optim.AdamW)
