@@ -216,6 +216,8 @@ class BusSession:
         self._announcing: asyncio.Handle | asyncio.Task[None] | None = None  # the flush to come, then the publish
         self._announced = asyncio.Event()
         self._announced.set()
+        # relay: headers: publishes of announced bodies, which go on past their send's deadline
+        self._held_bodies: set[asyncio.Task[None]] = set()
 
     @property
     def agent_id(self) -> str:
@@ -243,6 +245,13 @@ class BusSession:
                 await asyncio.wait_for(self._announced.wait(), self.cfg.publish_timeout_s)
             except asyncio.TimeoutError:
                 log.warning("%s: closing with %d headers not announced", self.agent_id, len(self._announces))
+        if self._held_bodies:  # announced: their receivers' links wait for them
+            _done, late = await asyncio.wait(self._held_bodies, timeout=self.cfg.publish_timeout_s)
+            if late:
+                log.warning("%s: closing with %d announced body publishes the broker has not acknowledged; "
+                            "their receivers drop the releases after hold.timeout_s", self.agent_id, len(late))
+                for task in late:
+                    task.cancel()
         self._closing = True
         await self._conn.close()
         self._close_inbox()
@@ -437,31 +446,79 @@ class BusSession:
             check_finite(tensors or {})
             body_hash = framed.digest()
             framed.seal(body_hash)
-            await self._publish(topic, frames, deadline)
+            if held:
+                await self._publish_held(topic, frames, [], d.header.id, body_hash, dst, kind, started, deadline)
+            else:
+                await self._publish(topic, frames, deadline)
         else:
             # Publish the body-only chunks while the body is checked and hashed off the loop (numpy
             # and BLAKE3 release the GIL), then the chunks holding the header. Should the tensors
             # not be finite after all, the receiver drops the incomplete (or never released)
             # message when it expires.
             digest = loop.run_in_executor(None, _checked_digest, framed, tensors or {})
-            tail_sent = asyncio.ensure_future(self._publish(topic, frames[framed.head :], deadline))
-            try:
+            tail = frames[framed.head :]
+            if held:  # what is announced must reach the receiver: see _publish_held
+                tail_sent = self._keep(loop.create_task(self._publish(topic, tail, math.inf)))
                 body_hash = await digest
                 framed.seal(body_hash)
-                await self._publish(topic, frames[: framed.head], deadline)
-            finally:
-                await tail_sent
-        if held:  # all with the broker: the channel may now put them on the air
-            order = announce_frames(frames[framed.head :] + frames[: framed.head])
-            self._announce([Announce(d.header.id, body_hash, dst, kind, i, n) for i, n in order], started)
+                await self._publish_held(topic, frames[: framed.head], tail, d.header.id, body_hash, dst, kind,
+                                         started, deadline, tail_sent)  # fmt: skip
+            else:
+                tail_sent = asyncio.ensure_future(self._publish(topic, tail, deadline))
+                try:
+                    body_hash = await digest
+                    framed.seal(body_hash)
+                    await self._publish(topic, frames[: framed.head], deadline)
+                finally:
+                    await tail_sent
         self.stats.sent_messages[kind.value] += 1
         self.stats.sent_bytes[kind.value] += nbytes
         self.stats.compression_saved_bytes += d.saved_bytes
         return d.header.id
 
     # -- announces (relay: headers) ----------------------------------------------------------------
+    async def _publish_held(
+        self, topic: str, frames: list[bytes | bytearray], published: list[bytes | bytearray], msg_id: str,
+        body_hash: str, dst: str, kind: Kind, started: float, deadline: float,
+        before: asyncio.Future[None] | None = None,
+    ) -> None:
+        """Publish a held message's last ``frames`` (``published``: those already on their way) and
+        announce them all right behind them.
+
+        The announce is queued after the body's publishes on this one connection, and MQTT keeps a
+        connection's order, so the broker has the body before the channel hears of it; the release
+        then meets the body at the receiver instead of following it a broker round trip later
+        (docs/SCALE.md, "Eighth pass"). An announced body is published until the broker has it or
+        the session closes, past this send's deadline, since its receiver's link waits for it; the
+        send itself raises PublishTimeout at the deadline, as any other.
+        """
+        loop = asyncio.get_running_loop()
+        sent = self._keep(loop.create_task(self._publish(topic, frames, math.inf)))
+        order = announce_frames([*published, *frames])
+        self._announce([Announce(msg_id, body_hash, dst, kind, i, n) for i, n in order], started)
+        waits = [sent] if before is None else [before, sent]
+        _done, late = await asyncio.wait(waits, timeout=max(0.0, deadline - loop.time()))
+        if late:
+            raise PublishTimeout(f"publish on {topic} not acknowledged in time")
+        for task in waits:
+            task.result()
+
+    def _keep(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
+        """Hold on to an announced body's publish until it ends (the session's close waits for it)."""
+        self._held_bodies.add(task)
+        task.add_done_callback(self._body_done)
+        return task
+
+    def _body_done(self, task: asyncio.Task[None]) -> None:
+        self._held_bodies.discard(task)
+        err = None if task.cancelled() else task.exception()
+        if err is not None and not self._closing:  # at the close, its warning says it
+            log.warning("%s: an announced body was not published (%s); its receiver drops the release after "
+                        "hold.timeout_s", self.agent_id, err)  # fmt: skip
+
     def _announce(self, headers: list[Announce], since: float) -> None:
-        """Queue headers of frames the broker has taken since loop time ``since``; never blocks.
+        """Queue headers of frames published (handed to the connection) since loop time ``since``;
+        never blocks.
 
         They go out at once when no announce of ours awaits the broker, else together when it is
         acknowledged (so concurrent sends share announces; a waiting timer would cost latency and,

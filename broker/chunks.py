@@ -22,7 +22,7 @@ import struct
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -392,8 +392,8 @@ class Reassembler:
         already rebuilt.
         """
         info = read_chunk(payload)
-        if stamps is not None:
-            info = replace(info, t_model_send=stamps[0], t_model_arrive=stamps[1])
+        if stamps is not None:  # built anew: dataclasses.replace takes twice as long (once per held chunk)
+            info = ChunkInfo(info.msg_id, info.index, info.total, info.total_len, *stamps)
         key = (topic, info.msg_id)
         if key in self._settled:
             return None

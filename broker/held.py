@@ -29,14 +29,15 @@ Frames (little-endian, after the 40-byte prefix of broker/envelope.py with frame
     release   u32 n, n x (16s message id, 32s blake3, B kind, u32 index, u32 size, d t_send,
               d t_arrive, B lost)
 
-Both are batches. A sender's session announces the frames of a send as soon as the broker has
-them, and the headers of sends that complete while its previous announce awaits the broker together
-in the next one, in order; the emulator puts each frame on the air *as of* its age before the
-announce left (modeled time never goes back: at the latest of that and the model's clock), so
-waiting costs no modeled time. The emulator sends the releases of one (src, dst) link that fall
-due while its previous release frame awaits the broker as one release frame. Kinds are indices into
-:class:`broker.topics.Kind`; the topic of an announce names the sender (the ACL proves it) and that
-of a release the sender and the receiver of every frame in it.
+Both are batches. A sender's session announces the frames of a send right behind them on its
+connection, without waiting for the broker's acknowledgements (MQTT keeps a connection's order, so
+the broker has a body before the emulator hears of it), and the headers queued while its previous
+announce awaits the broker together in the next one, in order; the emulator puts each frame on the
+air *as of* its age before the announce left (modeled time never goes back: at the latest of that
+and the model's clock), so waiting costs no modeled time. The emulator sends the releases of one
+(src, dst) link that fall due while its previous release frame awaits the broker as one release
+frame. Kinds are indices into :class:`broker.topics.Kind`; the topic of an announce names the
+sender (the ACL proves it) and that of a release the sender and the receiver of every frame in it.
 
 Both are bounded (:data:`MAX_ENTRIES` entries, exact lengths) before anything is read, and hold no
 JSON. The hold buffer is bounded per sender in bodies, bytes and waiting releases, with a timeout;
@@ -196,7 +197,8 @@ class HoldLimits:
     """Releases from one sender's link waiting for their body; more are ``release_overflow``."""
     timeout_s: float = 600.0
     """A body unreleased (``hold_expired``) or a release without its body (``release_unmatched``)
-    this long is dropped; generous, since the model may hold a frame for its whole modeled transfer."""
+    this long is dropped (checked as input arrives, at most every ``min(1 s, timeout_s / 16)``);
+    generous, since the model may hold a frame for its whole modeled transfer."""
     settled_window: int = 65536
     """Frames remembered after their release, to tell a duplicate from a new frame."""
 
@@ -259,6 +261,10 @@ class HoldBuffer:
         self._expected: OrderedDict[tuple[str, str], str] = OrderedDict()  # (src, msg id) -> blake3
         self.lost = 0
         """Frames the channel reported lost (the model's drops; not a rejection)."""
+        # input checks for expiry at most this often (a timeout is late by at most this much);
+        # :meth:`expire` itself always checks
+        self._expire_every = min(1.0, self.limits.timeout_s / 16)
+        self._expire_next = -math.inf
 
     @property
     def held(self) -> int:
@@ -275,7 +281,7 @@ class HoldBuffer:
     def body(self, parsed: ParsedTopic, topic: str, payload: bytes) -> list[Ready]:
         """A frame arrived on ``held/<dst>/<src>/<kind>``: hold it; what it unblocks comes back."""
         now = self._clock()
-        out = self.expire(now)
+        out = self._expire_due(now)
         try:
             key = self._body_key(parsed, payload)
         except WireError as err:
@@ -309,7 +315,7 @@ class HoldBuffer:
     def release(self, parsed: ParsedTopic, topic: str, payload: bytes) -> list[Ready]:
         """A release frame arrived on ``rx/<dst>/<src>/<kind>``; the frames it frees come back in order."""
         now = self._clock()
-        out = self.expire(now)
+        out = self._expire_due(now)
         try:
             releases = read_releases(payload)
         except WireError as err:
@@ -359,6 +365,12 @@ class HoldBuffer:
         return out
 
     # -- internals -------------------------------------------------------------------------------
+    def _expire_due(self, now: float) -> list[Ready]:
+        if now < self._expire_next:
+            return []
+        self._expire_next = now + self._expire_every
+        return self.expire(now)
+
     def _body_key(self, parsed: ParsedTopic, payload: bytes) -> _Key:
         return (parsed.src, parsed.kind, *_frame_id(payload))
 

@@ -146,6 +146,25 @@ def test_a_body_without_a_release_never_comes_out_and_expires() -> None:
     assert rejected == ["hold_expired"]
 
 
+def test_input_expires_what_waited_too_long_checking_at_most_every_sixteenth_of_the_timeout() -> None:
+    clock = Clock()
+    hold, rejected = buffer(clock, timeout_s=8.0)  # input checks at most every 0.5 s
+    a, b, c = message(seed=1), message(seed=2), message(seed=3)
+    give_body(hold, a.payload)
+    clock.now = 7.9
+    give_body(hold, b.payload)  # checked here: nothing is 8 s old yet
+    clock.now = 8.2
+    give_body(hold, c.payload)  # a is past its timeout, but the last check was 0.3 s ago
+    assert hold.held == 3 and rejected == []
+    clock.now = 8.4
+    give_release(hold, pack_releases([released(c)]))  # 0.5 s since the last check: a expires
+    assert hold.held == 1 and rejected == ["hold_expired"]
+    clock.now = 8.5
+    assert hold.expire() == [] and rejected == ["hold_expired"]  # expire() itself always checks
+    clock.now = 16.0
+    assert hold.expire() == [] and hold.held == 0 and rejected == ["hold_expired"] * 2
+
+
 def test_a_lost_release_drops_the_body_whichever_came_first() -> None:
     hold, rejected = buffer()
     a, b = message(seed=1), message(seed=2)
@@ -396,4 +415,40 @@ async def test_small_messages_relayed_whole_keep_their_place_among_held_ones_on_
     assert [m.header.round for m in got] == list(range(12))
     assert totals["announces"] >= 1 and totals["announced"] >= 6  # the big ones were held ...
     assert totals["published"] > totals["release_frames"]  # ... the small ones relayed whole
+    assert b.stats.rejected == {}
+
+
+@needs_mosquitto
+async def test_an_announced_body_is_published_past_its_sends_deadline_and_reaches_its_receiver() -> None:
+    """The announce leaves right behind the body, before the broker has acknowledged it. When the
+    broker stalls (stopped with SIGSTOP) the send times out, yet the body's publish goes on: once
+    the broker resumes, the message and the one after it reach the receiver. (Before, a send that
+    timed out was never announced, and its body waited at the receiver until it expired.)"""
+    import os
+    import signal
+
+    from agents.bus import PublishTimeout
+
+    agents = ["client-0", "client-1"]
+    cfg = ChannelConfig(preset="ideal", time_scale=0.01)
+    x = np.arange(3000, dtype=np.float32)  # 12 kB: 3 chunks
+    with MosquittoBroker(RUN, make_accounts(agents), channel_mode="emulated") as mosq:
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(ChannelEmulator(cfg, RUN, mosq.address_for("channel"), agents, seed=0,
+                                                            wired=()))  # fmt: skip
+            a = await stack.enter_async_context(_session(mosq, "client-0", chunk_size=4096, publish_timeout_s=0.5))
+            b = await stack.enter_async_context(_session(mosq, "client-1"))
+            assert mosq.pid is not None
+            os.kill(mosq.pid, signal.SIGSTOP)  # our own broker, by its pid
+            try:
+                with pytest.raises(PublishTimeout):
+                    await a.send("client-1", Kind.UPDATE, {"w": x}, round=0)
+                await asyncio.sleep(0.5)
+            finally:
+                os.kill(mosq.pid, signal.SIGCONT)
+            first = await b.receive(timeout=10)
+            await a.send("client-1", Kind.UPDATE, {"w": x + 1}, round=1)
+            second = await b.receive(timeout=10)
+    assert (first.header.round, second.header.round) == (0, 1)
+    assert np.array_equal(first.tensors["w"], x) and np.array_equal(second.tensors["w"], x + 1)
     assert b.stats.rejected == {}
