@@ -216,6 +216,7 @@ class BusSession:
         self._announcing: asyncio.Handle | asyncio.Task[None] | None = None  # the flush to come, then the publish
         self._announced = asyncio.Event()
         self._announced.set()
+        self._hold_check: asyncio.TimerHandle | None = None  # the hold buffer's timeouts, while it holds anything
         # relay: headers: publishes of announced bodies, which go on past their send's deadline
         self._held_bodies: set[asyncio.Task[None]] = set()
 
@@ -258,6 +259,9 @@ class BusSession:
 
     def _close_inbox(self) -> None:
         self._closing = True
+        if self._hold_check is not None:
+            self._hold_check.cancel()
+            self._hold_check = None
         self._pipeline.close()
         for fut in self._waiters.values():
             if not fut.done():
@@ -303,6 +307,23 @@ class BusSession:
             self._decoder.reject(WireError("decode_error", f"{type(err).__name__}: {err}"[:200]), topic)
             return
         self._feed_ready(ready)
+        if self._hold_check is None and self._holder.waiting:
+            self._hold_check = asyncio.get_running_loop().call_later(self._holder.check_every_s, self._check_held)
+
+    def _check_held(self) -> None:
+        """The hold buffer's timeouts while nothing arrives (a link blocked behind a body the broker
+        lost, say, whose later frames are all here already)."""
+        self._hold_check = None
+        if self._closing:
+            return
+        try:
+            ready = self._holder.expire()
+        except Exception:  # a bug in the hold buffer: logged; the next input checks again
+            log.exception("%s: checking held frames for expiry raised", self.agent_id)
+            return
+        self._feed_ready(ready)
+        if self._holder.waiting:
+            self._hold_check = asyncio.get_running_loop().call_later(self._holder.check_every_s, self._check_held)
 
     def _feed_ready(self, ready: list[Ready]) -> None:
         now = time.time()

@@ -52,6 +52,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from broker.chunks import read_chunk
@@ -201,13 +202,19 @@ class HoldLimits:
     generous, since the model may hold a frame for its whole modeled transfer."""
     settled_window: int = 65536
     """Frames remembered after their release, to tell a duplicate from a new frame."""
+    body_grace_s: float = 10.0
+    """A release whose body has not come this long, while a later frame of the same link is ready
+    (its body and its release both here), is dropped (``release_unmatched``) and the link goes on.
+    A sender publishes a body before its announce on one connection, and the broker delivers one
+    sender's publishes in order, so such a body was lost in the broker (one killed with the body
+    still queued for its receiver, say); without this the link would wait ``timeout_s``."""
 
     def __post_init__(self) -> None:
         for name in ("max_bodies_per_source", "max_bytes_per_source", "max_releases_per_source", "settled_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if not self.timeout_s > 0:
-            raise ValueError("timeout_s must be > 0")
+        if not (self.timeout_s > 0 and self.body_grace_s > 0):
+            raise ValueError("timeout_s and body_grace_s must be > 0")
 
 
 @dataclass(frozen=True)
@@ -261,14 +268,20 @@ class HoldBuffer:
         self._expected: OrderedDict[tuple[str, str], str] = OrderedDict()  # (src, msg id) -> blake3
         self.lost = 0
         """Frames the channel reported lost (the model's drops; not a rejection)."""
-        # input checks for expiry at most this often (a timeout is late by at most this much);
-        # :meth:`expire` itself always checks
-        self._expire_every = min(1.0, self.limits.timeout_s / 16)
+        self.check_every_s = min(1.0, self.limits.timeout_s / 16, self.limits.body_grace_s / 4)
+        """How often input checks for expiry (a timeout is late by at most this much; :meth:`expire`
+        itself always checks). An owner that wants timeouts kept without input calls
+        :meth:`expire` this often while :attr:`waiting`."""
         self._expire_next = -math.inf
 
     @property
     def held(self) -> int:
         return len(self._bodies)
+
+    @property
+    def waiting(self) -> bool:
+        """Whether any body awaits its release or any release its body (something may expire)."""
+        return bool(self._bodies or self._queued)
 
     def held_bytes(self, src: str) -> int:
         return self._source_bytes.get(src, 0)
@@ -360,15 +373,15 @@ class HoldBuffer:
                 stale = True
                 if not rel.lost:
                     self._reject(WireError("release_unmatched", f"no body for frame {rel.index} of {rel.msg_id}"), "")
-            if stale:
-                out += self._drain(src, now)
+            if stale or (queue and queue[0][2] <= now - self.limits.body_grace_s):
+                out += self._drain(src, now)  # (a release past its grace may give way)
         return out
 
     # -- internals -------------------------------------------------------------------------------
     def _expire_due(self, now: float) -> list[Ready]:
         if now < self._expire_next:
             return []
-        self._expire_next = now + self._expire_every
+        self._expire_next = now + self.check_every_s
         return self.expire(now)
 
     def _body_key(self, parsed: ParsedTopic, payload: bytes) -> _Key:
@@ -391,7 +404,14 @@ class HoldBuffer:
                 self.lost += 1
                 continue
             if body is None:
-                break  # its body is still on its way: later releases of this link wait (FIFO)
+                if now - queue[0][2] < self.limits.body_grace_s or not self._later_ready(src, queue):
+                    break  # its body is still on its way: later releases of this link wait (FIFO)
+                queue.popleft()  # lost in the broker (see HoldLimits.body_grace_s)
+                self._queued.discard(key)
+                self._settle(key, False)
+                self._reject(WireError("release_unmatched", f"no body for frame {rel.index} of {rel.msg_id}, "
+                                       "while later frames of its link are here"), "")  # fmt: skip
+                continue
             queue.popleft()
             self._queued.discard(key)
             self._drop_body(key)
@@ -407,6 +427,10 @@ class HoldBuffer:
             topic = self.topics.rx(dst, src, kind)
             out.append(Ready(topic, self.topics.parse(topic), body.payload, (rel.t_send, rel.t_arrive)))
         return out
+
+    def _later_ready(self, src: str, queue: deque[tuple[Release, Kind, float, str]]) -> bool:
+        """Whether one of the next releases (up to 64) behind the head of ``src``'s link has its body."""
+        return any(_key_of(src, kind, rel) in self._bodies for rel, kind, _t, _dst in islice(queue, 1, 65))
 
     def _settle_digest(self, src: str, rel: Release) -> bool:
         key = (src, rel.msg_id)

@@ -218,6 +218,29 @@ def test_a_release_whose_body_never_comes_stops_blocking_its_link_at_the_timeout
     assert unpack_prefix(ready.frame)[1] == b.header.id and rejected == ["release_unmatched"]
 
 
+def test_a_release_whose_body_the_broker_lost_gives_way_to_later_frames_after_its_grace() -> None:
+    clock = Clock()
+    hold, rejected = buffer(clock, body_grace_s=2.0, timeout_s=100.0)
+    a, b, c = message(seed=1), message(seed=2), message(seed=3)
+    give_release(hold, pack_releases([released(m) for m in (a, b, c)]))
+    clock.now = 50.0  # a waited long past its grace, but nothing behind it is here either: it may still come
+    assert hold.expire() == [] and rejected == []
+    clock.now = 51.0
+    (ready,) = give_body(hold, b.payload)  # b's body came, so a's was lost in the broker
+    assert unpack_prefix(ready.frame)[1] == b.header.id and rejected == ["release_unmatched"]
+    assert give_body(hold, a.payload) == [] and rejected == ["release_unmatched"]  # late after all: dropped
+    assert give_body(hold, c.payload) != []  # the link goes on in order
+    # within the grace, a ready frame waits behind a missing body, and expire() lets it go at the grace
+    hold, rejected = buffer(clock, body_grace_s=2.0, timeout_s=100.0)
+    give_release(hold, pack_releases([released(m) for m in (a, b)]))
+    assert give_body(hold, b.payload) == []
+    clock.now = 52.9
+    assert hold.expire() == [] and rejected == []
+    clock.now = 53.1
+    (ready,) = hold.expire()
+    assert unpack_prefix(ready.frame)[1] == b.header.id and rejected == ["release_unmatched"]
+
+
 def test_duplicates_of_bodies_and_releases_are_counted_and_dropped() -> None:
     hold, rejected = buffer()
     enc = message()
@@ -452,3 +475,31 @@ async def test_an_announced_body_is_published_past_its_sends_deadline_and_reache
     assert (first.header.round, second.header.round) == (0, 1)
     assert np.array_equal(first.tensors["w"], x) and np.array_equal(second.tensors["w"], x + 1)
     assert b.stats.rejected == {}
+
+
+@needs_mosquitto
+async def test_a_session_lets_a_link_blocked_behind_a_lost_body_go_on_without_further_input() -> None:
+    """The channel releases a frame whose body never comes (lost in the broker) and then a message
+    that is all here; with nothing else arriving, the session's own check lets the message through
+    once the missing body's grace is over."""
+    from broker.held import HoldLimits
+
+    with MosquittoBroker(RUN, make_accounts(["client-0", "client-1"]), channel_mode="emulated") as mosq:
+        async with AsyncExitStack() as stack:
+            rx = await stack.enter_async_context(_session(mosq, "client-1", hold=HoldLimits(body_grace_s=0.4)))
+            tx = await stack.enter_async_context(_session(mosq, "client-0"))
+            channel = await stack.enter_async_context(raw_client(mosq.address_for("channel"), "chan"))
+            x = np.arange(64, dtype=np.float32)
+            msg_id = await tx.send("client-1", Kind.LATENT, {"h": x})  # no emulator: it is held
+            for _ in range(500):  # the broker has it; the receiver soon will
+                if rx.held_frames():
+                    break
+                await asyncio.sleep(0.01)
+            ((_src, _kind, _id, _index, size),) = rx.held_frames()  # (the header's length varies)
+            sha = encode(kind=Kind.LATENT, run=RUN, src="client-0", dst="client-1", tensors={"h": x}).header.blake3
+            lost = encode(kind=Kind.LATENT, run=RUN, src="client-0", dst="client-1", tensors={"h": x + 1})
+            releases = [released(lost), Release(msg_id, sha, Kind.LATENT, 0, size, 1.0, 2.0)]
+            await channel.publish(T.rx("client-1", "client-0", Kind.LATENT), pack_releases(releases), qos=1)
+            got = await rx.receive(timeout=5)
+    assert got.id == msg_id and np.array_equal(got.tensors["h"], x)
+    assert rx.stats.rejected == {"release_unmatched": 1}
