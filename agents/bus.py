@@ -250,7 +250,7 @@ class BusSession:
             _done, late = await asyncio.wait(self._held_bodies, timeout=self.cfg.publish_timeout_s)
             if late:
                 log.warning("%s: closing with %d announced body publishes the broker has not acknowledged; "
-                            "their receivers drop the releases after hold.timeout_s", self.agent_id, len(late))
+                            "their receivers drop the releases after their hold timeouts", self.agent_id, len(late))
                 for task in late:
                     task.cancel()
         self._closing = True
@@ -535,7 +535,7 @@ class BusSession:
         err = None if task.cancelled() else task.exception()
         if err is not None and not self._closing:  # at the close, its warning says it
             log.warning("%s: an announced body was not published (%s); its receiver drops the release after "
-                        "hold.timeout_s", self.agent_id, err)  # fmt: skip
+                        "its hold timeouts", self.agent_id, err)  # fmt: skip
 
     def _announce(self, headers: list[Announce], since: float) -> None:
         """Queue headers of frames published (handed to the connection) since loop time ``since``;
