@@ -198,8 +198,8 @@ class HoldLimits:
     """Releases from one sender's link waiting for their body; more are ``release_overflow``."""
     timeout_s: float = 600.0
     """A body unreleased (``hold_expired``) or a release without its body (``release_unmatched``)
-    this long is dropped (checked as input arrives, at most every ``min(1 s, timeout_s / 16)``);
-    generous, since the model may hold a frame for its whole modeled transfer."""
+    this long is dropped (checked at most every :attr:`HoldBuffer.check_every_s`); generous, since
+    the model may hold a frame for its whole modeled transfer."""
     settled_window: int = 65536
     """Frames remembered after their release, to tell a duplicate from a new frame."""
     body_grace_s: float = 10.0
