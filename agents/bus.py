@@ -307,7 +307,12 @@ class BusSession:
             self._decoder.reject(WireError("decode_error", f"{type(err).__name__}: {err}"[:200]), topic)
             return
         self._feed_ready(ready)
-        if self._hold_check is None and self._holder.waiting:
+        if self._hold_check is None:
+            self._arm_hold_check()
+
+    def _arm_hold_check(self) -> None:
+        """Run the hold buffer's timeouts in ``check_every_s`` while it holds anything."""
+        if self._holder.waiting:
             self._hold_check = asyncio.get_running_loop().call_later(self._holder.check_every_s, self._check_held)
 
     def _check_held(self) -> None:
@@ -322,8 +327,7 @@ class BusSession:
             log.exception("%s: checking held frames for expiry raised", self.agent_id)
             return
         self._feed_ready(ready)
-        if self._holder.waiting:
-            self._hold_check = asyncio.get_running_loop().call_later(self._holder.check_every_s, self._check_held)
+        self._arm_hold_check()
 
     def _feed_ready(self, ready: list[Ready]) -> None:
         now = time.time()
@@ -462,13 +466,17 @@ class BusSession:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.publish_timeout(nbytes)
         started = loop.time()
+        order = announce_frames(frames[framed.head :] + frames[: framed.head]) if held else []  # publish order
+
+        def headers(body_hash: str) -> list[Announce]:
+            return [Announce(d.header.id, body_hash, dst, kind, i, n) for i, n in order]
 
         if framed.head == total:  # nothing to overlap with the hash
             check_finite(tensors or {})
             body_hash = framed.digest()
             framed.seal(body_hash)
             if held:
-                await self._publish_held(topic, frames, [], d.header.id, body_hash, dst, kind, started, deadline)
+                await self._publish_held(topic, frames, headers(body_hash), started, deadline)
             else:
                 await self._publish(topic, frames, deadline)
         else:
@@ -482,8 +490,8 @@ class BusSession:
                 tail_sent = self._keep(loop.create_task(self._publish(topic, tail, math.inf)))
                 body_hash = await digest
                 framed.seal(body_hash)
-                await self._publish_held(topic, frames[: framed.head], tail, d.header.id, body_hash, dst, kind,
-                                         started, deadline, tail_sent)  # fmt: skip
+                await self._publish_held(topic, frames[: framed.head], headers(body_hash), started, deadline,
+                                         tail_sent)  # fmt: skip
             else:
                 tail_sent = asyncio.ensure_future(self._publish(topic, tail, deadline))
                 try:
@@ -499,12 +507,11 @@ class BusSession:
 
     # -- announces (relay: headers) ----------------------------------------------------------------
     async def _publish_held(
-        self, topic: str, frames: list[bytes | bytearray], published: list[bytes | bytearray], msg_id: str,
-        body_hash: str, dst: str, kind: Kind, started: float, deadline: float,
+        self, topic: str, frames: list[bytes | bytearray], headers: list[Announce], started: float, deadline: float,
         before: asyncio.Future[None] | None = None,
     ) -> None:
-        """Publish a held message's last ``frames`` (``published``: those already on their way) and
-        announce them all right behind them.
+        """Publish a held message's last ``frames`` (``before``: the publish of those already on
+        their way) and announce all of the message's ``headers`` right behind them.
 
         The announce is queued after the body's publishes on this one connection, and MQTT keeps a
         connection's order, so the broker has the body before the channel hears of it; the release
@@ -515,8 +522,7 @@ class BusSession:
         """
         loop = asyncio.get_running_loop()
         sent = self._keep(loop.create_task(self._publish(topic, frames, math.inf)))
-        order = announce_frames([*published, *frames])
-        self._announce([Announce(msg_id, body_hash, dst, kind, i, n) for i, n in order], started)
+        self._announce(headers, started)
         waits = [sent] if before is None else [before, sent]
         _done, late = await asyncio.wait(waits, timeout=max(0.0, deadline - loop.time()))
         if late:

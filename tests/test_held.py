@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
+import signal
 from contextlib import AsyncExitStack
 
 import numpy as np
 import pytest
 from conftest import RUN, needs_mosquitto, raw_client
 
-from agents.bus import BusConfig, BusSession
+from agents.bus import BusConfig, BusSession, PublishTimeout
 from broker.auth import acl_rules, make_accounts
 from broker.channel import ChannelConfig, LinkOverrides
 from broker.channel.emulator import ChannelEmulator
@@ -447,11 +449,6 @@ async def test_an_announced_body_is_published_past_its_sends_deadline_and_reache
     broker stalls (stopped with SIGSTOP) the send times out, yet the body's publish goes on: once
     the broker resumes, the message and the one after it reach the receiver. (Before, a send that
     timed out was never announced, and its body waited at the receiver until it expired.)"""
-    import os
-    import signal
-
-    from agents.bus import PublishTimeout
-
     agents = ["client-0", "client-1"]
     cfg = ChannelConfig(preset="ideal", time_scale=0.01)
     x = np.arange(3000, dtype=np.float32)  # 12 kB: 3 chunks
@@ -482,8 +479,6 @@ async def test_a_session_lets_a_link_blocked_behind_a_lost_body_go_on_without_fu
     """The channel releases a frame whose body never comes (lost in the broker) and then a message
     that is all here; with nothing else arriving, the session's own check lets the message through
     once the missing body's grace is over."""
-    from broker.held import HoldLimits
-
     with MosquittoBroker(RUN, make_accounts(["client-0", "client-1"]), channel_mode="emulated") as mosq:
         async with AsyncExitStack() as stack:
             rx = await stack.enter_async_context(_session(mosq, "client-1", hold=HoldLimits(body_grace_s=0.4)))
