@@ -466,9 +466,9 @@ class BusSession:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.publish_timeout(nbytes)
         started = loop.time()
-        order = announce_frames(frames[framed.head :] + frames[: framed.head]) if held else []  # publish order
 
-        def headers(body_hash: str) -> list[Announce]:
+        def headers(body_hash: str) -> list[Announce]:  # a held message's, in publish order (once hashed)
+            order = announce_frames(frames[framed.head :] + frames[: framed.head])
             return [Announce(d.header.id, body_hash, dst, kind, i, n) for i, n in order]
 
         if framed.head == total:  # nothing to overlap with the hash
