@@ -24,13 +24,22 @@ By default the emulator runs as ``python -m broker.channel.emulator``, a process
 a run (the agents are other processes); ``--emulator inprocess`` puts it on the bench's event loop
 with both agents, where the three share one core and one GIL (the worst case).
 
-    python bench/channel_relay.py [--quick] [--emulator process|inprocess] [--trials T]
+What else the machine ran during the trials is measured, not guessed: background_cpu_pct is the
+CPU that processes other than the bench, the broker and the emulator used meanwhile (from
+/proc/stat, in % of all cores) and steal_pct the time the hypervisor gave the machine's vCPUs to
+someone else. The relayed paths use more CPU per message in all than the direct bus (an emulator
+process, an announce and a release), so on a busy machine they lose more than the direct bus
+does; the A/A control does not show that, since its two sides cost the same. ``--load D`` adds a
+process busy a fraction D of the time (0 < D <= 1; one core) for the whole run, to see the relay
+on a contended machine (docs/SCALE.md, "Ninth pass").
+
+    python bench/channel_relay.py [--quick] [--emulator process|inprocess] [--trials T] [--load D]
 
 relay_ratio is the default (headers) path's throughput over direct's, for the worse message size;
 held_ratio, bodies_ratio and control_ratio the same for the other three; added_p50_ms is the
 median one-way latency of the default path minus direct's (bodies_added_p50_ms: the full relay's).
 The last line printed is ``relay_ratio=<x> held_ratio=<h> bodies_ratio=<y> control_ratio=<c>
-added_p50_ms=<z> bodies_added_p50_ms=<w>``.
+added_p50_ms=<z> bodies_added_p50_ms=<w> background_cpu_pct=<b> steal_pct=<s>``.
 """
 
 from __future__ import annotations
@@ -42,8 +51,8 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +83,52 @@ SIZES = {"64 KiB": RNG.standard_normal(16_384).astype(np.float32),
          "1 MiB": RNG.standard_normal(262_144).astype(np.float32)}  # fmt: skip
 LATENT = RNG.standard_normal((16, 64)).astype(np.float32)
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+# A process busy a fraction of the time (argv[1]), in bursts of 2-20 ms: a neighbour on the machine.
+LOAD = """
+import random, sys, time
+duty = float(sys.argv[1])
+while True:
+    burst = random.uniform(0.002, 0.02)
+    end = time.perf_counter() + burst
+    while time.perf_counter() < end:
+        pass
+    time.sleep(burst * (1 - duty) / duty)
+"""
+
+
+def machine_ticks() -> tuple[int, int, int]:
+    """(busy, steal, total) clock ticks of all cores so far, from /proc/stat (zeros where absent)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return 0, 0, 0
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return user + nice + system + irq + softirq, steal, sum(fields)
+
+
+def background(before: tuple[int, int, int], after: tuple[int, int, int], ours_s: float) -> tuple[float, float]:
+    """(background CPU %, steal %) of all cores between two machine_ticks(), given the CPU
+    seconds our own processes used meanwhile."""
+    busy, steal, total = (b - a for a, b in zip(before, after, strict=True))
+    if total <= 0:
+        return 0.0, 0.0
+    return max(0.0, busy - ours_s * TICK) / total * 100, steal / total * 100
+
+
+@contextmanager
+def load(duty: float) -> Iterator[int | None]:
+    """A competing process busy ``duty`` of the time while inside (none at 0); yields its pid."""
+    if duty <= 0:
+        yield None
+        return
+    proc = subprocess.Popen([sys.executable, "-c", LOAD, str(duty)])
+    try:
+        yield proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -175,7 +230,7 @@ async def main(args: argparse.Namespace) -> None:
     cpus: dict[tuple[str, str, str], list[float]] = defaultdict(list)  # (size, mode, process) -> s/msg
     ratios: dict[tuple[str, str], list[float]] = defaultdict(list)  # (size, compared path) -> direct/path
     lat: dict[str, list[float]] = {m: [] for m in TIMED}
-    with MosquittoBroker(RUN, make_accounts(AGENTS), channel_mode="direct") as broker:
+    with load(args.load), MosquittoBroker(RUN, make_accounts(AGENTS), channel_mode="direct") as broker:
         async with emulator(broker, args.emulator) as emu_pid:
             pids = {"bench": os.getpid(), "mosquitto": broker.pid}
             if emu_pid is not None:
@@ -183,6 +238,7 @@ async def main(args: argparse.Namespace) -> None:
             for size, tensor in SIZES.items():  # warm-up: connections, page cache, allocator
                 for mode in MODES:
                     await stream(broker, mode, tensor, max(2, counts[size] // 10), pids)
+            ticks0, ours0 = machine_ticks(), sum(cpu_seconds(pid) for pid in pids.values())
             for trial in range(args.trials):
                 for size, tensor in SIZES.items():
                     pair = {}
@@ -193,11 +249,15 @@ async def main(args: argparse.Namespace) -> None:
                             cpus[(size, mode, name)].append(seconds / counts[size])
                     for mode in COMPARED:
                         ratios[(size, mode)].append(pair["direct"] / pair[mode])
+            ours = sum(cpu_seconds(pid) for pid in pids.values()) - ours0
+            bg_pct, steal_pct = background(ticks0, machine_ticks(), ours)
             for block in range(args.latency_blocks):
                 for mode in rotate(TIMED, block):
                     lat[mode] += await one_way(broker, mode, args.latency // args.latency_blocks)
 
-    title = f"direct bus vs channel emulator (ideal preset, emulator {args.emulator}), {args.trials} trials"
+    title = (f"direct bus vs channel emulator (ideal preset, emulator {args.emulator}), {args.trials} trials; "
+             f"meanwhile other processes used {bg_pct:.1f} % of the CPU, steal {steal_pct:.1f} %"
+             + (f" (with --load {args.load})" if args.load else ""))
     table = Table(title=title)
     for col in ("message", "count", *(f"MB/s {m}" for m in MODES), *(f"ratio {m} (median, min-max)" for m in COMPARED)):
         table.add_column(col, justify="left" if col == "message" else "right")
@@ -230,7 +290,7 @@ async def main(args: argparse.Namespace) -> None:
     added = {mode: (median(lat[mode]) - median(lat["direct"])) * 1e3 for mode in EMULATED}
     print(f"relay_ratio={worst['headers']:.3f} held_ratio={worst['held']:.3f} bodies_ratio={worst['bodies']:.3f} "
           f"control_ratio={worst['control']:.3f} added_p50_ms={added['headers']:.3f} "
-          f"bodies_added_p50_ms={added['bodies']:.3f}")
+          f"bodies_added_p50_ms={added['bodies']:.3f} background_cpu_pct={bg_pct:.1f} steal_pct={steal_pct:.1f}")
 
 
 if __name__ == "__main__":
@@ -240,7 +300,11 @@ if __name__ == "__main__":
     parser.add_argument("--messages", type=int, default=None, help="1 MiB messages per trial (8x as many 64 KiB)")
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--latency", type=int, default=None, help="one-way latency samples per path")
+    parser.add_argument("--load", type=float, default=0.0, metavar="D",
+                        help="run a competing process busy this fraction of the time (0 < D <= 1; default none)")
     ns = parser.parse_args()
+    if not 0 <= ns.load <= 1:
+        parser.error(f"--load must be between 0 and 1 (a fraction of one core's time), got {ns.load}")
     ns.messages = ns.messages or (60 if ns.quick else 150)
     ns.trials = ns.trials or (8 if ns.quick else 12)  # quick: ~27 s; its medians were of 4 (12 s), too few
     ns.latency = ns.latency or (400 if ns.quick else 3000)
