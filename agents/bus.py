@@ -595,19 +595,11 @@ class BusSession:
                     raise asyncio.TimeoutError
                 if not self._conn.connected:
                     await asyncio.wait_for(self._conn.connected_event.wait(), deadline - loop.time())
-                results = await asyncio.wait_for(
-                    asyncio.gather(
-                        *(client.publish(topic, f, qos=self.cfg.qos, timeout=math.inf) for f in pending),
-                        return_exceptions=True,
-                    ),
-                    deadline - loop.time(),
-                )
+                results = await asyncio.wait_for(client.publish_frames(topic, pending, self.cfg.qos),
+                                                 deadline - loop.time())  # fmt: skip
             except asyncio.TimeoutError:
                 raise PublishTimeout(f"publish on {topic} not acknowledged in time") from None
-            for result in results:
-                if isinstance(result, BaseException) and not isinstance(result, aiomqtt.MqttError):
-                    raise result
-            pending = [f for f, r in zip(pending, results, strict=True) if isinstance(r, BaseException)]
+            pending = [f for f, r in zip(pending, results, strict=True) if r is not None]
             if pending:  # the connection dropped: let the runner notice before trying again
                 await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
             if self._closing:

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+from aiomqtt import MqttCodeError, MqttError
 
 from broker.auth import BrokerAddress
 from broker.tls import client_context
@@ -127,6 +128,41 @@ class LoopClient(aiomqtt.Client):
         except Exception:  # noqa: BLE001 - logged with its traceback; the message is dropped
             log.exception("handling a message on %s raised; the message is dropped", message.topic[:200])
 
+    async def publish_frames(self, topic: str, frames: Sequence[bytes | bytearray], qos: int) -> list[MqttError | None]:
+        """Publish ``frames`` on ``topic`` in order and wait until the broker has acknowledged every
+        one that was queued; per frame, None or the MqttError that kept it from being queued.
+
+        What ``asyncio.gather(*(publish(topic, f, qos=qos, timeout=math.inf) for f in frames),
+        return_exceptions=True)`` gives, without a task, an Event, a ``wait_for`` and the pending
+        calls' count for each frame: all of a send's frames wait on one future, which aiomqtt's
+        ``_on_publish`` completes through :class:`_Acks` (docs/SCALE.md, "Ninth pass"). Cancelled
+        (a deadline, say), it forgets the acknowledgements it still waited for, as aiomqtt does.
+        """
+        acks = _Acks(self._loop)
+        mids = []
+        results: list[MqttError | None] = []
+        for frame in frames:
+            info = self._client.publish(topic, frame, qos)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                results.append(MqttCodeError(info.rc, "Could not publish message"))
+                continue
+            results.append(None)
+            if info.is_published():
+                continue
+            if info.mid in self._pending_publishes:
+                raise RuntimeError(f'There already exists a pending call for message ID "{info.mid}"')
+            self._pending_publishes[info.mid] = acks  # type: ignore[assignment]  # aiomqtt calls its set()
+            acks.left += 1
+            mids.append(info.mid)
+        acks.seal()
+        try:
+            await acks.done
+        finally:
+            for mid in mids:
+                if self._pending_publishes.get(mid) is acks:
+                    del self._pending_publishes[mid]
+        return results
+
     def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         if asyncio._get_running_loop() is not self._loop:  # the connecting thread: aiomqtt's thread-safe path
             super()._on_socket_register_write(client, userdata, sock)
@@ -151,6 +187,30 @@ class LoopClient(aiomqtt.Client):
         except Exception as exc:  # noqa: BLE001 - not swallowed: it ends the connection (e.g. BrokenPipeError)
             if not self._disconnected.done():
                 self._disconnected.set_exception(exc)
+
+
+class _Acks:
+    """One batch of :meth:`LoopClient.publish_frames`: stands for aiomqtt's per-publish Event (its
+    ``_on_publish`` calls ``set()`` once per acknowledged message id); done once all have come."""
+
+    __slots__ = ("done", "left", "sealed")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.left = 0  # acknowledgements still to come
+        self.sealed = False  # every publish of the batch is registered
+
+    def set(self) -> None:
+        self.left -= 1
+        self._check()
+
+    def seal(self) -> None:
+        self.sealed = True
+        self._check()
+
+    def _check(self) -> None:
+        if self.sealed and self.left <= 0 and not self.done.done():
+            self.done.set_result(None)
 
 
 @dataclass(frozen=True)
@@ -221,11 +281,11 @@ class Connection:
         self.reconnects = 0
         self._closing = False
         self._fatal: NmoeError | None = None
-        self._client: aiomqtt.Client | None = None  # made on entry: aiomqtt wants a running loop
+        self._client: LoopClient | None = None  # made on entry: aiomqtt wants a running loop
         self._runner: asyncio.Task[None] | None = None
 
     @property
-    def client(self) -> aiomqtt.Client:
+    def client(self) -> LoopClient:
         if self._client is None:
             raise self._error(f"{self.who}: the connection is not open")
         return self._client
@@ -243,7 +303,7 @@ class Connection:
     def closing(self) -> bool:
         return self._closing
 
-    def _make_client(self) -> aiomqtt.Client:
+    def _make_client(self) -> LoopClient:
         addr, opts = self.address, self.options
         will = None
         if opts.status_topic is not None:

@@ -299,6 +299,33 @@ async def test_loop_client_keeps_every_byte_in_order_when_the_socket_fills(mosqu
 
 
 @needs_mosquitto
+async def test_loop_client_publish_frames_returns_once_the_broker_has_every_frame(mosquitto: MosquittoBroker) -> None:
+    """publish_frames (the bus's publish path) returns when every frame is acknowledged, not
+    before; frames arrive whole and in order; a cancelled call leaves nothing in aiomqtt's table of
+    pending publishes, and its frames still go out."""
+    rng = np.random.default_rng(12)
+    frames = [rng.bytes(64 * 1024) for _ in range(20)] + [b"tail"]
+    topic = f"nmoe/{RUN}/rx/client-1/client-0/latent"
+    tx_addr = mosquitto.address_for("client-0")
+    sender = LoopClient(tx_addr.host, tx_addr.port, username=tx_addr.username, password=tx_addr.password,
+                        identifier="client-0", max_inflight_messages=8)  # fmt: skip
+    async with raw_client(mosquitto.address_for("client-1")) as rx, sender:
+        await rx.subscribe(topic, qos=1)
+        assert await sender.publish_frames(topic, frames, 1) == [None] * len(frames)
+        assert not sender._client._out_messages  # paho holds no unacknowledged message any more
+        assert not sender._pending_publishes
+        task = asyncio.create_task(sender.publish_frames(topic, [b"late-1", b"late-2"], 1))
+        await asyncio.sleep(0)  # queued, not yet acknowledged
+        assert len(sender._pending_publishes) == 2
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not sender._pending_publishes
+        got = [payload for _topic, payload in await collect(rx, quiet_s=1.0)]
+    assert got == [*frames, b"late-1", b"late-2"]
+
+
+@needs_mosquitto
 async def test_loop_client_delivers_in_order_and_a_raising_handler_costs_one_message(
     mosquitto: MosquittoBroker, caplog
 ) -> None:
