@@ -89,6 +89,22 @@ def test_loads_bounded_refuses_before_parsing(raw: bytes, reason: str) -> None:
     assert err.value.reason == reason
 
 
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        (b'{"a": [{"b": [1]}]}', {"a": [{"b": [1]}]}),  # four brackets, four deep: at the limit
+        (b'{"s": "[[[[[[{{{{"}', {"s": "[[[[[[{{{{"}),  # more brackets than the limit, all in a string
+        (b'[[1], [2], [3], [4], [5]]', [[1], [2], [3], [4], [5]]),  # six brackets, two deep
+    ],
+)  # fmt: skip
+def test_loads_bounded_takes_what_is_shallow_enough_with_or_without_the_scan(raw: bytes, value: object) -> None:
+    assert loads_bounded(raw, what="header", max_bytes=16 * 1024, max_depth=4, invalid="bad_header") == value
+    with pytest.raises(WireError) as err:  # one level deeper is refused, whichever path it takes
+        loads_bounded(b"[" + raw + b"]", what="header", max_bytes=16 * 1024, max_depth=json_depth(raw),
+                      invalid="bad_header")  # fmt: skip
+    assert err.value.reason == "too_deep"
+
+
 def test_a_deep_header_and_a_deep_safetensors_header_are_wire_errors() -> None:
     with pytest.raises(WireError) as err:
         Header.from_json(b"[" * 3000 + b"]" * 3000, t_model_send=None, t_model_arrive=None)
