@@ -141,21 +141,21 @@ class LoopClient(aiomqtt.Client):
         acks = _Acks(self._loop)
         mids = []
         results: list[MqttError | None] = []
-        for frame in frames:
-            info = self._client.publish(topic, frame, qos)
-            if info.rc != paho.MQTT_ERR_SUCCESS:
-                results.append(MqttCodeError(info.rc, "Could not publish message"))
-                continue
-            results.append(None)
-            if info.is_published():
-                continue
-            if info.mid in self._pending_publishes:
-                raise RuntimeError(f'There already exists a pending call for message ID "{info.mid}"')
-            self._pending_publishes[info.mid] = acks  # type: ignore[assignment]  # aiomqtt calls its set()
-            acks.left += 1
-            mids.append(info.mid)
-        acks.seal()
-        try:
+        try:  # (paho may raise on a frame, e.g. one over its size limit: the ones before it are forgotten too)
+            for frame in frames:
+                info = self._client.publish(topic, frame, qos)
+                if info.rc != paho.MQTT_ERR_SUCCESS:
+                    results.append(MqttCodeError(info.rc, "Could not publish message"))
+                    continue
+                results.append(None)
+                if info.is_published():
+                    continue
+                if info.mid in self._pending_publishes:
+                    raise RuntimeError(f'There already exists a pending call for message ID "{info.mid}"')
+                self._pending_publishes[info.mid] = acks  # type: ignore[assignment]  # aiomqtt calls its set()
+                acks.left += 1
+                mids.append(info.mid)
+            acks.seal()
             await acks.done
         finally:
             for mid in mids:
