@@ -22,6 +22,12 @@ from broker.server import MosquittoBroker, RunningBroker, launch_broker
 from nmoe.errors import BrokerError
 
 
+def loop_client(address: BrokerAddress, cls: type[LoopClient] = LoopClient, **kwargs: object) -> LoopClient:
+    """A LoopClient (or subclass) logged in with an account, its client id the account's name."""
+    return cls(address.host, address.port, username=address.username, password=address.password,
+               identifier=address.username, **kwargs)  # type: ignore[arg-type]  # fmt: skip
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -286,9 +292,7 @@ async def test_loop_client_keeps_every_byte_in_order_when_the_socket_fills(mosqu
     rng = np.random.default_rng(11)
     payloads = [rng.bytes(256 * 1024) for _ in range(40)]  # 10 MiB at once
     topic = f"nmoe/{RUN}/rx/client-1/client-0/latent"
-    tx_addr = mosquitto.address_for("client-0")
-    sender = Counting(tx_addr.host, tx_addr.port, username=tx_addr.username, password=tx_addr.password,
-                      identifier="client-0", max_inflight_messages=64)  # fmt: skip
+    sender = loop_client(mosquitto.address_for("client-0"), Counting, max_inflight_messages=64)
     async with raw_client(mosquitto.address_for("client-1")) as rx, sender:
         await rx.subscribe(topic, qos=1)
         await asyncio.gather(*(sender.publish(topic, p, qos=1) for p in payloads))
@@ -306,9 +310,7 @@ async def test_loop_client_publish_frames_returns_once_the_broker_has_every_fram
     rng = np.random.default_rng(12)
     frames = [rng.bytes(64 * 1024) for _ in range(20)] + [b"tail"]
     topic = f"nmoe/{RUN}/rx/client-1/client-0/latent"
-    tx_addr = mosquitto.address_for("client-0")
-    sender = LoopClient(tx_addr.host, tx_addr.port, username=tx_addr.username, password=tx_addr.password,
-                        identifier="client-0", max_inflight_messages=8)  # fmt: skip
+    sender = loop_client(mosquitto.address_for("client-0"), max_inflight_messages=8)
     async with raw_client(mosquitto.address_for("client-1")) as rx, sender:
         await rx.subscribe(topic, qos=1)
         assert await sender.publish_frames(topic, frames, 1) == [None] * len(frames)
@@ -339,9 +341,7 @@ async def test_loop_client_delivers_in_order_and_a_raising_handler_costs_one_mes
         got.append(bytes(message.payload))  # type: ignore[arg-type]
 
     topic = f"nmoe/{RUN}/rx/client-1/client-0/latent"
-    rx_addr = mosquitto.address_for("client-1")
-    receiver = LoopClient(rx_addr.host, rx_addr.port, username=rx_addr.username, password=rx_addr.password,
-                          identifier="client-1", deliver=deliver)  # fmt: skip
+    receiver = loop_client(mosquitto.address_for("client-1"), deliver=deliver)
     sent = [b"1", b"bad", b"2", *(str(i).encode() for i in range(3, 200))]
     async with receiver, raw_client(mosquitto.address_for("client-0")) as tx:
         await receiver.subscribe(topic, qos=1)

@@ -99,7 +99,7 @@ def test_loads_bounded_refuses_before_parsing(raw: bytes, reason: str) -> None:
 )  # fmt: skip
 def test_loads_bounded_takes_what_is_shallow_enough_with_or_without_the_scan(raw: bytes, value: object) -> None:
     assert loads_bounded(raw, what="header", max_bytes=16 * 1024, max_depth=4, invalid="bad_header") == value
-    with pytest.raises(WireError) as err:  # one level deeper is refused, whichever path it takes
+    with pytest.raises(WireError) as err:  # one level deeper is refused (more brackets than allowed: the scan)
         loads_bounded(b"[" + raw + b"]", what="header", max_bytes=16 * 1024, max_depth=json_depth(raw),
                       invalid="bad_header")  # fmt: skip
     assert err.value.reason == "too_deep"
