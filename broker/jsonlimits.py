@@ -53,10 +53,8 @@ def loads_bounded(raw: bytes, *, what: str, max_bytes: int, max_depth: int, inva
         raise WireError("oversized", f"{what} is {len(raw)} bytes > {max_bytes}")
     # No document nests deeper than it has brackets: a header with few needs no scan (the scan's
     # numpy passes cost about 10 µs even for a few hundred bytes, twice per message).
-    depth = raw.count(b"[") + raw.count(b"{")
-    if depth > max_depth:
-        depth = json_depth(raw)
-    if depth > max_depth:
+    brackets = raw.count(b"[") + raw.count(b"{")
+    if brackets > max_depth and (depth := json_depth(raw)) > max_depth:
         shown = f">= {depth}" if depth >= np.iinfo(np.int16).max else str(depth)
         raise WireError("too_deep", f"{what} nests {shown} levels > {max_depth}")
     try:
